@@ -1,0 +1,35 @@
+"""Which positions a loss counts, and how much: next-token targets and the TSLD token scale.
+
+Shared by the reference and the fused losses so both select and weight positions identically.
+"""
+import torch
+from torch import Tensor
+
+
+def next_token_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Targets aligned with unshifted logits [B, L, V]: position n is scored on labels[:, n + 1].
+
+    Shifting the labels instead of the logits avoids copying [B, L-1, V] logits (or hidden states);
+    the last position has nothing to predict and gets ``ignore_index``.
+    """
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def token_scale(teacher_ce: Tensor, valid: Tensor, temperature: float) -> Tensor:
+    """TSLD weights w = softmax over each sequence's valid positions of CE^T / τ; [B, L] → [B, L].
+
+    Invalid positions get weight 0 and take no part in the normalization; a sequence without valid
+    positions gets all zeros. Masking multiplies by the mask instead of filling -inf, so no
+    inf - inf = NaN can arise. The result is a constant (no gradient), as in the paper.
+    """
+    scores = (teacher_ce / temperature).detach()
+    scores = torch.where(valid, scores, torch.zeros_like(scores))
+    # Any valid score works as the stabilizing max; invalid ones must not raise it.
+    row_max = torch.where(valid, scores, torch.full_like(scores, torch.finfo(scores.dtype).min)).amax(
+        dim=-1, keepdim=True
+    )
+    unnormalized = torch.exp(torch.where(valid, scores - row_max, torch.zeros_like(scores))) * valid
+    # The row max contributes exp(0) = 1, so a sequence with a valid position sums to >= 1.
+    return unnormalized / unnormalized.sum(dim=-1, keepdim=True).clamp_min(1.0)

@@ -3,5 +3,6 @@
 from .config import QuantConfig
 from .linear import QuantLinear
 from .quantizers import quantize_weight
+from .surgery import quantize_model, quantized_modules
 
-__all__ = ["QuantConfig", "QuantLinear", "quantize_weight"]
+__all__ = ["QuantConfig", "QuantLinear", "quantize_weight", "quantize_model", "quantized_modules"]

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny models built from configs (never downloaded), small real-text data, and
+a runner for `launch/train.py` under the DeepSpeed launcher with real processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO / "launch" / "train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def save_tiny_model(path: Path, config, tokenizer, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer():
+    from transformers import AutoTokenizer
+
+    from tsld_ds.data import builtin_tokenizer_path
+
+    return AutoTokenizer.from_pretrained(builtin_tokenizer_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, builtin_tokenizer):
+    """A 2-layer LLaMA with the built-in tokenizer (random weights: a teacher for mechanics)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    return save_tiny_model(path, tiny_llama_config(len(builtin_tokenizer)), builtin_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def small_corpus_dir(tmp_path_factory):
+    """The first few thousand verses of the built-in corpus as train/validation text files."""
+    from tsld_ds.data import builtin_corpus_dir
+
+    src = Path(builtin_corpus_dir())
+    path = tmp_path_factory.mktemp("corpus")
+    train = (src / "train.txt").read_text().splitlines()[:1500]
+    val = (src / "validation.txt").read_text().splitlines()[:300]
+    (path / "train.txt").write_text("\n".join(train) + "\n")
+    (path / "validation.txt").write_text("\n".join(val) + "\n")
+    return path
+
+
+def write_ds_config(path: Path, **overrides) -> Path:
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 2
+    config.update(overrides)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True):
+    """`deepspeed --num_gpus N launch/train.py ARGS` (or plain python for ranks=0)."""
+    if ranks:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), str(TRAIN_SCRIPT), *map(str, args)]
+    else:
+        cmd = [sys.executable, str(TRAIN_SCRIPT), *map(str, args)]
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}

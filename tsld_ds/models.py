@@ -1,0 +1,106 @@
+"""Loading causal LMs and tokenizers, partitioned under ZeRO-3 from the start.
+
+With a ZeRO-3 config active (`HfDeepSpeedConfig`), `from_pretrained` creates the model inside
+`deepspeed.zero.Init` and only rank 0 reads the checkpoint's values, so no rank ever holds a full
+copy of the model.
+"""
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+from tsld_ds.errors import UsageError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN_MODEL = str(ASSETS / "tiny-llama-kjv")
+
+# Output-layer transforms that a plain `hidden @ lm_head.T` would miss; the fused loss reads the
+# lm_head weight directly, so such models are refused rather than silently trained wrong.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def check_model_source(name_or_path: str, what: str) -> None:
+    """Refuse a local path that does not exist before anything heavy starts."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"{what} directory '{name_or_path}' has no config.json: "
+                             "it is not a Hugging Face model directory")
+        return
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
+    if name_or_path.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path):
+        raise UsageError(f"{what} path '{name_or_path}' does not exist")
+
+
+def torch_dtype_of(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict):
+    """Makes transformers build models partitioned (zero.Init) when the config is ZeRO-3."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        yield
+        return
+    handle = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers keeps only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def load_causal_lm(name_or_path: str, ds_config: dict, *, from_scratch: bool = False,
+                   attn_implementation: str | None = None, what: str = "model"):
+    dtype = torch_dtype_of(ds_config)
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        with zero3_loading(ds_config):
+            if from_scratch:
+                config = AutoConfig.from_pretrained(name_or_path)
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load {what} '{name_or_path}': {e}") from e
+    for attr in _LOGIT_TRANSFORMS:
+        if getattr(model.config, attr, None) not in (None, 1, 1.0):
+            raise UsageError(f"{what} '{name_or_path}' transforms its logits ({attr}="
+                             f"{getattr(model.config, attr)}), which tsld-ds does not support")
+    if model.get_output_embeddings() is None:
+        raise UsageError(f"{what} '{name_or_path}' has no output embedding (lm_head)")
+    return model
+
+
+def load_tokenizer(name_or_path: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer of '{name_or_path}': {e}") from e
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"tokenizer of '{name_or_path}' has no EOS token to separate documents")
+    return tokenizer
+
+
+def model_body(model):
+    """The decoder stack without the lm_head: returns final (normed) hidden states."""
+    return model.base_model
+
+
+def param_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's full shape, also when ZeRO-3 has partitioned it away (0 local elements)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def vocab_size_of(model) -> int:
+    """Rows of the lm_head: the logits' last dimension (may exceed the tokenizer's vocabulary)."""
+    return param_shape(model.get_output_embeddings().weight)[0]

@@ -1,0 +1,99 @@
+"""The frozen teacher in its own DeepSpeed ZeRO-3 inference engine.
+
+Its parameters are partitioned across ranks like the student's (no optimizer, no gradients), and
+it produces its outputs on the fly for each micro-batch. For the fused loss it returns final
+hidden states and lends its lm_head (gathered) instead of [tokens, vocab] logits.
+"""
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from torch import nn
+
+from tsld_ds.models import model_body
+
+# Keys of a student DeepSpeed config that also describe how the teacher must run.
+_SHARED_KEYS = ("train_micro_batch_size_per_gpu", "bf16", "fp16", "steps_per_print",
+                "wall_clock_breakdown")
+
+
+def teacher_ds_config(student_config: dict, teacher_config: dict | None = None) -> dict:
+    """The teacher's engine config: the given one, or ZeRO-3 inference derived from the student's.
+
+    The micro-batch always follows the student's (both engines see the same batches)."""
+    if teacher_config is None:
+        teacher_config = {k: copy.deepcopy(v) for k, v in student_config.items() if k in _SHARED_KEYS}
+        teacher_config["zero_optimization"] = {"stage": 3}
+        offload = student_config.get("zero_optimization", {}).get("offload_param")
+        if offload:
+            teacher_config["zero_optimization"]["offload_param"] = copy.deepcopy(offload)
+    config = copy.deepcopy(teacher_config)
+    for key in ("optimizer", "scheduler", "train_batch_size", "gradient_accumulation_steps"):
+        config.pop(key, None)
+    config["train_micro_batch_size_per_gpu"] = student_config["train_micro_batch_size_per_gpu"]
+    config["gradient_accumulation_steps"] = 1
+    return config
+
+
+@dataclass
+class TeacherOutput:
+    hidden: torch.Tensor | None = None          # final hidden states [B, L, H] (fused loss)
+    logits: torch.Tensor | None = None          # [B, L, V] (naive loss)
+    hidden_states: tuple | None = None          # every block's output (l2l)
+    attentions: tuple | None = None             # every block's attention scores (l2l)
+    weight: torch.Tensor | None = None          # gathered lm_head weight, with `hidden`
+    bias: torch.Tensor | None = None
+
+
+class _TeacherForward(nn.Module):
+    """What the engine runs: the body, and the lm_head only when logits are asked for."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, *, want_logits: bool, want_layers: bool):
+        out = model_body(self.model)(input_ids=input_ids, output_hidden_states=want_layers,
+                                     output_attentions=want_layers, use_cache=False)
+        hidden = out.last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden) if want_logits else None
+        return TeacherOutput(
+            hidden=None if want_logits else hidden,
+            logits=logits,
+            hidden_states=out.hidden_states if want_layers else None,
+            attentions=out.attentions if want_layers else None,
+        )
+
+
+class TeacherEngine:
+    def __init__(self, model, ds_config: dict):
+        model.requires_grad_(False)
+        model.eval()
+        self.model = model
+        self.engine, *_ = deepspeed.initialize(model=_TeacherForward(model), config=ds_config)
+        self.engine.eval()
+
+    def partitioning(self) -> dict:
+        """Elements of the teacher held by this rank vs in the whole model."""
+        params = list(self.model.parameters())
+        full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        return {"teacher_numel": full, "teacher_numel_this_rank": local}
+
+    @contextlib.contextmanager
+    def outputs(self, input_ids, *, want_logits: bool = False, want_layers: bool = False):
+        """Runs the teacher on a micro-batch; with hidden states (the fused path) its lm_head
+        weight and bias stay gathered until the block ends, for the loss to read."""
+        with torch.no_grad():
+            out = self.engine(input_ids, want_logits=want_logits, want_layers=want_layers)
+        if want_logits:
+            yield out
+            return
+        head = self.model.get_output_embeddings()
+        out.bias = getattr(head, "bias", None)
+        params = [p for p in (head.weight, out.bias) if p is not None]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            out.weight = head.weight
+            yield out

@@ -1,0 +1,130 @@
+"""Command-line options of `launch/train.py`.
+
+Batch size, precision, gradient accumulation and clipping come from the DeepSpeed config; every
+other knob of a run is an option here, with its default shown in `--help`.
+"""
+import argparse
+
+from tsld_ds.data import BUILTIN_DATASET
+from tsld_ds.losses import KD_CHOICES
+from tsld_ds.models import BUILTIN_MODEL
+
+BITS_CHOICES = (2, 4, 8, 16)
+QUANT_METHODS = ("twn", "pact", "minmax", "absmean")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description="Quantization-aware training of a causal LM with token-scaled logit "
+        "distillation (TSLD) on a DeepSpeed ZeRO-3 engine. Run it under the DeepSpeed launcher: "
+        "`deepspeed launch/train.py --ds_config ds_configs/zero3.json [options]`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=BUILTIN_MODEL,
+                       help="student: a Hugging Face model name or a local model directory "
+                       "(default: the built-in tiny LLaMA pretrained on the built-in corpus)")
+    model.add_argument("--teacher", default=None,
+                       help="frozen full-precision teacher (name or directory); default: --model")
+    model.add_argument("--tokenizer", default=None,
+                       help="tokenizer name or directory; default: the student's")
+    model.add_argument("--from_scratch", action="store_true",
+                       help="initialise the student randomly from --model's config instead of "
+                       "loading its weights (pretraining, e.g. the built-in teacher)")
+    model.add_argument("--attn_implementation", default=None,
+                       choices=("eager", "sdpa", "flash_attention_2"),
+                       help="attention kernel of student and teacher; default: transformers' "
+                       "choice (eager is forced for --kd l2l, which needs attention scores)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default=BUILTIN_DATASET,
+                      help="a Hugging Face dataset name, a local directory, or a .txt/.jsonl/.json "
+                      "file (default: the built-in King James Bible corpus)")
+    data.add_argument("--dataset_config", default=None,
+                      help="the dataset's configuration name (e.g. wikitext-2-raw-v1)")
+    data.add_argument("--text_column", default=None,
+                      help="column holding the text; default: 'text' or the only string column")
+    data.add_argument("--block_size", type=int, default=128,
+                      help="tokens per training sequence (the paper uses 512)")
+
+    quant = p.add_argument_group("quantization")
+    quant.add_argument("--bits", type=int, default=2, choices=BITS_CHOICES,
+                       help="weight bits of the student's transformer-block Linears; 16 trains "
+                       "in full precision (the paper's FP stage that makes a teacher)")
+    quant.add_argument("--quant_method", default=None, choices=QUANT_METHODS,
+                       help="weight quantizer; default: twn for 2 bits, minmax for 4 and 8")
+    quant.add_argument("--granularity", default="channel", choices=("channel", "tensor", "group"),
+                       help="one scale per output channel, per tensor, or per group of columns")
+    quant.add_argument("--group_size", type=int, default=-1,
+                       help="input columns per scale group (with --granularity group)")
+    quant.add_argument("--init_scale", type=float, default=0.7,
+                       help="initial learned clip scale of --quant_method pact")
+
+    loss = p.add_argument_group("distillation")
+    loss.add_argument("--kd", default="tsld", choices=KD_CHOICES,
+                      help="training objective: gt (cross-entropy only), logit (teacher soft CE), "
+                      "logit_gt, l2l (logit + layer-to-layer MSE), tsld (gt + token-scaled logit "
+                      "distillation, the paper's method)")
+    loss.add_argument("--kd_temperature", type=float, default=10.0,
+                      help="temperature tau of the token-scale softmax over teacher CE")
+    loss.add_argument("--loss_impl", default="fused", choices=("fused", "naive"),
+                      help="fused: chunked over tokens and vocabulary with the lm_head, never "
+                      "materialising [tokens, vocab] logits; naive: the full-logit reference")
+    loss.add_argument("--loss_chunk_size", type=int, default=None,
+                      help="tokens per chunk of the fused loss; default chosen from vocab and "
+                      "hidden size")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--ds_config", default="ds_configs/zero3.json",
+                       help="DeepSpeed config of the student (batch, precision, optimizer, ZeRO)")
+    train.add_argument("--teacher_ds_config", default=None,
+                       help="DeepSpeed config of the teacher's inference engine; default: derived "
+                       "from --ds_config (ZeRO-3, same precision and micro-batch, no optimizer)")
+    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    train.add_argument("--lr_schedule", default="linear", choices=("linear", "cosine", "constant"),
+                       help="decay after warm-up")
+    train.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps")
+    train.add_argument("--epochs", type=float, default=1.0,
+                       help="passes over the training blocks (ignored when --max_steps is set)")
+    train.add_argument("--max_steps", type=int, default=None,
+                       help="optimizer steps to run; overrides --epochs")
+    train.add_argument("--seed", type=int, default=42, help="seed of initialisation and data order")
+
+    out = p.add_argument_group("evaluation, logging and checkpoints")
+    out.add_argument("--eval_every", type=int, default=100,
+                     help="validation perplexity every N steps (0: only before and after)")
+    out.add_argument("--eval_max_blocks", type=int, default=None,
+                     help="evaluate on at most this many validation blocks (default: all)")
+    out.add_argument("--log_every", type=int, default=10, help="metrics line every N steps")
+    out.add_argument("--save_every", type=int, default=0,
+                     help="checkpoint every N steps (0: only at the end)")
+    out.add_argument("--output_dir", default="runs/default",
+                     help="checkpoints, metrics.jsonl, summary.json and the final HF model")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="allow writing into an --output_dir that already holds a run")
+    out.add_argument("--resume", default=None,
+                     help="checkpoint to resume from: a checkpoint directory or 'latest' "
+                     "(the newest complete checkpoint in --output_dir)")
+    out.add_argument("--no_export", action="store_true",
+                     help="skip writing the final Hugging Face model to OUTPUT_DIR/hf")
+    # Set by the DeepSpeed launcher; the environment's LOCAL_RANK is what we use.
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.block_size < 2:
+        parser.error("--block_size must be at least 2 (one input and one next token)")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max_steps must be positive")
+    if args.epochs <= 0:
+        parser.error("--epochs must be positive")
+    if args.bits == 16 and args.quant_method is not None:
+        parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full precision")
+    if args.from_scratch and args.kd != "gt" and args.teacher is None:
+        parser.error("--from_scratch with distillation needs a separate --teacher "
+                     "(a randomly initialised model cannot teach itself)")
+    return args

@@ -1,0 +1,32 @@
+"""Validation perplexity over every block of a split, sharded across ranks.
+
+Under ZeRO-3 each forward is a collective (parameters are gathered from all ranks), so every rank
+runs the same number of batches: ranks short of a full share run padding rows whose labels are
+all ignored.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def perplexity(nll_fn, blocks, batch_size: int, *, max_blocks: int | None = None) -> float:
+    """`nll_fn(input_ids, labels) -> (summed NLL, predicted tokens)` over non-overlapping blocks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
+    mine = list(range(rank, n, world))
+    per_rank = math.ceil(n / world)
+    mine += [-1] * (per_rank - len(mine))
+    totals = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, per_rank, batch_size):
+        idx = mine[start:start + batch_size]
+        input_ids = torch.tensor(blocks[[max(i, 0) for i in idx]]["input_ids"], dtype=torch.long)
+        labels = input_ids.clone()
+        labels[torch.tensor([i < 0 for i in idx])] = IGNORE_INDEX
+        nll, count = nll_fn(input_ids, labels)
+        totals += torch.stack([nll.detach().double().cpu(), count.detach().double().cpu()])
+    dist.all_reduce(totals)
+    return math.exp(totals[0].item() / totals[1].item())

@@ -1,0 +1,338 @@
+"""Fused lm_head + next-token losses (CE, logit KD, TSLD) that never build the full logits.
+
+The student's logits z = h @ W.T (+ b) exist only one token chunk at a time as a float32
+[chunk, V] block. For each block the loss value *and* its gradient are computed in forward:
+for a per-token loss a_n·softCE_n + b_n·CE_n the gradient w.r.t. the logits is
+a_n·(p^S - p^T) + b_n·(p^S - onehot(y_n)), which is pushed straight through the lm_head into
+grad_hidden [N, H] and the float32 accumulators grad_W [V, H], grad_b [V]. Backward only scales
+them by grad_output. Peak extra memory is a few [chunk, V] blocks plus those gradients, instead of
+several [N, V] tensors.
+
+Each block covers the whole vocabulary, so one sweep gives both the exact normalizer and the
+gradient: 3 matmuls per chunk (logits, grad_hidden, grad_W), the same as autograd through the
+naive loss. The TSLD token scale needs every position's teacher CE before any weighted term, so
+TSLD runs a teacher-only pass first.
+
+The teacher is a fixed target (no gradient), given as logits [B, L, V] or as its final hidden
+states and lm_head, in which case its logits are also built one chunk at a time.
+"""
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .positions import next_token_targets, token_scale
+
+# kd name -> (soft term, with gt CE). "tsld" is gt + TSLD, as the training option means it.
+KD_TERMS = {
+    "gt": (None, True),
+    "logit": ("logit", False),
+    "logit_gt": ("logit", True),
+    "tsld": ("tsld", True),
+}
+
+
+def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
+    """Tokens per chunk when none is given: min(H // 4, 2^27 // V), floored to a multiple of 16
+    and at least 16.
+
+    A chunk holds about three float32 [chunk, V] blocks, so chunk <= H/4 keeps them below the
+    float32 [V, H] weight-gradient accumulator that the loss holds anyway (chunking never
+    dominates the footprint), and 2^27 // V caps one block at 512 MiB. H = 512 gives 128 tokens,
+    H = 4096 gives 1024 (and H = 8192 with V = 128256: 1040).
+    """
+    chunk = min(hidden_size // 4, (1 << 27) // vocab_size)
+    return max(16, chunk // 16 * 16)
+
+
+class _Teacher(NamedTuple):
+    """Teacher logits for selected token rows, from full logits or from hidden states + lm_head."""
+
+    logits: Optional[Tensor]  # [N, V]
+    hidden: Optional[Tensor]  # [N, H_teacher]
+    weight: Optional[Tensor]  # [V, H_teacher]
+    bias: Optional[Tensor]  # [V]
+
+    def logits_rows(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
+        """A fresh [len(rows), V] tensor (safe to modify in place)."""
+        if self.logits is not None:
+            return self.logits.index_select(0, rows).to(dtype)
+        return F.linear(self.hidden.index_select(0, rows), self.weight, self.bias).to(dtype)
+
+
+def _softmax_(logits: Tensor) -> Tensor:
+    """Row softmax in place: one block less than torch.softmax."""
+    logits -= logits.amax(dim=1, keepdim=True)
+    logits.exp_()
+    logits /= logits.sum(dim=1, keepdim=True)
+    return logits
+
+
+@torch.no_grad()
+def _teacher_target_ce(teacher: _Teacher, rows: Tensor, targets: Tensor, chunk_size: int, dtype):
+    """CE^T = logsumexp(z^T) - z^T[y] for each selected row, chunk by chunk."""
+    ce = torch.empty(rows.numel(), dtype=dtype, device=rows.device)
+    for start in range(0, rows.numel(), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        logits = teacher.logits_rows(rows[chunk], dtype)
+        target_logit = logits.gather(1, targets[chunk, None]).squeeze(1)
+        ce[chunk] = torch.logsumexp(logits, dim=1) - target_logit
+    return ce
+
+
+def _loss_and_grads(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    rows: Tensor,
+    targets: Tensor,
+    soft_coef: Optional[Tensor],
+    hard_coef: Optional[Tensor],
+    teacher: _Teacher,
+    chunk_size: int,
+    needs_grad: Tuple[bool, bool, bool],
+):
+    """The chunk engine: Σ_n soft_coef_n·softCE_n + hard_coef_n·CE_n over the selected rows.
+
+    hidden [N, H]; rows [n] indexes the positions that count, targets/soft_coef/hard_coef [n] go
+    with them (a missing coefficient drops that term). Returns (soft total, hard total, grads)
+    with grads = (grad_hidden, grad_weight, grad_bias) in the inputs' dtypes, None where
+    ``needs_grad`` is False. Statistics and accumulators are float32 (float64 for float64
+    inputs); matmuls run in the input dtype.
+    """
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    need_hidden, need_weight, need_bias = needs_grad
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_bias else None
+    soft_total = hidden.new_zeros((), dtype=acc_dtype)
+    hard_total = hidden.new_zeros((), dtype=acc_dtype)
+
+    for start in range(0, rows.numel(), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        idx, y = rows[chunk], targets[chunk, None]
+        h = hidden.index_select(0, idx)
+        # Shifted logits z - max(z): log p^S = shifted - log(Σ exp(shifted)).
+        shifted = F.linear(h, weight, bias).to(acc_dtype)
+        shifted -= shifted.amax(dim=1, keepdim=True)
+        if soft_coef is not None:
+            teacher_probs = _softmax_(teacher.logits_rows(idx, acc_dtype))
+            teacher_dot = torch.einsum("nv,nv->n", teacher_probs, shifted)  # no [c, V] temporary
+        if hard_coef is not None:
+            target_logit = shifted.gather(1, y).squeeze(1)
+        probs = shifted.exp_()  # reuse the block: unnormalized p^S from here on
+        normalizer = probs.sum(dim=1)
+        log_normalizer = normalizer.log()
+        if soft_coef is not None:  # -Σ p^T log p^S = log Σ exp(shifted) - Σ p^T·shifted
+            soft_total += soft_coef[chunk] @ (log_normalizer - teacher_dot)
+        if hard_coef is not None:
+            hard_total += hard_coef[chunk] @ (log_normalizer - target_logit)
+        if not any(needs_grad):
+            continue
+
+        # d/dz [a·softCE + b·CE] = (a + b)·p^S - a·p^T - b·onehot(y), built in place.
+        soft_c = soft_coef[chunk] if soft_coef is not None else 0
+        hard_c = hard_coef[chunk] if hard_coef is not None else 0
+        grad_logits = probs.mul_(((soft_c + hard_c) / normalizer)[:, None])
+        if soft_coef is not None:
+            grad_logits.addcmul_(teacher_probs, soft_c[:, None], value=-1)
+        if hard_coef is not None:
+            grad_logits.scatter_add_(1, y, -hard_c[:, None])
+        if need_hidden:
+            grad_hidden.index_copy_(0, idx, grad_logits.to(weight.dtype) @ weight)
+        if need_weight:
+            grad_weight.addmm_(grad_logits.T, h.to(acc_dtype))
+        if need_bias:
+            grad_bias += grad_logits.sum(dim=0)
+
+    grads = (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+    return soft_total, hard_total, grads
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Runs the chunk engine in forward and keeps its gradients; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, targets, soft_coef, hard_coef, teacher, chunk_size):
+        soft_total, hard_total, ctx.grads = _loss_and_grads(
+            hidden, weight, bias, rows, targets, soft_coef, hard_coef, teacher, chunk_size,
+            needs_grad=tuple(ctx.needs_input_grad[:3]),
+        )
+        ctx.mark_non_differentiable(soft_total, hard_total)
+        return soft_total + hard_total, soft_total, hard_total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_soft, _grad_hard):
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss can be backpropagated once: it hands over its gradients")
+        grads, ctx.grads = ctx.grads, None
+        # In place: the gradients are ours and backward runs once.
+        scaled = tuple(None if g is None else g.mul_(grad_loss) for g in grads)
+        return scaled + (None,) * 6
+
+
+def _fused_linear_loss(
+    student_hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    soft: Optional[str],
+    with_gt: bool,
+    lm_head_bias: Optional[Tensor],
+    teacher_logits: Optional[Tensor],
+    teacher_hidden: Optional[Tensor],
+    teacher_weight: Optional[Tensor],
+    teacher_bias: Optional[Tensor],
+    temperature: float,
+    ignore_index: int,
+    reduction: str,
+    chunk_size: Optional[int],
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Differentiable total of the chosen terms, and each term (detached) by name."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    batch, length, hidden_size = student_hidden.shape
+    vocab_size = lm_head_weight.shape[0]
+    acc_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    targets = next_token_targets(labels, ignore_index)
+    valid = targets != ignore_index
+    rows = valid.flatten().nonzero().squeeze(1)
+    row_targets = targets.flatten()[rows]
+    chunk_size = chunk_size or default_chunk_size(vocab_size, hidden_size)
+    teacher = _teacher(teacher_logits, teacher_hidden, teacher_weight, teacher_bias, vocab_size) if soft else None
+
+    per_token_mean = torch.full_like(row_targets, 1, dtype=acc_dtype) / max(rows.numel(), 1)
+    soft_coef = per_token_mean if soft == "logit" else None
+    if soft == "tsld":
+        teacher_ce = torch.zeros(batch * length, dtype=acc_dtype, device=rows.device)
+        teacher_ce[rows] = _teacher_target_ce(teacher, rows, row_targets, chunk_size, acc_dtype)
+        weights = token_scale(teacher_ce.view(batch, length), valid, temperature)
+        if reduction == "mean":
+            weights = weights / valid.any(dim=-1).sum().clamp_min(1)
+        soft_coef = weights.flatten()[rows]
+    hard_coef = per_token_mean if with_gt else None
+
+    args = (
+        student_hidden.reshape(batch * length, hidden_size), lm_head_weight, lm_head_bias,
+        rows, row_targets, soft_coef, hard_coef, teacher, chunk_size,
+    )
+    trainable = [t for t in (student_hidden, lm_head_weight, lm_head_bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in trainable):
+        loss, soft_total, hard_total = _FusedLinearLoss.apply(*args)
+    else:  # evaluation: value only, one matmul per chunk
+        soft_total, hard_total, _ = _loss_and_grads(*args, needs_grad=(False, False, False))
+        loss = soft_total + hard_total
+    terms = {}
+    if with_gt:
+        terms["gt"] = hard_total.detach()
+    if soft:
+        terms[soft] = soft_total.detach()
+    return loss, terms
+
+
+def _teacher(logits, hidden, weight, bias, vocab_size) -> _Teacher:
+    if (logits is None) == (hidden is None):
+        raise ValueError("give the teacher as teacher_logits or as teacher_hidden + teacher_weight")
+    if logits is not None:
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        teacher = _Teacher(flat, None, None, None)
+    else:
+        if weight is None:
+            raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head)")
+        flat = hidden.detach().reshape(-1, hidden.shape[-1])
+        teacher = _Teacher(None, flat, weight.detach(), None if bias is None else bias.detach())
+    teacher_vocab = teacher.logits.shape[1] if logits is not None else teacher.weight.shape[0]
+    if teacher_vocab != vocab_size:
+        raise ValueError(f"teacher vocabulary {teacher_vocab} != student vocabulary {vocab_size}")
+    return teacher
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    kd: str = "tsld",
+    teacher_logits: Optional[Tensor] = None,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    lm_head_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    temperature: float = 10.0,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    chunk_size: Optional[int] = None,
+) -> Dict[str, Tensor]:
+    """A logit-level training objective from one fused pass: {"loss": total, term: value, ...}.
+
+    kd: "gt" (CE with labels), "logit" (soft CE), "logit_gt" (soft CE + CE) or "tsld" (CE + TSLD).
+    "gt" and "logit" are means over valid positions; ``reduction`` applies to the TSLD term.
+    Only "loss" carries gradients; the terms are detached, for logging. The teacher is not needed
+    for "gt". See :func:`fused_linear_tsld_loss` for the arguments.
+    """
+    if kd not in KD_TERMS:
+        raise ValueError(f"kd must be one of {sorted(KD_TERMS)}, got {kd!r}")
+    soft, with_gt = KD_TERMS[kd]
+    loss, terms = _fused_linear_loss(
+        student_hidden, lm_head_weight, labels, soft=soft, with_gt=with_gt,
+        lm_head_bias=lm_head_bias, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+    return {"loss": loss, **terms}
+
+
+def fused_linear_tsld_loss(
+    student_hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    teacher_logits: Optional[Tensor] = None,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    lm_head_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    temperature: float = 10.0,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """The TSLD term of ``tsld_loss(student_hidden @ lm_head_weight.T (+ lm_head_bias),
+    teacher_logits, labels)`` without building the student's (or teacher's) logits.
+
+    student_hidden [B, L, H] are the student's final hidden states (unshifted), labels [B, L].
+    The teacher comes as ``teacher_logits`` [B, L, V] or as ``teacher_hidden`` [B, L, H_t] with
+    its lm_head ``teacher_weight`` [V, H_t] (and ``teacher_bias``). Gradients reach
+    student_hidden, lm_head_weight and lm_head_bias. ``chunk_size``: tokens per chunk (default
+    :func:`default_chunk_size`).
+    """
+    loss, _ = _fused_linear_loss(
+        student_hidden, lm_head_weight, labels, soft="tsld", with_gt=False,
+        lm_head_bias=lm_head_bias, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
+        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+    )
+    return loss
+
+
+def fused_linear_cross_entropy(
+    student_hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    lm_head_bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``gt_loss(student_hidden @ lm_head_weight.T (+ lm_head_bias), labels)`` without the logits."""
+    return fused_linear_kd_loss(
+        student_hidden, lm_head_weight, labels, kd="gt", lm_head_bias=lm_head_bias,
+        ignore_index=ignore_index, chunk_size=chunk_size,
+    )["loss"]

@@ -13,6 +13,7 @@ setup(
         # Any torch >= 2.1 works; CPU-only machines pin the CPU wheel before installing this.
         "torch>=2.1",
         "deepspeed>=0.14",
+        "accelerate>=1.1",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 loading)
         "transformers>=4.45",
         "datasets>=2.19",
         "sentencepiece",

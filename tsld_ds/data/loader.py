@@ -1,0 +1,34 @@
+"""DataLoader over packed blocks, yielding the batches a causal LM trains on."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from tsld_ds.data.sampler import ResumableDistributedSampler
+
+
+def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack packed rows into {"input_ids", "labels"}, both LongTensor [B, L]; labels are the
+    inputs themselves, the model or loss shifts them."""
+    input_ids = torch.stack([row["input_ids"] for row in rows]).long()
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def make_dataloader(dataset: Dataset, batch_size: int, sampler: ResumableDistributedSampler, *,
+                    drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over a packed dataset (column "input_ids") in `sampler`'s order.
+
+    It runs in the calling process on purpose: rows are already tokenized, so fetching is cheap,
+    and without worker prefetching the sampler has handed out exactly the samples the caller has
+    received, which is what makes `sampler.state_dict()` an exact resume point.
+    """
+    return DataLoader(
+        dataset.with_format("torch", columns=["input_ids"]),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_blocks,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,154 @@
+"""Load a text corpus as train and validation splits of documents, one "text" column each.
+
+Sources: the built-in corpus, a Hugging Face hub dataset, a local directory or a single file.
+In .txt files documents are separated by blank lines (a file without one is one document); in
+.json/.jsonl files and hub datasets every row is a document.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, Value, load_dataset
+from datasets.data_files import DataFilesDict, get_data_patterns
+
+from tsld_ds.data.builtin import BUILTIN_DATASET, builtin_corpus_dir
+
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".json", ".jsonl")
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def load_text_splits(
+    dataset: str = BUILTIN_DATASET,
+    dataset_config: str | None = None,
+    *,
+    text_column: str | None = None,
+    validation_split: float = 0.05,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset]:
+    """Return (train, validation) datasets of documents with a single "text" column.
+
+    `dataset` is "builtin:kjv", a hub name (with `dataset_config`, e.g. "wikitext" and
+    "wikitext-2-raw-v1"), a directory or a .txt/.json/.jsonl file. Where the source has no
+    validation split, a `validation_split` fraction of the training documents is carved out,
+    shuffled with `seed`. The text column is `text_column`, else "text", else the only string
+    column. Documents that are empty or whitespace only are dropped.
+    """
+    splits = _load_raw_splits(dataset, dataset_config)
+    if "train" not in splits:
+        raise ValueError(f"dataset {dataset!r} has no 'train' split; its splits are {list(splits)}")
+    column = _text_column(splits["train"], text_column, dataset)
+    train = _documents(splits["train"], column, f"{dataset} train")
+    if "validation" in splits:
+        return train, _documents(splits["validation"], column, f"{dataset} validation")
+    return _carve_validation(train, validation_split, seed, dataset)
+
+
+def _load_raw_splits(dataset: str, dataset_config: str | None) -> DatasetDict:
+    if dataset.startswith("builtin:"):
+        return _load_builtin(dataset)
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return _load_directory(path)
+    if path.is_file():
+        return _load_files({"train": [str(path)]})
+    if dataset.startswith(_PATH_PREFIXES) or path.suffix in SUPPORTED_SUFFIXES:
+        raise FileNotFoundError(f"dataset path {dataset!r} does not exist")
+    return load_dataset(dataset, dataset_config)
+
+
+def _load_builtin(name: str) -> DatasetDict:
+    if name != BUILTIN_DATASET:
+        raise ValueError(f"unknown built-in dataset {name!r}; the built-in dataset is {BUILTIN_DATASET!r}")
+    corpus = builtin_corpus_dir()
+    files = {split: corpus / f"{split}.txt" for split in ("train", "validation")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"built-in corpus files {missing} are missing; rebuild them with `python launch/build_corpus.py`"
+        )
+    return _load_files({split: [str(f)] for split, f in files.items()})
+
+
+def _load_directory(directory: Path) -> DatasetDict:
+    """Files named after their split (train*, valid*/dev*, ...) by the `datasets` convention; all
+    files are training data when none is named so."""
+    try:
+        found = DataFilesDict.from_patterns(
+            get_data_patterns(str(directory)), base_path=str(directory), allowed_extensions=list(SUPPORTED_SUFFIXES)
+        )
+    except FileNotFoundError:  # no files at all, or none of a split's files has a supported type
+        found = {}
+    data_files = {split: list(found[split]) for split in ("train", "validation") if found.get(split)}
+    if not data_files:
+        raise FileNotFoundError(f"directory {str(directory)!r} has no .txt, .json or .jsonl data files")
+    return _load_files(data_files)
+
+
+def _load_files(data_files: dict[str, list[str]]) -> DatasetDict:
+    files = sorted(f for split_files in data_files.values() for f in split_files)
+    suffixes = {Path(f).suffix for f in files}
+    if not suffixes <= set(SUPPORTED_SUFFIXES):
+        raise ValueError(
+            f"unsupported file type {', '.join(sorted(suffixes - set(SUPPORTED_SUFFIXES)))} in {files}: "
+            "use .txt (documents separated by blank lines), .json or .jsonl"
+        )
+    empty = [f for f in files if Path(f).stat().st_size == 0]
+    if empty:
+        raise ValueError(f"data files {empty} are empty")
+    if suffixes <= set(TEXT_SUFFIXES):
+        splits = load_dataset("text", data_files=data_files, sample_by="paragraph")
+        # Paragraph splitting leaves the file's final newline (and extra blank lines) on the edges.
+        return splits.map(lambda batch: {"text": [t.strip("\n") for t in batch["text"]]}, batched=True)
+    if suffixes <= set(JSON_SUFFIXES):
+        return load_dataset("json", data_files=data_files)
+    raise ValueError(f"data files mix .txt and .json/.jsonl: {files}; keep one format")
+
+
+def _text_column(split: Dataset, text_column: str | None, name: str) -> str:
+    columns = split.features
+    described = ", ".join(f"{c} ({getattr(f, 'dtype', type(f).__name__)})" for c, f in columns.items())
+    if text_column is None:
+        strings = [c for c, f in columns.items() if _is_string(f)]
+        if "text" in columns:
+            text_column = "text"
+        elif len(strings) == 1:
+            text_column = strings[0]
+        else:
+            raise ValueError(
+                f"cannot tell which column of dataset {name!r} holds the text; its columns are {described}: "
+                "pass text_column"
+            )
+    if text_column not in columns:
+        raise ValueError(f"dataset {name!r} has no column {text_column!r}; its columns are {described}")
+    if not _is_string(columns[text_column]):
+        raise ValueError(f"column {text_column!r} of dataset {name!r} is not text; its columns are {described}")
+    return text_column
+
+
+def _is_string(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
+def _documents(split: Dataset, column: str, name: str) -> Dataset:
+    split = split.select_columns([column])
+    if column != "text":
+        split = split.rename_column(column, "text")
+    split = split.filter(lambda batch: [bool(t and not t.isspace()) for t in batch["text"]], batched=True)
+    if len(split) == 0:
+        raise ValueError(f"dataset {name!r} has no text")
+    return split
+
+
+def _carve_validation(train: Dataset, fraction: float, seed: int, name: str) -> tuple[Dataset, Dataset]:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_split must be in (0, 1), got {fraction}")
+    if len(train) < 2:
+        raise ValueError(
+            f"dataset {name!r} has no validation split and only {len(train)} document, too few to carve one "
+            "from: separate documents with blank lines or provide a validation file"
+        )
+    parts = train.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]

@@ -6,6 +6,7 @@ formula each. Gradients: TWN, absmean and min-max are straight-through (identity
 PACT differentiates its own formula with only the rounding straight-through, so γ learns.
 """
 
+from functools import partial
 from typing import List, Optional
 
 import torch
@@ -53,6 +54,7 @@ def _minmax(w: Tensor, bits: int) -> Tensor:
     return ((w / scale).round() + zero).clamp(0, qmax).sub(zero).mul(scale)
 
 
+# All take (blocks, bits); the ternary ones ignore bits, which QuantConfig pins to 2.
 _STRAIGHT_THROUGH_QUANTIZERS = {"twn": _twn, "absmean": _absmean, "minmax": _minmax}
 
 
@@ -98,7 +100,7 @@ def quantize_weight(w: Tensor, cfg: QuantConfig, scale: Optional[Tensor] = None)
     parts = _blocks(w.to(compute_dtype), cfg)
     if scale is None:
         quantize = _STRAIGHT_THROUGH_QUANTIZERS[cfg.method]
-        parts = [_StraightThrough.apply(p, lambda b: quantize(b, cfg.bits)) for p in parts]
+        parts = [_StraightThrough.apply(p, partial(quantize, bits=cfg.bits)) for p in parts]
     else:
         expected = cfg.scale_shape(*w.shape)
         if tuple(scale.shape) != expected:
@@ -106,8 +108,6 @@ def quantize_weight(w: Tensor, cfg: QuantConfig, scale: Optional[Tensor] = None)
         # γ [rows', n_blocks] lines up with the blocks; split it like the ragged group parts.
         gammas = scale.to(compute_dtype).unsqueeze(-1).split([p.shape[1] for p in parts], dim=1)
         parts = [_pact(p, g, cfg.bits) for p, g in zip(parts, gammas)]
-    rows = w.shape[0]
-    wq = parts[0].reshape(rows, -1) if len(parts) == 1 else torch.cat(
-        [p.reshape(rows, -1) for p in parts], dim=1
-    )
+    rows = [p.reshape(w.shape[0], -1) for p in parts]
+    wq = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
     return wq.to(w.dtype)

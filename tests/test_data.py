@@ -197,7 +197,8 @@ def test_ranks_are_disjoint_and_cover_the_epoch():
     assert all(len(s) == len(share) == 25 for s, share in zip(ranks, shares))
     assert len(set().union(*shares)) == 100  # disjoint; the 3 left over are dropped
 
-    padded = [ResumableDistributedSampler(103, num_replicas=4, rank=r, seed=0, drop_last=False) for r in range(4)]
+    padded = [ResumableDistributedSampler(103, num_replicas=4, rank=r, seed=0, drop_last=False)
+              for r in range(4)]
     assert all(len(s) == 26 for s in padded)
     assert set().union(*(set(s) for s in padded)) == set(range(103))
 
@@ -254,8 +255,9 @@ def test_sampler_rejects_bad_arguments():
         ResumableDistributedSampler(10, num_replicas=2, rank=2, seed=0)
     with pytest.raises(ValueError, match="3 samples"):
         ResumableDistributedSampler(3, num_replicas=4, rank=0, seed=0)
+    sampler = ResumableDistributedSampler(10, num_replicas=2, rank=0, seed=0)
     with pytest.raises(ValueError, match="consumed"):
-        ResumableDistributedSampler(10, num_replicas=2, rank=0, seed=0).load_state_dict({"epoch": 0, "consumed": 6})
+        sampler.load_state_dict({"epoch": 0, "consumed": 6})
 
 
 # --- check_tokenizers_match ----------------------------------------------------------------------

@@ -50,7 +50,9 @@ class ResumableDistributedSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not 0 <= state["consumed"] <= self.per_rank:
-            raise ValueError(f"consumed={state['consumed']} is outside this rank's epoch of {self.per_rank} samples")
+            raise ValueError(
+                f"consumed={state['consumed']} is outside this rank's epoch of {self.per_rank} samples"
+            )
         self.epoch = state["epoch"]
         self.consumed = self._resume_at = state["consumed"]
 

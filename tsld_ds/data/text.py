@@ -7,6 +7,7 @@ In .txt files documents are separated by blank lines (a file without one is one 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Value, load_dataset
@@ -21,7 +22,7 @@ _PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 def load_text_splits(
-    dataset: str = BUILTIN_DATASET,
+    dataset: str | os.PathLike = BUILTIN_DATASET,
     dataset_config: str | None = None,
     *,
     text_column: str | None = None,
@@ -36,6 +37,7 @@ def load_text_splits(
     shuffled with `seed`. The text column is `text_column`, else "text", else the only string
     column. Documents that are empty or whitespace only are dropped.
     """
+    dataset = os.fspath(dataset)
     splits = _load_raw_splits(dataset, dataset_config)
     if "train" not in splits:
         raise ValueError(f"dataset {dataset!r} has no 'train' split; its splits are {list(splits)}")
@@ -76,9 +78,8 @@ def _load_directory(directory: Path) -> DatasetDict:
     """Files named after their split (train*, valid*/dev*, ...) by the `datasets` convention; all
     files are training data when none is named so."""
     try:
-        found = DataFilesDict.from_patterns(
-            get_data_patterns(str(directory)), base_path=str(directory), allowed_extensions=list(SUPPORTED_SUFFIXES)
-        )
+        patterns = get_data_patterns(str(directory))
+        found = DataFilesDict.from_patterns(patterns, base_path=str(directory), allowed_extensions=list(SUPPORTED_SUFFIXES))
     except FileNotFoundError:  # no files at all, or none of a split's files has a supported type
         found = {}
     data_files = {split: list(found[split]) for split in ("train", "validation") if found.get(split)}

@@ -56,7 +56,7 @@ class ResumableDistributedSampler(Sampler[int]):
         self.epoch = state["epoch"]
         self.consumed = self._resume_at = state["consumed"]
 
-    def rank_indices(self) -> np.ndarray:
+    def _rank_indices(self) -> np.ndarray:
         """This rank's indices for the current epoch, in order."""
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
@@ -68,6 +68,6 @@ class ResumableDistributedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         start, self._resume_at = self._resume_at, 0
         self.consumed = start
-        for index in self.rank_indices()[start:]:
+        for index in self._rank_indices()[start:]:
             self.consumed += 1
             yield int(index)

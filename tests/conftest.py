@@ -57,6 +57,33 @@ def tiny_llama_dir(tmp_path_factory, builtin_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, builtin_tokenizer, small_corpus_dir):
+    """The tiny LLaMA pretrained for a few hundred steps on the small corpus: a teacher whose
+    predictions carry signal, so distillation losses have something to fall towards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tsld_ds.data import load_text_splits, tokenize_and_pack
+
+    torch.manual_seed(0)
+    train_text, _ = load_text_splits(str(small_corpus_dir))
+    blocks = torch.tensor(tokenize_and_pack(train_text, builtin_tokenizer, 32)["input_ids"],
+                          dtype=torch.long)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(builtin_tokenizer)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(200):
+        batch = blocks[torch.randint(len(blocks), (16,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path_factory.mktemp("tiny-teacher")
+    model.save_pretrained(path)
+    builtin_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_corpus_dir(tmp_path_factory):
     """The first few thousand verses of the built-in corpus as train/validation text files."""
     from tsld_ds.data import builtin_corpus_dir

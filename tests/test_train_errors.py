@@ -32,8 +32,11 @@ def test_three_bits_is_refused(tmp_path):
 
 
 def test_dataset_shorter_than_one_block(tiny_llama_dir, tmp_path):
-    (tmp_path / "tiny.txt").write_text("In the beginning.\n")
-    proc = run_train(["--model", tiny_llama_dir, "--dataset", tmp_path / "tiny.txt",
+    data = tmp_path / "tiny"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.txt").write_text("In the beginning.\n")
+    proc = run_train(["--model", tiny_llama_dir, "--dataset", data,
                       "--ds_config", write_ds_config(tmp_path / "ds.json"),
                       "--output_dir", tmp_path / "out"], ranks=0, check=False)
     assert_refused(proc, "fewer than one block")

@@ -31,16 +31,25 @@ def fake_quant_state_dict(model, state_dict: dict, prefix: str = "") -> dict:
     return out
 
 
-def export_hf(engine, model, tokenizer, out_dir, *, prefix: str = "model.") -> Path:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_hf(engine, model, tokenizer, out_dir, *, dtype: str | None = None,
+              prefix: str = "model.") -> Path:
     """Gathers the engine's (ZeRO-3 partitioned) weights layer by layer onto rank 0 and writes
-    `out_dir` with config, tokenizer and safetensors. Call on every rank."""
+    `out_dir` with config, tokenizer and safetensors (in `dtype`, default the training dtype).
+    Call on every rank."""
     state_dict = engine._zero3_consolidated_16bit_state_dict() \
         if engine.zero_optimization_partition_weights() else engine.module.state_dict()
     out_dir = Path(out_dir)
     if dist.get_rank() == 0:
         weights = fake_quant_state_dict(model, state_dict, prefix)
-        config = model.config
-        config.save_pretrained(out_dir)
+        if dtype is not None:
+            # Quantize first, then cast: the exported values are the ones training evaluated.
+            weights = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+                       for k, v in weights.items()}
+        if dtype is not None:
+            model.config.dtype = DTYPES[dtype]
         model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         if getattr(model, "generation_config", None) is not None:

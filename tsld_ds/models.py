@@ -23,13 +23,14 @@ BUILTIN_MODEL = str(ASSETS / "tiny-llama-kjv")
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-def check_model_source(name_or_path: str, what: str) -> None:
-    """Refuse a local path that does not exist before anything heavy starts."""
+def check_model_source(name_or_path: str, what: str, marker: str = "config.json") -> None:
+    """Refuse a local path that does not exist, or a directory without `marker` (config.json
+    for a model, tokenizer_config.json for a tokenizer), before anything heavy starts."""
     path = os.path.expanduser(name_or_path)
     if os.path.exists(path):
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"{what} directory '{name_or_path}' has no config.json: "
-                             "it is not a Hugging Face model directory")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, marker)):
+            raise UsageError(f"{what} directory '{name_or_path}' has no {marker}: "
+                             "it is not a Hugging Face directory of that kind")
         return
     # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
     if name_or_path.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path):

@@ -10,6 +10,7 @@ from tsld_ds.losses import KD_CHOICES
 from tsld_ds.models import BUILTIN_MODEL
 
 BITS_CHOICES = (2, 4, 8, 16)
+DEFAULT_MAX_STEPS = 300
 QUANT_METHODS = ("twn", "pact", "minmax", "absmean")
 
 
@@ -85,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr_schedule", default="linear", choices=("linear", "cosine", "constant"),
                        help="decay after warm-up")
     train.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps")
-    train.add_argument("--epochs", type=float, default=1.0,
-                       help="passes over the training blocks (ignored when --max_steps is set)")
+    train.add_argument("--epochs", type=float, default=None,
+                       help="passes over the training blocks")
     train.add_argument("--max_steps", type=int, default=None,
-                       help="optimizer steps to run; overrides --epochs")
+                       help="optimizer steps to run; overrides --epochs. With neither option a "
+                       f"run takes {DEFAULT_MAX_STEPS} steps (a few minutes for the built-in "
+                       "model on 2 CPU cores)")
     train.add_argument("--seed", type=int, default=42, help="seed of initialisation and data order")
 
     out = p.add_argument_group("evaluation, logging and checkpoints")
@@ -108,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(the newest complete checkpoint in --output_dir)")
     out.add_argument("--no_export", action="store_true",
                      help="skip writing the final Hugging Face model to OUTPUT_DIR/hf")
+    out.add_argument("--export_dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                     help="dtype of the final Hugging Face model; default: the training dtype")
     # Set by the DeepSpeed launcher; the environment's LOCAL_RANK is what we use.
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
@@ -120,8 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--block_size must be at least 2 (one input and one next token)")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max_steps must be positive")
-    if args.epochs <= 0:
+    if args.epochs is not None and args.epochs <= 0:
         parser.error("--epochs must be positive")
+    if args.max_steps is None and args.epochs is None:
+        args.max_steps = DEFAULT_MAX_STEPS
     if args.bits == 16 and args.quant_method is not None:
         parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full precision")
     if args.from_scratch and args.kd != "gt" and args.teacher is None:

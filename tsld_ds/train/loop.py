@@ -55,7 +55,7 @@ def check_inputs(args) -> None:
     if args.teacher:
         check_model_source(args.teacher, "--teacher")
     if args.tokenizer:
-        check_model_source(args.tokenizer, "--tokenizer")
+        check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
     if args.resume is None and not args.overwrite_output_dir and \
             ckpt.latest_checkpoint(args.output_dir) is not None:
         raise UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume "
@@ -215,7 +215,8 @@ def train(args) -> dict:
     loader = make_dataloader(train_blocks, micro_batch, sampler)
     batches = iter(loader)
     tokens_per_micro = micro_batch * args.block_size * world
-    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="QAT",
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main,
+                    desc="QAT" if quant_config else "train",
                     dynamic_ncols=True)
     window = {"terms": {}, "micro": 0, "time": 0.0}
     train_time, train_tokens = 0.0, 0
@@ -278,7 +279,7 @@ def train(args) -> dict:
                                                      _client_state(step, epoch, consumed)))
     if not args.no_export:
         summary["hf_model"] = str(export_hf(engine, student_model, tokenizer,
-                                            Path(args.output_dir) / "hf"))
+                                            Path(args.output_dir) / "hf", dtype=args.export_dtype))
     summary.update(steps=step, tokens_per_s=train_tokens / max(train_time, 1e-9),
                    wall_time_s=time.time() - wall_start,
                    metrics=str(Path(args.output_dir) / "metrics.jsonl"))

@@ -72,3 +72,22 @@ def test_fused_and_naive_loss_give_the_same_training(tiny_teacher_dir, small_cor
         assert fused_losses[step] == pytest.approx(naive_losses[step], rel=1e-5)
     for name, tensor in fused_weights.items():
         torch.testing.assert_close(tensor, naive_weights[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_exported_student_is_ternary_and_loads_with_stock_transformers(tiny_teacher_dir,
+                                                                       small_corpus_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run_train(common_args(tiny_teacher_dir, small_corpus_dir, out,
+                          write_ds_config(tmp_path / "ds.json"), **{"--max_steps": 2}))
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")
+    quantized = [name for name, _ in model.named_parameters()
+                 if ".layers." in name and name.endswith("proj.weight")]
+    assert len(quantized) == 2 * 7
+    for name, weight in model.named_parameters():
+        distinct = max(len(torch.unique(row)) for row in weight.detach())
+        if name in quantized:
+            assert distinct <= 3, name
+        elif weight.dim() == 2:
+            assert distinct > 3, name  # embeddings and lm_head stay full precision

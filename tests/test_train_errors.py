@@ -71,3 +71,12 @@ def test_help_lists_every_option_with_default():
                    "--save_every", "--output_dir", "--resume", "--seed", "--ds_config"):
         assert option in proc.stdout
     assert "default:" in proc.stdout
+
+
+def test_gpu_options_without_the_gpu_extra_name_it(tiny_llama_dir, small_corpus_dir, tmp_path):
+    for option in (["--attn_implementation", "flash_attention_2"], ["--optimizer", "adamw_8bit"]):
+        proc = run_train(["--model", tiny_llama_dir, "--dataset", small_corpus_dir, *option,
+                          "--ds_config", write_ds_config(tmp_path / "ds.json"),
+                          "--output_dir", tmp_path / "out"], ranks=0, check=False)
+        assert_refused(proc, option[0])
+        assert "CUDA GPU" in proc.stderr or ".[gpu]" in proc.stderr

@@ -51,9 +51,9 @@ def zero3_loading(ds_config: dict):
     if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
         yield
         return
-    handle = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers keeps only a weak reference
+    handle = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it
     try:
-        yield
+        yield handle
     finally:
         unset_hf_deepspeed_config()
 

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DeepSpeed config of the teacher's inference engine; default: derived "
                        "from --ds_config (ZeRO-3, same precision and micro-batch, no optimizer)")
     train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    train.add_argument("--optimizer", default="deepspeed", choices=("deepspeed", "adamw_8bit"),
+                       help="deepspeed: the DeepSpeed config's optimizer; adamw_8bit: "
+                       "bitsandbytes' 8-bit AdamW (GPU extra), with the config's betas/eps/decay")
     train.add_argument("--lr_schedule", default="linear", choices=("linear", "cosine", "constant"),
                        help="decay after warm-up")
     train.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps")
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="optimizer steps to run; overrides --epochs. With neither option a "
                        f"run takes {DEFAULT_MAX_STEPS} steps (a few minutes for the built-in "
                        "model on 2 CPU cores)")
+    train.add_argument("--dist_timeout", type=float, default=1800,
+                       help="seconds a collective may wait for the other ranks before the run "
+                       "fails (a dead rank then stops the others instead of hanging them)")
     train.add_argument("--seed", type=int, default=42, help="seed of initialisation and data order")
 
     out = p.add_argument_group("evaluation, logging and checkpoints")

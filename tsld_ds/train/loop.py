@@ -1,179 +1,82 @@
-"""One QAT run on a DeepSpeed ZeRO-3 engine, top to bottom.
+"""One QAT run, top to bottom.
 
-set-up (config, tokenizer, data, teacher engine, quantized student engine) -> perplexity before
--> steps: teacher outputs -> student forward + loss -> backward -> optimizer step -> metrics,
-periodic eval and checkpoints -> perplexity after, final checkpoint, HF export, summary.
+build both engines -> perplexity before -> optimizer steps (each: per micro-batch, teacher outputs
+-> student forward with the loss -> backward -> engine step; then metrics, periodic eval and
+checkpoints) -> perplexity after, final checkpoint, Hugging Face export, summary.
 """
 import json
-import math
-import os
-import random
-import socket
-import sys
 import time
 from pathlib import Path
 
-import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tsld_ds.data import (ResumableDistributedSampler, check_tokenizers_match, load_text_splits,
-                          make_dataloader, tokenize_and_pack)
-from tsld_ds.errors import UsageError
+from tsld_ds.data import make_dataloader
 from tsld_ds.export import export_hf
-from tsld_ds.models import (check_model_source, load_causal_lm, load_tokenizer, vocab_size_of)
-from tsld_ds.quant import QuantConfig, quantize_model
-from tsld_ds.teacher import TeacherEngine, teacher_ds_config
 from tsld_ds.train import checkpoint as ckpt
+from tsld_ds.train.build import Run, build_run
 from tsld_ds.train.evaluate import perplexity
-from tsld_ds.train.metrics import MetricsLog
-from tsld_ds.train.schedule import lr_lambda
-from tsld_ds.train.student import DistillationStudent, summed_nll
+from tsld_ds.train.metrics import MetricsLog, format_summary
+from tsld_ds.train.student import summed_nll
 
 
-def read_ds_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"DeepSpeed config '{path}' does not exist") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"DeepSpeed config '{path}' is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or "train_micro_batch_size_per_gpu" not in config:
-        raise UsageError(f"DeepSpeed config '{path}' must set train_micro_batch_size_per_gpu")
-    if config.get("zero_optimization", {}).get("stage", 0) != 3:
-        print(f"warning: {path} is not ZeRO stage 3; parameters will not be partitioned",
-              file=sys.stderr)
-    return config
+def micro_step(run: Run, batch: dict, *, want_logits: bool, want_layers: bool) -> dict:
+    """One micro-batch: teacher outputs -> student forward and loss -> backward -> engine step
+    (DeepSpeed applies the optimizer at the gradient-accumulation boundary)."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    if run.teacher is None:
+        losses = run.engine(input_ids, labels)
+    else:
+        with run.teacher.outputs(input_ids, want_logits=want_logits, want_layers=want_layers) as t:
+            losses = run.engine(input_ids, labels, t)
+    run.engine.backward(losses["loss"])
+    run.engine.step()
+    return {name: value.item() for name, value in losses.items()}
 
 
-def check_inputs(args) -> None:
-    """Everything that can be checked before processes start talking to each other."""
-    check_model_source(args.model, "--model")
-    if args.teacher:
-        check_model_source(args.teacher, "--teacher")
-    if args.tokenizer:
-        check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
-    if args.resume is None and not args.overwrite_output_dir and \
-            ckpt.latest_checkpoint(args.output_dir) is not None:
-        raise UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume "
-                         "latest to continue it or --overwrite_output_dir to start over")
+def student_perplexity(run: Run, args) -> float:
+    def nll(input_ids, labels):
+        return run.engine(input_ids, labels, nll_only=True)
+
+    run.engine.eval()
+    ppl = perplexity(nll, run.val_blocks, run.micro_batch, max_blocks=args.eval_max_blocks)
+    run.engine.train()
+    return ppl
 
 
-def init_distributed() -> None:
-    """Under the DeepSpeed launcher the env is set; a plain `python launch/train.py` is 1 rank."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    deepspeed.init_distributed()
+def teacher_perplexity(run: Run, args) -> float:
+    def nll(input_ids, labels):
+        with run.teacher.outputs(input_ids) as t:
+            return summed_nll(t.hidden, t.weight, t.bias, labels, args.loss_chunk_size)
+
+    return perplexity(nll, run.val_blocks, run.micro_batch, max_blocks=args.eval_max_blocks)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+class StepWindow:
+    """Loss terms and timing accumulated between two metric lines, averaged over ranks."""
 
+    def __init__(self):
+        self.sums, self.micro_steps, self.seconds = {}, 0, 0.0
 
-def load_blocks(args, tokenizer):
-    """Tokenized, packed train and validation blocks. Rank 0 builds the datasets cache first and
-    tells the others whether it worked, so a bad dataset stops every rank with its message."""
-    def build():
-        try:
-            train_text, val_text = load_text_splits(args.dataset, args.dataset_config,
-                                                    text_column=args.text_column, seed=args.seed)
-            return (tokenize_and_pack(train_text, tokenizer, args.block_size),
-                    tokenize_and_pack(val_text, tokenizer, args.block_size))
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(f"--dataset {args.dataset}: {e}") from None
+    def add(self, terms: dict) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.micro_steps += 1
 
-    error = [None]
-    if dist.get_rank() == 0:
-        try:
-            blocks = build()
-        except UsageError as e:
-            error = [str(e)]
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise UsageError(error[0])
-    if dist.get_rank() != 0:
-        blocks = build()
-    return blocks
-
-
-def quant_config_of(args) -> QuantConfig | None:
-    if args.bits == 16:
-        return None
-    try:
-        return QuantConfig(bits=args.bits, method=args.quant_method, granularity=args.granularity,
-                           group_size=args.group_size, init_scale=args.init_scale)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    def mean_over_ranks(self) -> dict:
+        values = torch.tensor(list(self.sums.values()), dtype=torch.float64)
+        dist.all_reduce(values)
+        values /= dist.get_world_size() * self.micro_steps
+        return dict(zip(self.sums, values.tolist()))
 
 
 def train(args) -> dict:
-    ds_config = read_ds_config(args.ds_config)
-    teacher_config = read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None
-    check_inputs(args)
-    quant_config = quant_config_of(args)
-    init_distributed()
+    wall_start = time.time()
+    run = build_run(args)
+    engine, sampler = run.engine, run.sampler
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
-    seed_everything(args.seed)
-    wall_start = time.time()
-
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    teacher_name = args.teacher or args.model
-    uses_teacher = args.kd != "gt"
-    if uses_teacher:
-        try:
-            check_tokenizers_match(tokenizer, load_tokenizer(args.tokenizer or teacher_name))
-        except ValueError as e:
-            raise UsageError(f"teacher '{teacher_name}' and student '{args.model}' do not share "
-                             f"a tokenizer: {e}") from None
-    train_blocks, val_blocks = load_blocks(args, tokenizer)
-
-    # The teacher loads first: with `--teacher` defaulting to `--model` it must see the weights
-    # before the student's surgery.
-    attn = "eager" if args.kd == "l2l" else args.attn_implementation
-    teacher = None
-    if uses_teacher:
-        teacher_model = load_causal_lm(teacher_name, teacher_ds_config(ds_config, teacher_config),
-                                       attn_implementation=attn, what="--teacher")
-    student_model = load_causal_lm(args.model, ds_config, from_scratch=args.from_scratch,
-                                   attn_implementation=attn, what="--model")
-    if uses_teacher:
-        if vocab_size_of(teacher_model) != vocab_size_of(student_model):
-            raise UsageError(f"teacher '{teacher_name}' predicts {vocab_size_of(teacher_model)} "
-                             f"tokens but student '{args.model}' {vocab_size_of(student_model)}: "
-                             "their vocabularies differ")
-        teacher = TeacherEngine(teacher_model, teacher_ds_config(ds_config, teacher_config))
-    if quant_config is not None:
-        quantize_model(student_model, quant_config)
-    student = DistillationStudent(student_model, kd=args.kd, temperature=args.kd_temperature,
-                                  loss_impl=args.loss_impl, chunk_size=args.loss_chunk_size)
-
-    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-    accumulation = ds_config.get("gradient_accumulation_steps", 1)
-    sampler = ResumableDistributedSampler(len(train_blocks), num_replicas=world, rank=rank,
-                                          seed=args.seed)
-    steps_per_epoch = len(sampler) // (micro_batch * accumulation)
-    if steps_per_epoch == 0:
-        raise UsageError(f"{len(train_blocks)} training blocks of {args.block_size} tokens are "
-                         f"fewer than one optimizer step needs ({micro_batch} x {accumulation} "
-                         f"x {world} ranks); use a smaller --block_size or batch")
-    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-
-    ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"]["lr"] = args.lr
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(args.lr_schedule, args.warmup_steps, total_steps)))
 
     step = 0
     if args.resume:
@@ -189,98 +92,69 @@ def train(args) -> dict:
     dist.barrier()
     log = MetricsLog(args.output_dir, enabled=is_main)
 
-    def student_nll(input_ids, labels):
-        return engine(input_ids, labels, nll_only=True)
-
-    def teacher_nll(input_ids, labels):
-        with teacher.outputs(input_ids) as t:
-            return summed_nll(t.hidden, t.weight, t.bias, labels, args.loss_chunk_size)
-
-    def evaluate(nll_fn):
-        engine.eval()
-        ppl = perplexity(nll_fn, val_blocks, micro_batch, max_blocks=args.eval_max_blocks)
-        engine.train()
-        return ppl
-
     summary = {"world_size": world, "kd": args.kd, "bits": args.bits,
-               "quantization": quant_config.to_dict() if quant_config else None}
-    if teacher is not None:
-        summary.update(teacher.partitioning())
-        summary["teacher_ppl"] = evaluate(teacher_nll)
+               "quantization": run.quant_config.to_dict() if run.quant_config else None}
+    if run.teacher is not None:
+        summary.update(run.teacher.partitioning())
+        summary["teacher_ppl"] = teacher_perplexity(run, args)
     if step == 0:
-        summary["student_ppl_before"] = evaluate(student_nll)
-        log.log(0, eval_ppl=summary["student_ppl_before"],
-                teacher_ppl=summary.get("teacher_ppl"))
+        summary["student_ppl_before"] = student_perplexity(run, args)
+        log.log(0, eval_ppl=summary["student_ppl_before"], teacher_ppl=summary.get("teacher_ppl"))
 
-    loader = make_dataloader(train_blocks, micro_batch, sampler)
+    loader = make_dataloader(run.train_blocks, run.micro_batch, sampler)
     batches = iter(loader)
-    tokens_per_micro = micro_batch * args.block_size * world
-    progress = tqdm(total=total_steps, initial=step, disable=not is_main,
-                    desc="QAT" if quant_config else "train",
-                    dynamic_ncols=True)
-    window = {"terms": {}, "micro": 0, "time": 0.0}
-    train_time, train_tokens = 0.0, 0
+    want_logits = args.loss_impl == "naive" or args.kd == "l2l"
+    want_layers = args.kd == "l2l"
+    tokens_per_micro_step = run.micro_batch * args.block_size * world
+    progress = tqdm(total=run.total_steps, initial=step, disable=not is_main,
+                    desc="QAT" if run.quant_config else "train", dynamic_ncols=True)
+    window = StepWindow()
+    train_seconds, train_tokens = 0.0, 0
     engine.train()
-    while step < total_steps:
-        t0 = time.time()
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        for _ in range(accumulation):
+    while step < run.total_steps:
+        started = time.time()
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+        for _ in range(run.accumulation):
             try:
                 batch = next(batches)
-            except StopIteration:
+            except StopIteration:  # next epoch: a new seeded order
                 epoch, consumed = epoch + 1, 0
                 sampler.set_epoch(epoch)
                 batches = iter(loader)
                 batch = next(batches)
-            consumed += micro_batch
-            input_ids, labels = batch["input_ids"], batch["labels"]
-            want_logits = args.loss_impl == "naive" or args.kd == "l2l"
-            if teacher is None:
-                losses = engine(input_ids, labels)
-            else:
-                with teacher.outputs(input_ids, want_logits=want_logits,
-                                     want_layers=student.wants_teacher_layers) as t:
-                    losses = engine(input_ids, labels, t)
-            engine.backward(losses["loss"])
-            engine.step()
-            for name, value in losses.items():
-                window["terms"][name] = window["terms"].get(name, 0.0) + value.item()
-            window["micro"] += 1
+            consumed += run.micro_batch
+            window.add(micro_step(run, batch, want_logits=want_logits, want_layers=want_layers))
         step += 1
-        elapsed = time.time() - t0
-        window["time"] += elapsed
-        train_time += elapsed
-        train_tokens += tokens_per_micro * accumulation
+        seconds = time.time() - started
+        window.seconds += seconds
+        train_seconds += seconds
+        train_tokens += tokens_per_micro_step * run.accumulation
 
-        if step % args.log_every == 0 or step == total_steps:
-            terms = torch.tensor(list(window["terms"].values()), dtype=torch.float64)
-            dist.all_reduce(terms)
-            terms /= world * window["micro"]
-            record = {k: v for k, v in zip(window["terms"], terms.tolist())}
-            record.update(lr=lr, grad_norm=_grad_norm(engine),
-                          tokens_per_s=tokens_per_micro * window["micro"] / window["time"],
-                          epoch=epoch)
+        if step % args.log_every == 0 or step == run.total_steps:
+            record = window.mean_over_ranks()
+            record.update(lr=lr, grad_norm=_grad_norm(engine), epoch=epoch,
+                          tokens_per_s=tokens_per_micro_step * window.micro_steps / window.seconds)
             log.log(step, **record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
-            window = {"terms": {}, "micro": 0, "time": 0.0}
+            window = StepWindow()
         progress.update(1)
-        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            ppl = evaluate(student_nll)
+        if args.eval_every and step % args.eval_every == 0 and step < run.total_steps:
+            ppl = student_perplexity(run, args)
             log.log(step, eval_ppl=ppl)
             progress.write(f"step {step}: validation perplexity {ppl:.3f}")
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
+        if args.save_every and step % args.save_every == 0 and step < run.total_steps:
             ckpt.save_checkpoint(engine, args.output_dir, step, _client_state(step, epoch, consumed))
     progress.close()
 
-    summary["student_ppl_after"] = evaluate(student_nll)
+    summary["student_ppl_after"] = student_perplexity(run, args)
     log.log(step, eval_ppl=summary["student_ppl_after"])
     summary["checkpoint"] = str(ckpt.save_checkpoint(engine, args.output_dir, step,
                                                      _client_state(step, epoch, consumed)))
     if not args.no_export:
-        summary["hf_model"] = str(export_hf(engine, student_model, tokenizer,
+        summary["hf_model"] = str(export_hf(engine, run.student_model, run.tokenizer,
                                             Path(args.output_dir) / "hf", dtype=args.export_dtype))
-    summary.update(steps=step, tokens_per_s=train_tokens / max(train_time, 1e-9),
+    summary.update(steps=step, tokens_per_s=train_tokens / max(train_seconds, 1e-9),
                    wall_time_s=time.time() - wall_start,
                    metrics=str(Path(args.output_dir) / "metrics.jsonl"))
     if is_main:
@@ -299,23 +173,3 @@ def _client_state(step: int, epoch: int, consumed: int) -> dict:
 def _grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
-
-
-def format_summary(s: dict) -> str:
-    def ppl(key):
-        return f"{s[key]:.3f}" if s.get(key) is not None else "n/a"
-
-    bits = "full precision" if s["bits"] == 16 else \
-        f"{s['bits']}-bit {s['quantization']['method']} per {s['quantization']['granularity']}"
-    lines = [
-        "", "=" * 64, f"tsld-ds run summary ({bits}, --kd {s['kd']}, {s['world_size']} rank(s))",
-        f"  teacher perplexity             {ppl('teacher_ppl')}",
-        f"  student perplexity before QAT  {ppl('student_ppl_before')}",
-        f"  student perplexity after QAT   {ppl('student_ppl_after')}",
-        f"  steps {s['steps']}, {s['tokens_per_s']:.0f} tokens/s, wall time {s['wall_time_s']:.0f} s",
-        f"  checkpoint   {s['checkpoint']}",
-    ]
-    if s.get("hf_model"):
-        lines.append(f"  HF model     {s['hf_model']}")
-    lines += [f"  metrics      {s['metrics']}", "=" * 64]
-    return "\n".join(lines)

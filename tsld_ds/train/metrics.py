@@ -35,3 +35,23 @@ class MetricsLog:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def format_summary(s: dict) -> str:
+    def ppl(key):
+        return f"{s[key]:.3f}" if s.get(key) is not None else "n/a"
+
+    bits = "full precision" if s["bits"] == 16 else \
+        f"{s['bits']}-bit {s['quantization']['method']} per {s['quantization']['granularity']}"
+    lines = [
+        "", "=" * 64, f"tsld-ds run summary ({bits}, --kd {s['kd']}, {s['world_size']} rank(s))",
+        f"  teacher perplexity             {ppl('teacher_ppl')}",
+        f"  student perplexity before QAT  {ppl('student_ppl_before')}",
+        f"  student perplexity after QAT   {ppl('student_ppl_after')}",
+        f"  steps {s['steps']}, {s['tokens_per_s']:.0f} tokens/s, wall time {s['wall_time_s']:.0f} s",
+        f"  checkpoint   {s['checkpoint']}",
+    ]
+    if s.get("hf_model"):
+        lines.append(f"  HF model     {s['hf_model']}")
+    lines += [f"  metrics      {s['metrics']}", "=" * 64]
+    return "\n".join(lines)

@@ -5,7 +5,6 @@ is registered as an external parameter of this wrapper: ZeRO-3 gathers it for th
 its backward) and its gradient reaches the right shards.
 """
 import deepspeed
-import torch
 from torch import nn
 
 from tsld_ds.losses import distillation_loss, fused_linear_cross_entropy

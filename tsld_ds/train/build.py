@@ -1,0 +1,197 @@
+"""Everything a run needs before its first step: checked inputs, the process group, tokenizer and
+data, the teacher's inference engine and the quantized student's training engine."""
+import json
+import math
+import os
+import random
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tsld_ds import extras
+from tsld_ds.data import (ResumableDistributedSampler, check_tokenizers_match, load_text_splits,
+                          tokenize_and_pack)
+from tsld_ds.errors import UsageError
+from tsld_ds.models import check_model_source, load_causal_lm, load_tokenizer, vocab_size_of
+from tsld_ds.quant import QuantConfig, quantize_model
+from tsld_ds.teacher import TeacherEngine, teacher_ds_config
+from tsld_ds.train import checkpoint as ckpt
+from tsld_ds.train.schedule import lr_lambda
+from tsld_ds.train.student import DistillationStudent
+
+
+@dataclass
+class Run:
+    engine: object                 # DeepSpeed engine around DistillationStudent
+    scheduler: object
+    student_model: object          # the HF model inside the engine (quantized in place)
+    teacher: TeacherEngine | None
+    tokenizer: object
+    quant_config: QuantConfig | None
+    train_blocks: object
+    val_blocks: object
+    sampler: ResumableDistributedSampler
+    micro_batch: int
+    accumulation: int
+    total_steps: int
+
+
+def read_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"DeepSpeed config '{path}' does not exist") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"DeepSpeed config '{path}' is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or "train_micro_batch_size_per_gpu" not in config:
+        raise UsageError(f"DeepSpeed config '{path}' must set train_micro_batch_size_per_gpu")
+    if config.get("zero_optimization", {}).get("stage", 0) != 3:
+        print(f"warning: {path} is not ZeRO stage 3; parameters will not be partitioned",
+              file=sys.stderr)
+    return config
+
+
+def check_inputs(args) -> None:
+    """Everything that can be checked before processes start talking to each other."""
+    extras.check_options(args)
+    check_model_source(args.model, "--model")
+    if args.teacher:
+        check_model_source(args.teacher, "--teacher")
+    if args.tokenizer:
+        check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
+    if args.resume is None and not args.overwrite_output_dir and \
+            ckpt.latest_checkpoint(args.output_dir) is not None:
+        raise UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume "
+                         "latest to continue it or --overwrite_output_dir to start over")
+
+
+def init_distributed(timeout_s: float) -> None:
+    """Under the DeepSpeed launcher the env is set; a plain `python launch/train.py` is 1 rank.
+    A collective that waits longer than `timeout_s` (a rank died) fails instead of hanging."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_blocks(args, tokenizer):
+    """Tokenized, packed train and validation blocks. Rank 0 builds the datasets cache first and
+    tells the others whether it worked, so a bad dataset stops every rank with its message."""
+    def build():
+        try:
+            train_text, val_text = load_text_splits(args.dataset, args.dataset_config,
+                                                    text_column=args.text_column, seed=args.seed)
+            return (tokenize_and_pack(train_text, tokenizer, args.block_size),
+                    tokenize_and_pack(val_text, tokenizer, args.block_size))
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--dataset {args.dataset}: {e}") from None
+
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            blocks = build()
+        except UsageError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise UsageError(error[0])
+    if dist.get_rank() != 0:
+        blocks = build()
+    return blocks
+
+
+def quant_config_of(args) -> QuantConfig | None:
+    if args.bits == 16:
+        return None
+    try:
+        return QuantConfig(bits=args.bits, method=args.quant_method, granularity=args.granularity,
+                           group_size=args.group_size, init_scale=args.init_scale)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_run(args) -> Run:
+    """Checks the inputs, starts the process group and builds both engines."""
+    ds_config = read_ds_config(args.ds_config)
+    teacher_config = read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None
+    check_inputs(args)
+    quant_config = quant_config_of(args)
+    init_distributed(args.dist_timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seed_everything(args.seed)
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    teacher_name = args.teacher or args.model
+    uses_teacher = args.kd != "gt"
+    if uses_teacher:
+        try:
+            check_tokenizers_match(tokenizer, load_tokenizer(args.tokenizer or teacher_name))
+        except ValueError as e:
+            raise UsageError(f"teacher '{teacher_name}' and student '{args.model}' do not share "
+                             f"a tokenizer: {e}") from None
+    train_blocks, val_blocks = load_blocks(args, tokenizer)
+
+    # The teacher loads first: with `--teacher` defaulting to `--model` it must see the weights
+    # before the student's surgery.
+    attn = "eager" if args.kd == "l2l" else args.attn_implementation
+    teacher = None
+    if uses_teacher:
+        teacher_model = load_causal_lm(teacher_name, teacher_ds_config(ds_config, teacher_config),
+                                       attn_implementation=attn, what="--teacher")
+    student_model = load_causal_lm(args.model, ds_config, from_scratch=args.from_scratch,
+                                   attn_implementation=attn, what="--model")
+    if uses_teacher:
+        if vocab_size_of(teacher_model) != vocab_size_of(student_model):
+            raise UsageError(f"teacher '{teacher_name}' predicts {vocab_size_of(teacher_model)} "
+                             f"tokens but student '{args.model}' {vocab_size_of(student_model)}: "
+                             "their vocabularies differ")
+        teacher = TeacherEngine(teacher_model, teacher_ds_config(ds_config, teacher_config))
+    if quant_config is not None:
+        quantize_model(student_model, quant_config)
+    student = DistillationStudent(student_model, kd=args.kd, temperature=args.kd_temperature,
+                                  loss_impl=args.loss_impl, chunk_size=args.loss_chunk_size)
+
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    accumulation = ds_config.get("gradient_accumulation_steps", 1)
+    sampler = ResumableDistributedSampler(len(train_blocks), num_replicas=world, rank=rank,
+                                          seed=args.seed)
+    steps_per_epoch = len(sampler) // (micro_batch * accumulation)
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(train_blocks)} training blocks of {args.block_size} tokens are "
+                         f"fewer than one optimizer step needs ({micro_batch} x {accumulation} "
+                         f"x {world} ranks); use a smaller --block_size or batch")
+    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = None
+    if args.optimizer == "adamw_8bit":
+        optimizer = extras.adamw_8bit(trainable, ds_config, args.lr)
+        ds_config.pop("optimizer", None)
+        ds_config["zero_allow_untested_optimizer"] = True
+    else:
+        ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"]["lr"] = args.lr
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=student, model_parameters=trainable, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(args.lr_schedule, args.warmup_steps, total_steps)))
+
+    return Run(engine=engine, scheduler=scheduler, student_model=student_model, teacher=teacher,
+               tokenizer=tokenizer, quant_config=quant_config, train_blocks=train_blocks,
+               val_blocks=val_blocks, sampler=sampler, micro_batch=micro_batch,
+               accumulation=accumulation, total_steps=total_steps)

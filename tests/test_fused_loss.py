@@ -208,11 +208,10 @@ def test_teacher_must_be_given_once_with_matching_vocab():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(128256, 512) == 128
-    assert default_chunk_size(128256, 4096) == 1024
-    assert default_chunk_size(128256, 8192) == 1040  # capped by the 512 MiB block
-    assert default_chunk_size(32000, 4096) == 1024
-    assert default_chunk_size(50257, 32) == 16
+    assert default_chunk_size(128256, 512) == 256
+    assert default_chunk_size(32000, 4096) == 2048
+    assert default_chunk_size(128256, 4096) == 1040  # capped by the 512 MiB buffer
+    assert default_chunk_size(50257, 16) == 16
 
 
 class LargestAllocation(TorchDispatchMode):

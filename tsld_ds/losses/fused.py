@@ -1,12 +1,12 @@
 """Fused lm_head + next-token losses (CE, logit KD, TSLD) that never build the full logits.
 
-The student's logits z = h @ W.T (+ b) exist only one token chunk at a time as a float32
-[chunk, V] block. For each block the loss value *and* its gradient are computed in forward:
+The student's logits z = h @ W.T (+ b) exist only one token chunk at a time, in a reused float32
+[chunk, V] buffer. For each chunk the loss value *and* its gradient are computed in forward:
 for a per-token loss a_n·softCE_n + b_n·CE_n the gradient w.r.t. the logits is
 a_n·(p^S - p^T) + b_n·(p^S - onehot(y_n)), which is pushed straight through the lm_head into
 grad_hidden [N, H] and the float32 accumulators grad_W [V, H], grad_b [V]. Backward only scales
-them by grad_output. Peak extra memory is a few [chunk, V] blocks plus those gradients, instead of
-several [N, V] tensors.
+them by grad_output. Peak extra memory is two [chunk, V] buffers (student, teacher) plus those
+gradients, instead of several [N, V] tensors.
 
 Each block covers the whole vocabulary, so one sweep gives both the exact normalizer and the
 gradient: 3 matmuls per chunk (logits, grad_hidden, grad_W), the same as autograd through the
@@ -35,16 +35,30 @@ KD_TERMS = {
 
 
 def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
-    """Tokens per chunk when none is given: min(H // 4, 2^27 // V), floored to a multiple of 16
+    """Tokens per chunk when none is given: min(H // 2, 2^27 // V), floored to a multiple of 16
     and at least 16.
 
-    A chunk holds about three float32 [chunk, V] blocks, so chunk <= H/4 keeps them below the
-    float32 [V, H] weight-gradient accumulator that the loss holds anyway (chunking never
-    dominates the footprint), and 2^27 // V caps one block at 512 MiB. H = 512 gives 128 tokens,
-    H = 4096 gives 1024 (and H = 8192 with V = 128256: 1040).
+    A chunk works in two float32 [chunk, V] buffers, so chunk <= H/2 keeps them within the size
+    of the float32 [V, H] weight-gradient accumulator that the loss holds anyway (chunking never
+    dominates the footprint), and 2^27 // V caps one buffer at 512 MiB. Larger chunks make
+    larger, more efficient matmuls. H = 512 gives 256 tokens; H = 4096 gives 2048 (V = 32000)
+    or 1040 (V = 128256).
     """
-    chunk = min(hidden_size // 4, (1 << 27) // vocab_size)
+    chunk = min(hidden_size // 2, (1 << 27) // vocab_size)
     return max(16, chunk // 16 * 16)
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """out = x @ weight.T (+ bias): the matmul runs in x's dtype, the result lands in out's dtype.
+
+    Writing into a reused buffer matters on CPU, where a fresh [chunk, V] allocation costs more
+    (page faults) than the matmul's own output writes.
+    """
+    if x.dtype != out.dtype:
+        return out.copy_(F.linear(x, weight, bias))
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 class _Teacher(NamedTuple):
@@ -55,30 +69,39 @@ class _Teacher(NamedTuple):
     weight: Optional[Tensor]  # [V, H_teacher]
     bias: Optional[Tensor]  # [V]
 
-    def logits_rows(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
-        """A fresh [len(rows), V] tensor (safe to modify in place)."""
-        if self.logits is not None:
-            return self.logits.index_select(0, rows).to(dtype)
-        return F.linear(self.hidden.index_select(0, rows), self.weight, self.bias).to(dtype)
+    @property
+    def vocab_size(self) -> int:
+        return self.logits.shape[1] if self.logits is not None else self.weight.shape[0]
+
+    def logits_into(self, out: Tensor, rows: Tensor) -> Tensor:
+        if self.logits is None:
+            return _linear_into(out, self.hidden.index_select(0, rows), self.weight, self.bias)
+        if self.logits.dtype == out.dtype:
+            return torch.index_select(self.logits, 0, rows, out=out)
+        return out.copy_(self.logits.index_select(0, rows))
 
 
-def _softmax_(logits: Tensor) -> Tensor:
-    """Row softmax in place: one block less than torch.softmax."""
-    logits -= logits.amax(dim=1, keepdim=True)
-    logits.exp_()
-    logits /= logits.sum(dim=1, keepdim=True)
-    return logits
+def _exp_minus_max_(logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """In place: logits <- exp(logits - row max). Returns (row max, row sum of the exps)."""
+    row_max = logits.amax(dim=1, keepdim=True)
+    logits.sub_(row_max).exp_()
+    return row_max.squeeze(1), logits.sum(dim=1)
+
+
+def _chunks(num_rows: int, chunk_size: int):
+    return (slice(start, start + chunk_size) for start in range(0, num_rows, chunk_size))
 
 
 @torch.no_grad()
 def _teacher_target_ce(teacher: _Teacher, rows: Tensor, targets: Tensor, chunk_size: int, dtype):
     """CE^T = logsumexp(z^T) - z^T[y] for each selected row, chunk by chunk."""
     ce = torch.empty(rows.numel(), dtype=dtype, device=rows.device)
-    for start in range(0, rows.numel(), chunk_size):
-        chunk = slice(start, start + chunk_size)
-        logits = teacher.logits_rows(rows[chunk], dtype)
+    buffer = torch.empty(min(chunk_size, rows.numel()), teacher.vocab_size, dtype=dtype, device=rows.device)
+    for chunk in _chunks(rows.numel(), chunk_size):
+        logits = teacher.logits_into(buffer[: len(rows[chunk])], rows[chunk])
         target_logit = logits.gather(1, targets[chunk, None]).squeeze(1)
-        ce[chunk] = torch.logsumexp(logits, dim=1) - target_logit
+        row_max, exp_sum = _exp_minus_max_(logits)
+        ce[chunk] = row_max + exp_sum.log() - target_logit
     return ce
 
 
@@ -90,7 +113,7 @@ def _loss_and_grads(
     targets: Tensor,
     soft_coef: Optional[Tensor],
     hard_coef: Optional[Tensor],
-    teacher: _Teacher,
+    teacher: Optional[_Teacher],
     chunk_size: int,
     needs_grad: Tuple[bool, bool, bool],
 ):
@@ -109,41 +132,47 @@ def _loss_and_grads(
     grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_bias else None
     soft_total = hidden.new_zeros((), dtype=acc_dtype)
     hard_total = hidden.new_zeros((), dtype=acc_dtype)
+    # Two reused [chunk, V] blocks: the student's logits, then p^S and the logits' gradient;
+    # the teacher's logits, then exp(z^T - max).
+    block = (min(chunk_size, rows.numel()), weight.shape[0])
+    student_buffer = hidden.new_empty(block, dtype=acc_dtype)
+    teacher_buffer = hidden.new_empty(block, dtype=acc_dtype) if soft_coef is not None else None
 
-    for start in range(0, rows.numel(), chunk_size):
-        chunk = slice(start, start + chunk_size)
+    for chunk in _chunks(rows.numel(), chunk_size):
         idx, y = rows[chunk], targets[chunk, None]
         h = hidden.index_select(0, idx)
-        # Shifted logits z - max(z): log p^S = shifted - log(Σ exp(shifted)).
-        shifted = F.linear(h, weight, bias).to(acc_dtype)
-        shifted -= shifted.amax(dim=1, keepdim=True)
+        logits = _linear_into(student_buffer[: len(idx)], h, weight, bias)
+        # Max-shifted logits z' = z - max(z): log p^S = z' - log Σ exp(z').
+        logits -= logits.amax(dim=1, keepdim=True)
         if soft_coef is not None:
-            teacher_probs = _softmax_(teacher.logits_rows(idx, acc_dtype))
-            teacher_dot = torch.einsum("nv,nv->n", teacher_probs, shifted)  # no [c, V] temporary
+            # p^T = teacher_exp / teacher_sum; the division is folded into the per-row factors.
+            teacher_exp = teacher.logits_into(teacher_buffer[: len(idx)], idx)
+            _, teacher_sum = _exp_minus_max_(teacher_exp)
+            teacher_dot = torch.einsum("nv,nv->n", teacher_exp, logits) / teacher_sum  # Σ p^T z'
         if hard_coef is not None:
-            target_logit = shifted.gather(1, y).squeeze(1)
-        probs = shifted.exp_()  # reuse the block: unnormalized p^S from here on
-        normalizer = probs.sum(dim=1)
-        log_normalizer = normalizer.log()
-        if soft_coef is not None:  # -Σ p^T log p^S = log Σ exp(shifted) - Σ p^T·shifted
-            soft_total += soft_coef[chunk] @ (log_normalizer - teacher_dot)
+            target_logit = logits.gather(1, y).squeeze(1)
+        student_exp = logits.exp_()  # the block now holds exp(z')
+        student_sum = student_exp.sum(dim=1)
+        log_sum = student_sum.log()
+        if soft_coef is not None:  # -Σ p^T log p^S = log Σ exp(z') - Σ p^T z'
+            soft_total += soft_coef[chunk] @ (log_sum - teacher_dot)
         if hard_coef is not None:
-            hard_total += hard_coef[chunk] @ (log_normalizer - target_logit)
+            hard_total += hard_coef[chunk] @ (log_sum - target_logit)
         if not any(needs_grad):
             continue
 
         # d/dz [a·softCE + b·CE] = (a + b)·p^S - a·p^T - b·onehot(y), built in place.
         soft_c = soft_coef[chunk] if soft_coef is not None else 0
         hard_c = hard_coef[chunk] if hard_coef is not None else 0
-        grad_logits = probs.mul_(((soft_c + hard_c) / normalizer)[:, None])
+        grad_logits = student_exp.mul_(((soft_c + hard_c) / student_sum)[:, None])
         if soft_coef is not None:
-            grad_logits.addcmul_(teacher_probs, soft_c[:, None], value=-1)
+            grad_logits.addcmul_(teacher_exp, (soft_c / teacher_sum)[:, None], value=-1)
         if hard_coef is not None:
             grad_logits.scatter_add_(1, y, -hard_c[:, None])
         if need_hidden:
             grad_hidden.index_copy_(0, idx, grad_logits.to(weight.dtype) @ weight)
         if need_weight:
-            grad_weight.addmm_(grad_logits.T, h.to(acc_dtype))
+            grad_weight.addmm_(grad_logits.t(), h.to(acc_dtype))
         if need_bias:
             grad_bias += grad_logits.sum(dim=0)
 
@@ -248,9 +277,8 @@ def _teacher(logits, hidden, weight, bias, vocab_size) -> _Teacher:
             raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head)")
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
         teacher = _Teacher(None, flat, weight.detach(), None if bias is None else bias.detach())
-    teacher_vocab = teacher.logits.shape[1] if logits is not None else teacher.weight.shape[0]
-    if teacher_vocab != vocab_size:
-        raise ValueError(f"teacher vocabulary {teacher_vocab} != student vocabulary {vocab_size}")
+    if teacher.vocab_size != vocab_size:
+        raise ValueError(f"teacher vocabulary {teacher.vocab_size} != student vocabulary {vocab_size}")
     return teacher
 
 

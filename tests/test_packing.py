@@ -3,7 +3,10 @@ compatibility, the matmul references and the packed Linear modules."""
 
 import pytest
 import torch
+from torch import nn
 
+from tsld_ds.ops import packed_linear_reference
+from tsld_ds.packed_linear import PackedInt4Linear, PackedTernaryLinear
 from tsld_ds.packing import (
     PackedWeight,
     pack_int32,
@@ -83,7 +86,8 @@ def test_rejects_out_of_range_codes():
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,asymmetric", [(2, None, False), (2, 32, False), (4, 128, True), (4, None, True)]
+    "bits,group_size,asymmetric",
+    [(2, None, False), (2, 32, False), (4, 128, True), (4, None, True)],
 )
 @pytest.mark.parametrize("shape", [(3, 5), (17, 130), (64, 256)])
 def test_packed_weight_dequantize_and_state_dict(bits, group_size, asymmetric, shape):
@@ -134,7 +138,8 @@ def test_matches_compressed_tensors_packing(bits, shape):
     theirs = helpers.pack_to_int32(codes, bits)
     assert torch.equal(pack_int32(codes, bits), theirs)
     assert torch.equal(unpack_int32(theirs, bits, shape[1]), codes)
-    assert torch.equal(pack_zero_point(codes, bits), helpers.pack_to_int32(codes, bits, packed_dim=0))
+    theirs_zp = helpers.pack_to_int32(codes, bits, packed_dim=0)
+    assert torch.equal(pack_zero_point(codes, bits), theirs_zp)
 
 
 @pytest.mark.parametrize(
@@ -151,3 +156,71 @@ def test_compressed_tensors_decompresses_our_state_dict(bits, strategy, group_si
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     weight = base.PackedQuantizationCompressor.decompress(pw.state_dict(), scheme)["weight"]
     torch.testing.assert_close(weight.double(), pw.dequantize(torch.float64), rtol=1e-6, atol=0)
+
+
+# --- Matmul references and the packed Linear modules (CPU: the PyTorch reference path) ---------
+
+
+MATMUL_CASES = [(2, None, False), (2, 32, False), (4, 128, True), (4, None, False), (4, 16, True)]
+
+
+@pytest.mark.parametrize("bits,group_size,asymmetric", MATMUL_CASES)
+@pytest.mark.parametrize("m,n,k", [(1, 3, 5), (4, 17, 130), (16, 64, 256), (3, 33, 100)])
+def test_reference_matmul_is_x_times_dequantized_weight(bits, group_size, asymmetric, m, n, k):
+    pw = random_packed(n, k, bits, group_size, asymmetric, ternary=bits == 2, seed=m + n)
+    x = torch.randn(2, m, k, dtype=torch.float64)
+    bias = torch.randn(n, dtype=torch.float64)
+    out = packed_linear_reference(x, pw.weight_packed, pw.weight_scale, pw.weight_zero_point, bias,
+                                  bits, group_size)
+    assert out.shape == (2, m, n) and out.dtype == torch.float64
+    expect = x @ pw.dequantize(torch.float64).T + bias
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls,bits,group_size,asymmetric", [
+    (PackedTernaryLinear, 2, None, False), (PackedTernaryLinear, 2, 64, False),
+    (PackedInt4Linear, 4, 128, True), (PackedInt4Linear, 4, None, False)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_module_equals_dense_linear(cls, bits, group_size, asymmetric, bias):
+    n, k = 24, 200
+    pw = random_packed(n, k, bits, group_size, asymmetric, ternary=bits == 2, seed=7)
+    b = torch.randn(n) if bias else None
+    module = cls.from_packed(pw, bias=b)
+    dense = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        dense.weight.copy_(pw.dequantize(torch.float32))
+        if bias:
+            dense.bias.copy_(b)
+    x = torch.randn(3, 5, k)
+    assert torch.equal(module(x), dense(x))
+    assert torch.equal(module.dequantized_weight(), dense.weight)
+    assert "bits=%d" % bits in repr(module)
+
+    # The buffers are a compressed-tensors state dict (plus the bias).
+    again = cls(k, n, group_size, symmetric=not asymmetric, bias=bias, dtype=torch.float32)
+    again.load_state_dict(module.state_dict())
+    assert torch.equal(again(x), module(x))
+
+
+def test_packed_linear_module_rejects_wrong_width():
+    with pytest.raises(ValueError, match="holds 2-bit weights"):
+        PackedTernaryLinear.from_packed(random_packed(4, 32, 4))
+    with pytest.raises(ValueError, match="no zero point"):
+        PackedTernaryLinear(32, 4, symmetric=False)
+
+
+# --- Dispatch without CUDA -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
+def test_without_cuda_every_op_uses_its_reference(monkeypatch):
+    from tsld_ds.ops import fused_quantize, kernels_info, kernels_summary
+    from tsld_ds.quant import QuantConfig
+
+    info = kernels_info()
+    assert info["backend"] == "reference" and info["reason"] == "no CUDA device"
+    assert set(info["ops"].values()) == {"reference"}
+    assert "PyTorch reference" in kernels_summary()
+    assert fused_quantize(torch.randn(4, 8), QuantConfig(bits=2)) is None
+    monkeypatch.setenv("TSLD_DISABLE_KERNELS", "1")
+    assert kernels_info()["reason"] == "disabled by TSLD_DISABLE_KERNELS"

@@ -135,8 +135,9 @@ class PackedWeight:
         if self.weight_zero_point is not None:
             expect["weight_zero_point"] = (packed_words(n, self.bits), expect["weight_scale"][1])
         for name, shape in expect.items():
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {tuple(getattr(self, name).shape)}")
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {got}")
         if self.weight_packed.dtype != PACKED_DTYPE:
             raise ValueError(f"weight_packed must be int32, got {self.weight_packed.dtype}")
 

@@ -28,7 +28,7 @@ def log_softmax_1d(z):
 
 
 def restated(student, teacher, labels, temperature=10.0):
-    """Per sequence: lists of (soft CE, teacher CE, student CE) over positions n with a label at n+1."""
+    """Per sequence: (soft CE, teacher CE, student CE) for each position n with a label at n+1."""
     sequences = []
     for b in range(labels.shape[0]):
         rows = []
@@ -111,13 +111,13 @@ def test_ignored_positions_do_not_matter_and_empty_sequences_give_zero():
         t[:, -1] = -1e30
         t[-1] = 7e29
     for loss in (tsld_loss, logit_kd_loss):
-        torch.testing.assert_close(
-            loss(garbage_student, garbage_teacher, labels), loss(student, teacher, labels), rtol=1e-12, atol=0
-        )
+        expected = loss(student, teacher, labels)
+        torch.testing.assert_close(loss(garbage_student, garbage_teacher, labels), expected,
+                                   rtol=1e-12, atol=0)
     all_ignored = torch.full_like(labels, IGNORE)
     student.requires_grad_(True)
-    for loss in (tsld_loss(student, teacher, all_ignored), logit_kd_loss(student, teacher, all_ignored),
-                 gt_loss(student, all_ignored)):
+    for loss in (tsld_loss(student, teacher, all_ignored),
+                 logit_kd_loss(student, teacher, all_ignored), gt_loss(student, all_ignored)):
         (grad,) = torch.autograd.grad(loss, student)
         assert loss.item() == 0 and torch.all(grad == 0)
 
@@ -125,8 +125,9 @@ def test_ignored_positions_do_not_matter_and_empty_sequences_give_zero():
 def test_large_logits_are_stable():
     student, teacher, labels = random_batch(scale=1e4)
     expected = restated_tsld(restated(student, teacher, labels), 10.0, "sum")
-    for got in (tsld_loss(student, teacher, labels), tsld_loss(student.float(), teacher.float(), labels),
-                tsld_loss(student.float(), teacher.float(), labels, vocab_chunk=4)):
+    student32, teacher32 = student.float(), teacher.float()
+    for got in (tsld_loss(student, teacher, labels), tsld_loss(student32, teacher32, labels),
+                tsld_loss(student32, teacher32, labels, vocab_chunk=4)):
         assert torch.isfinite(got)
         assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -151,10 +152,14 @@ def test_bf16_logits_are_upcast():
 def test_l2l_loss_matches_restatement():
     gen = torch.Generator().manual_seed(1)
     batch, length, hidden, heads, layers = 2, 5, 4, 3, 3
-    student_h = [torch.randn(batch, length, hidden, generator=gen, dtype=torch.float64) for _ in range(layers + 1)]
-    teacher_h = [torch.randn(batch, length, hidden, generator=gen, dtype=torch.float64) for _ in range(layers + 1)]
-    student_a = [torch.rand(batch, heads, length, length, generator=gen, dtype=torch.float64) for _ in range(layers)]
-    teacher_a = [torch.rand(batch, heads, length, length, generator=gen, dtype=torch.float64) for _ in range(layers)]
+
+    def randoms(make, shape, count):
+        return [make(*shape, generator=gen, dtype=torch.float64) for _ in range(count)]
+
+    student_h = randoms(torch.randn, (batch, length, hidden), layers + 1)
+    teacher_h = randoms(torch.randn, (batch, length, hidden), layers + 1)
+    student_a = randoms(torch.rand, (batch, heads, length, length), layers)
+    teacher_a = randoms(torch.rand, (batch, heads, length, length), layers)
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[1, 3:] = 0
 
@@ -162,15 +167,13 @@ def test_l2l_loss_matches_restatement():
         diffs = [(s[idx] - t[idx]).item() ** 2 for idx in keep]
         return sum(diffs) / len(diffs)
 
-    def hidden_keep(s):
-        return [(b, n, k) for b in range(batch) for n in range(length) for k in range(hidden) if mask[b, n]]
+    hidden_keep = [(b, n, k) for b in range(batch) for n in range(length) for k in range(hidden)
+                   if mask[b, n]]
+    attention_keep = [(b, h, q, k) for b in range(batch) for h in range(heads)
+                      for q in range(length) for k in range(length) if mask[b, q] and mask[b, k]]
 
-    def attention_keep(s):
-        return [(b, h, q, k) for b in range(batch) for h in range(heads) for q in range(length)
-                for k in range(length) if mask[b, q] and mask[b, k]]
-
-    expected = sum(mse(s, t, hidden_keep(s)) for s, t in zip(student_h, teacher_h))
-    expected += sum(mse(s, t, attention_keep(s)) for s, t in zip(student_a, teacher_a))
+    expected = sum(mse(s, t, hidden_keep) for s, t in zip(student_h, teacher_h))
+    expected += sum(mse(s, t, attention_keep) for s, t in zip(student_a, teacher_a))
     got = l2l_loss(student_h, teacher_h, student_a, teacher_a, attention_mask=mask)
     assert got.item() == pytest.approx(expected, rel=1e-12)
 

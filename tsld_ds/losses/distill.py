@@ -88,7 +88,9 @@ def _naive_kd_loss(
         terms["gt"] = gt_loss(logits, labels, ignore_index=ignore_index)
     if kd != "gt":
         if (teacher_logits is None) == (teacher_hidden is None):
-            raise ValueError("give the teacher as teacher_logits or as teacher_hidden + teacher_weight")
+            raise ValueError(
+                "give the teacher as teacher_logits or as teacher_hidden + teacher_weight"
+            )
         if teacher_logits is None:
             if teacher_weight is None:
                 raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head)")
@@ -99,6 +101,8 @@ def _naive_kd_loss(
                 logits, teacher_logits, labels, temperature=temperature, ignore_index=ignore_index
             )
         else:
-            terms["logit"] = logit_kd_loss(logits, teacher_logits, labels, ignore_index=ignore_index)
+            terms["logit"] = logit_kd_loss(
+                logits, teacher_logits, labels, ignore_index=ignore_index
+            )
     loss = sum(terms.values())
     return {"loss": loss, **{name: term.detach() for name, term in terms.items()}}

@@ -96,9 +96,11 @@ def _chunks(num_rows: int, chunk_size: int):
 def _teacher_target_ce(teacher: _Teacher, rows: Tensor, targets: Tensor, chunk_size: int, dtype):
     """CE^T = logsumexp(z^T) - z^T[y] for each selected row, chunk by chunk."""
     ce = torch.empty(rows.numel(), dtype=dtype, device=rows.device)
-    buffer = torch.empty(min(chunk_size, rows.numel()), teacher.vocab_size, dtype=dtype, device=rows.device)
+    block = (min(chunk_size, rows.numel()), teacher.vocab_size)
+    buffer = torch.empty(block, dtype=dtype, device=rows.device)
     for chunk in _chunks(rows.numel(), chunk_size):
-        logits = teacher.logits_into(buffer[: len(rows[chunk])], rows[chunk])
+        idx = rows[chunk]
+        logits = teacher.logits_into(buffer[: len(idx)], idx)
         target_logit = logits.gather(1, targets[chunk, None]).squeeze(1)
         row_max, exp_sum = _exp_minus_max_(logits)
         ce[chunk] = row_max + exp_sum.log() - target_logit
@@ -128,8 +130,8 @@ def _loss_and_grads(
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     need_hidden, need_weight, need_bias = needs_grad
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_bias else None
+    grad_weight = weight.new_zeros(weight.shape, dtype=acc_dtype) if need_weight else None
+    grad_bias = bias.new_zeros(bias.shape, dtype=acc_dtype) if need_bias else None
     soft_total = hidden.new_zeros((), dtype=acc_dtype)
     hard_total = hidden.new_zeros((), dtype=acc_dtype)
     # Two reused [chunk, V] blocks: the student's logits, then p^S and the logits' gradient;
@@ -171,7 +173,7 @@ def _loss_and_grads(
             grad_logits.scatter_add_(1, y, -hard_c[:, None])
         if need_hidden:
             grad_hidden.index_copy_(0, idx, grad_logits.to(weight.dtype) @ weight)
-        if need_weight:
+        if need_weight:  # float32 GEMM straight into the accumulator: exact for bf16 inputs too
             grad_weight.addmm_(grad_logits.t(), h.to(acc_dtype))
         if need_bias:
             grad_bias += grad_logits.sum(dim=0)
@@ -188,10 +190,9 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Runs the chunk engine in forward and keeps its gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, soft_coef, hard_coef, teacher, chunk_size):
+    def forward(ctx, hidden, weight, bias, *engine_args):
         soft_total, hard_total, ctx.grads = _loss_and_grads(
-            hidden, weight, bias, rows, targets, soft_coef, hard_coef, teacher, chunk_size,
-            needs_grad=tuple(ctx.needs_input_grad[:3]),
+            hidden, weight, bias, *engine_args, needs_grad=tuple(ctx.needs_input_grad[:3])
         )
         ctx.mark_non_differentiable(soft_total, hard_total)
         return soft_total + hard_total, soft_total, hard_total
@@ -200,11 +201,13 @@ class _FusedLinearLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_soft, _grad_hard):
         if ctx.grads is None:
-            raise RuntimeError("the fused loss can be backpropagated once: it hands over its gradients")
+            raise RuntimeError(
+                "the fused loss can be backpropagated once: it hands over its gradients"
+            )
         grads, ctx.grads = ctx.grads, None
         # In place: the gradients are ours and backward runs once.
         scaled = tuple(None if g is None else g.mul_(grad_loss) for g in grads)
-        return scaled + (None,) * 6
+        return scaled + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _fused_linear_loss(
@@ -235,7 +238,9 @@ def _fused_linear_loss(
     rows = valid.flatten().nonzero().squeeze(1)
     row_targets = targets.flatten()[rows]
     chunk_size = chunk_size or default_chunk_size(vocab_size, hidden_size)
-    teacher = _teacher(teacher_logits, teacher_hidden, teacher_weight, teacher_bias, vocab_size) if soft else None
+    teacher = None
+    if soft:
+        teacher = _teacher(teacher_logits, teacher_hidden, teacher_weight, teacher_bias, vocab_size)
 
     per_token_mean = torch.full_like(row_targets, 1, dtype=acc_dtype) / max(rows.numel(), 1)
     soft_coef = per_token_mean if soft == "logit" else None
@@ -278,7 +283,9 @@ def _teacher(logits, hidden, weight, bias, vocab_size) -> _Teacher:
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
         teacher = _Teacher(None, flat, weight.detach(), None if bias is None else bias.detach())
     if teacher.vocab_size != vocab_size:
-        raise ValueError(f"teacher vocabulary {teacher.vocab_size} != student vocabulary {vocab_size}")
+        raise ValueError(
+            f"teacher vocabulary {teacher.vocab_size} != student vocabulary {vocab_size}"
+        )
     return teacher
 
 
@@ -359,7 +366,8 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
-    """``gt_loss(student_hidden @ lm_head_weight.T (+ lm_head_bias), labels)`` without the logits."""
+    """``gt_loss(student_hidden @ lm_head_weight.T (+ lm_head_bias), labels)`` without building
+    the logits."""
     return fused_linear_kd_loss(
         student_hidden, lm_head_weight, labels, kd="gt", lm_head_bias=lm_head_bias,
         ignore_index=ignore_index, chunk_size=chunk_size,

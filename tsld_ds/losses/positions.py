@@ -18,18 +18,16 @@ def next_token_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
 
 
 def token_scale(teacher_ce: Tensor, valid: Tensor, temperature: float) -> Tensor:
-    """TSLD weights w = softmax over each sequence's valid positions of CE^T / τ; [B, L] → [B, L].
+    """TSLD weights [B, L]: w = softmax over each sequence's valid positions of CE^T / τ.
 
     Invalid positions get weight 0 and take no part in the normalization; a sequence without valid
     positions gets all zeros. Masking multiplies by the mask instead of filling -inf, so no
     inf - inf = NaN can arise. The result is a constant (no gradient), as in the paper.
     """
     scores = (teacher_ce / temperature).detach()
-    scores = torch.where(valid, scores, torch.zeros_like(scores))
-    # Any valid score works as the stabilizing max; invalid ones must not raise it.
-    row_max = torch.where(valid, scores, torch.full_like(scores, torch.finfo(scores.dtype).min)).amax(
-        dim=-1, keepdim=True
-    )
-    unnormalized = torch.exp(torch.where(valid, scores - row_max, torch.zeros_like(scores))) * valid
+    lowest = torch.full_like(scores, torch.finfo(scores.dtype).min)
+    row_max = torch.where(valid, scores, lowest).amax(dim=-1, keepdim=True)  # over valid only
+    # where() after exp: whatever an invalid position holds (even inf or NaN) ends up as 0.
+    unnormalized = torch.where(valid, torch.exp(scores - row_max), torch.zeros_like(scores))
     # The row max contributes exp(0) = 1, so a sequence with a valid position sums to >= 1.
     return unnormalized / unnormalized.sum(dim=-1, keepdim=True).clamp_min(1.0)

@@ -133,7 +133,8 @@ def l2l_loss(
     """
     if len(student_hidden_states) != len(teacher_hidden_states):
         raise ValueError(
-            f"{len(student_hidden_states)} student vs {len(teacher_hidden_states)} teacher hidden states"
+            f"{len(student_hidden_states)} student vs {len(teacher_hidden_states)} teacher "
+            "hidden states"
         )
     mask = None if attention_mask is None else attention_mask.bool()
     total = sum(

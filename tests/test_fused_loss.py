@@ -26,6 +26,15 @@ CASES = [(3, 7, 37, 11, 8), (2, 5, 13, 6, 64), (1, 6, 17, 3, 1)]
 OBJECTIVES = ["gt", "logit", "logit_gt", "tsld", "tsld_mean", "tsld_term", "tsld_term_mean"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread-pool hand-offs would dominate, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_inputs(batch, length, vocab, hidden, *, dtype, bias, teacher_form, scale=1.0, seed=0):
     """Student hidden/lm_head, labels with an ignored run and (B > 1) an all-ignored sequence, and
     the teacher as logits or as hidden states + lm_head (of a different width)."""

@@ -9,6 +9,15 @@ from tsld_ds.losses import gt_loss, l2l_loss, logit_kd_loss, token_scale, tsld_l
 IGNORE = -100
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread-pool hand-offs would dominate, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_batch(batch=3, length=9, vocab=23, scale=3.0, seed=0):
     """Logits and labels with an ignored run and one fully ignored sequence."""
     gen = torch.Generator().manual_seed(seed)

@@ -7,7 +7,9 @@
   (N, K) = (4096, 4096), (11008, 4096), (4096, 11008).
 
 Each time is the median over --reps runs, after --warmup runs, of CUDA events recorded around one
-call; the inputs rotate over enough copies that the L2 cache cannot serve them. Achieved bandwidth
+call; the inputs rotate over enough copies that the L2 cache cannot serve them, and a GPU-side
+spin before each run keeps the CPU's launch overhead out of the measurement (kernel time, as under
+CUDA graphs). Achieved bandwidth
 counts the bytes a call must move (inputs once, output once) and is compared with the measured
 device-to-device copy bandwidth. Speedups are computed within this run.
 
@@ -32,6 +34,7 @@ TOKENS = [1, 4, 16, 128]
 TARGETS = {"fused quantize": 3.0, "W2A16 M=1": 5.0, "W4A16 M=1": 3.0}
 ROTATION_BYTES = 3  # rotated inputs span this many times the L2 cache
 MAX_COPIES = 256
+SPIN_CYCLES = 1_000_000  # ~0.5 ms: longer than Python takes to enqueue one call
 
 
 def parse_args(argv=None):
@@ -53,6 +56,7 @@ def median_ms(torch, fn, inputs, warmup, reps):
               for _ in range(reps)]
     for i, (start, end) in enumerate(events):
         args = inputs[i % len(inputs)]
+        torch.cuda._sleep(SPIN_CYCLES)  # the call below is enqueued before the GPU reaches it
         start.record()
         fn(*args)
         end.record()

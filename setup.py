@@ -1,4 +1,40 @@
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+
+def kernel_extensions():
+    """Ahead-of-time build of kernels/ into tsld_ds._kernels. TSLD_BUILD_KERNELS=1 forces it,
+    =0 skips it; unset: built when torch has CUDA and the toolkit is found, else the kernels are
+    JIT-compiled on first use. Needs torch at build time: pip install --no-build-isolation -e ."""
+    choice = os.environ.get("TSLD_BUILD_KERNELS", "").strip().lower()
+    if choice in ("0", "false", "no"):
+        return [], {}
+    forced = choice in ("1", "true", "yes")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if forced:
+            raise
+        return [], {}
+    if not (torch.version.cuda and CUDA_HOME):
+        if forced:
+            raise RuntimeError("TSLD_BUILD_KERNELS=1 needs a CUDA build of torch and the CUDA "
+                               f"toolkit (torch.version.cuda={torch.version.cuda}, "
+                               f"CUDA_HOME={CUDA_HOME})")
+        return [], {}
+    extension = CUDAExtension(
+        name="tsld_ds._kernels",
+        sources=["kernels/bindings.cpp", *sorted(glob.glob("kernels/*.cu"))],
+        include_dirs=["kernels"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = kernel_extensions()
 
 setup(
     name="tsld-ds",
@@ -8,6 +44,8 @@ setup(
     packages=find_packages(include=["tsld_ds", "tsld_ds.*"]),
     package_data={"tsld_ds": ["assets/**/*"]},
     include_package_data=True,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.9",
     install_requires=[
         # Any torch >= 2.1 works; CPU-only machines pin the CPU wheel before installing this.
@@ -18,15 +56,18 @@ setup(
         "datasets>=2.19",
         "sentencepiece",
         "safetensors",
+        "gguf",  # launch/convert.py --format gguf (llama.cpp's TQ2_0 ternary tensors)
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest"],
-        "gpu": ["flash-attn", "bitsandbytes"],
+        "test": ["pytest", "compressed-tensors"],  # interop checks of the packed format
+        "gpu": ["flash-attn", "bitsandbytes", "ninja"],
     },
     entry_points={
         "console_scripts": [
             "tsld-train=tsld_ds.train.cli:main",
+            "tsld-convert=tsld_ds.convert.cli:main",
+            "tsld-eval=tsld_ds.evaluation.cli:main",
         ]
     },
 )

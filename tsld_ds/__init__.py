@@ -1,3 +1,17 @@
 """tsld-ds: ternary / 4-bit quantization-aware training with token-scaled logit distillation."""
 
 __version__ = "0.1.0"
+
+
+def load_packed(path, device=None, dtype=None):
+    """A `--format packed` directory as a ready causal LM (see tsld_ds.convert.packed)."""
+    from tsld_ds.convert.packed import load_packed as load
+
+    return load(path, device=device, dtype=dtype)
+
+
+def kernels_info() -> dict:
+    """Which implementation each custom op runs here (CUDA kernel or PyTorch reference), and why."""
+    from tsld_ds.ops import kernels_info as info
+
+    return info()

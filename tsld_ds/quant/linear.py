@@ -7,13 +7,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ..ops import fused_quantize
 from .config import QuantConfig
 from .quantizers import quantize_weight
 
 
 def _fake_quant(weight: Tensor, scale: Optional[Tensor], cfg: QuantConfig, transposed: bool) -> Tensor:
-    """The quantized weight in nn.Linear layout [out_features, in_features]."""
-    return quantize_weight(weight.t() if transposed else weight, cfg, scale)
+    """The quantized weight in nn.Linear layout [out_features, in_features]: the fused CUDA
+    kernel where it applies (straight-through methods on a GPU), else the PyTorch quantizer."""
+    w = weight.t() if transposed else weight
+    if scale is None:
+        wq = fused_quantize(w, cfg)
+        if wq is not None:
+            return wq
+    return quantize_weight(w, cfg, scale)
 
 
 class _QuantLinearFunction(torch.autograd.Function):

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from tsld_ds.data import make_dataloader
 from tsld_ds.export import export_hf
 from tsld_ds.train import checkpoint as ckpt
+from tsld_ds.train import universal
 from tsld_ds.train.build import Run, build_run
 from tsld_ds.train.evaluate import perplexity
 from tsld_ds.train.metrics import MetricsLog, format_summary
@@ -80,7 +81,7 @@ def train(args) -> dict:
 
     step = 0
     if args.resume:
-        state = ckpt.load_checkpoint(engine, ckpt.resolve_resume(args.resume, args.output_dir))
+        state = universal.load_checkpoint(engine, ckpt.resolve_resume(args.resume, args.output_dir))
         step = state["step"]
         sampler.load_state_dict(state["sampler"])
     else:

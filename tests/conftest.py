@@ -57,6 +57,26 @@ def tiny_llama_dir(tmp_path_factory, builtin_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def llama256_dir(tmp_path_factory, builtin_tokenizer):
+    """A 2-layer LLaMA whose every Linear row is a multiple of 256 long (GGUF TQ2_0 blocks)."""
+    path = tmp_path_factory.mktemp("llama256")
+    config = tiny_llama_config(len(builtin_tokenizer), hidden_size=256, intermediate_size=512)
+    return save_tiny_model(path, config, builtin_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, builtin_tokenizer):
+    """A 2-layer GPT-2 (Conv1D layers, tied embeddings) with the built-in tokenizer."""
+    from transformers import GPT2Config
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(vocab_size=len(builtin_tokenizer), n_embd=32, n_layer=2, n_head=4,
+                        n_positions=128, bos_token_id=builtin_tokenizer.bos_token_id,
+                        eos_token_id=builtin_tokenizer.eos_token_id)
+    return save_tiny_model(path, config, builtin_tokenizer)
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, builtin_tokenizer, small_corpus_dir):
     """The tiny LLaMA pretrained for a few hundred steps on the small corpus: a teacher whose
     predictions carry signal, so distillation losses have something to fall towards."""
@@ -95,6 +115,34 @@ def small_corpus_dir(tmp_path_factory):
     (path / "train.txt").write_text("\n".join(train) + "\n")
     (path / "validation.txt").write_text("\n".join(val) + "\n")
     return path
+
+
+def short_run_args(model_dir, corpus_dir, output_dir, ds_config, *extra) -> list:
+    """A few-step QAT run's options, shared by the conversion, eval and resume tests."""
+    return ["--model", model_dir, "--dataset", corpus_dir, "--ds_config", ds_config,
+            "--output_dir", output_dir, "--block_size", 32, "--lr", 3e-3, "--log_every", 1,
+            "--eval_every", 0, "--eval_max_blocks", 8, "--seed", 7, "--kd", "gt", *extra]
+
+
+@pytest.fixture(scope="session")
+def llama256_run(tmp_path_factory, llama256_dir, small_corpus_dir):
+    """4 steps of ternary QAT of `llama256_dir` on 2 ranks (micro batch 2, no accumulation),
+    checkpoints at steps 2 and 4 and the final hf/ export."""
+    root = tmp_path_factory.mktemp("llama256-run")
+    ds = write_ds_config(root / "ds.json")
+    run_train(short_run_args(llama256_dir, small_corpus_dir, root / "run", ds,
+                             "--max_steps", 4, "--save_every", 2))
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def gpt2_run(tmp_path_factory, tiny_gpt2_dir, small_corpus_dir):
+    """2 steps of ternary QAT of the tiny GPT-2 on 2 ranks, without the hf/ export."""
+    root = tmp_path_factory.mktemp("gpt2-run")
+    ds = write_ds_config(root / "ds.json")
+    run_train(short_run_args(tiny_gpt2_dir, small_corpus_dir, root / "run", ds,
+                             "--max_steps", 2, "--no_export"))
+    return root / "run"
 
 
 def write_ds_config(path: Path, **overrides) -> Path:

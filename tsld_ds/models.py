@@ -73,13 +73,19 @@ def load_causal_lm(name_or_path: str, ds_config: dict, *, from_scratch: bool = F
                 model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load {what} '{name_or_path}': {e}") from e
+    check_plain_lm_head(model, f"{what} '{name_or_path}'")
+    return model
+
+
+def check_plain_lm_head(model, what: str) -> None:
+    """Logits must be `hidden @ lm_head.T (+ bias)`: the fused losses and perplexity compute
+    them that way from the final hidden states."""
     for attr in _LOGIT_TRANSFORMS:
         if getattr(model.config, attr, None) not in (None, 1, 1.0):
-            raise UsageError(f"{what} '{name_or_path}' transforms its logits ({attr}="
+            raise UsageError(f"{what} transforms its logits ({attr}="
                              f"{getattr(model.config, attr)}), which tsld-ds does not support")
     if model.get_output_embeddings() is None:
-        raise UsageError(f"{what} '{name_or_path}' has no output embedding (lm_head)")
-    return model
+        raise UsageError(f"{what} has no output embedding (lm_head)")
 
 
 def load_tokenizer(name_or_path: str):

@@ -81,7 +81,8 @@ def train(args) -> dict:
 
     step = 0
     if args.resume:
-        state = universal.load_checkpoint(engine, ckpt.resolve_resume(args.resume, args.output_dir))
+        resume_from = ckpt.resolve_resume(args.resume, args.output_dir)
+        state = universal.load_checkpoint(engine, resume_from)  # at any world size
         step = state["step"]
         sampler.load_state_dict(state["sampler"])
     else:

@@ -1,0 +1,114 @@
+"""`launch/convert.py` / `tsld-convert`: a training run's checkpoint -> a Hugging Face directory
+(fake-quant `hf` or `packed`) or a GGUF file, with a JSON summary on stdout."""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from tsld_ds.convert.report import Report
+from tsld_ds.errors import UsageError
+from tsld_ds.export import DTYPES, fake_quant_tensors
+from tsld_ds.quant import quantized_modules
+
+FORMATS = ("hf", "packed", "gguf")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/convert.py",
+        description="Convert a tsld-ds training checkpoint (any world size, ZeRO-2 or ZeRO-3) into "
+        "a model to load, evaluate and ship. Runs on the CPU, without a GPU or process group, "
+        "holding at most one full-precision copy of the model. Prints a JSON summary: tensors "
+        "and bytes written, and the check that every quantized Linear holds at most 3 distinct "
+        "values per row (2 bits) or 2^b per group.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a training --output_dir (its latest checkpoint), its checkpoints/ folder, "
+                   "or one checkpoints/step_N directory")
+    p.add_argument("--output", required=True,
+                   help="directory to write (hf, packed); for gguf a .gguf file, or a directory "
+                   "that receives model.gguf")
+    p.add_argument("--format", default="hf", choices=FORMATS,
+                   help="hf: Hugging Face directory with the dequantized quantized weights "
+                   "(stock transformers, vLLM and lm-eval load it); packed: the same directory "
+                   "with compressed-tensors pack-quantized 2/4-bit codes and scales for the "
+                   "quantized Linears (load with tsld_ds.load_packed); gguf: llama.cpp file with "
+                   "ternary weights as TQ2_0 (LLaMA architecture, rows a multiple of 256)")
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
+                   help="dtype of the written floating tensors (hf, packed); default: the "
+                   "training dtype. gguf always writes F16 matrices and F32 norms")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output instead of refusing")
+    return p
+
+
+def output_path(output: str, fmt: str, overwrite: bool) -> Path:
+    path = Path(output).expanduser()
+    if fmt == "gguf" and path.suffix != ".gguf":
+        path = path / "model.gguf"
+    if path.exists() and (path.is_file() or any(path.iterdir())):
+        if not overwrite:
+            raise UsageError(f"--output '{path}' already exists; pass --overwrite to replace it")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return path
+
+
+def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
+            overwrite: bool = False) -> dict:
+    """The conversion itself; returns the summary."""
+    # Heavy imports here, after --help and option errors.
+    from tsld_ds.convert import gguf_file
+    from tsld_ds.convert.source import (STUDENT_PREFIX, consolidated_weights, find_checkpoint,
+                                        run_tokenizer, student_skeleton)
+    from tsld_ds.convert.writers import write_hf, write_packed
+
+    source = find_checkpoint(checkpoint)
+    model = student_skeleton(source.args)
+    tokenizer = run_tokenizer(source.args)
+    cfg = next((m.cfg for _, m in quantized_modules(model)), None)
+    if fmt == "packed" and cfg is None:
+        raise UsageError("--format packed needs a quantized run; this one trained in full "
+                         "precision (--bits 16): use --format hf")
+    if fmt == "gguf":
+        gguf_file.check_supported(model, cfg, tokenizer)
+    out = output_path(output, fmt, overwrite)
+    weights = consolidated_weights(source)
+    check_names(model, weights, STUDENT_PREFIX, source.path)
+    tensors = fake_quant_tensors(model, weights, STUDENT_PREFIX,
+                                 compute_dtype=source.training_dtype)
+    report = Report(format=fmt, output=out, checkpoint=source.path, step=source.step,
+                    quantization=cfg.to_dict() if cfg else None)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    if fmt == "hf":
+        write_hf(model, tensors, tokenizer, out, torch_dtype, report)
+    elif fmt == "packed":
+        write_packed(model, tensors, tokenizer, out, torch_dtype, report)
+    else:
+        gguf_file.write_gguf(model, tensors, tokenizer, out, report)
+    return report.as_dict()
+
+
+def check_names(model, weights: dict, prefix: str, path) -> None:
+    """The checkpoint must hold exactly the tensors of the student rebuilt from args.json."""
+    expected = set(model.state_dict())
+    got = {k[len(prefix):] for k in weights if k.startswith(prefix)}
+    if expected != got:
+        raise UsageError(f"checkpoint '{path}' does not match the model rebuilt from its run's "
+                         f"args.json: missing {sorted(expected - got)[:3]}, unexpected "
+                         f"{sorted(got - expected)[:3]}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = convert(args.checkpoint, args.output, args.format, args.dtype, args.overwrite)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    if summary["distinct_values"]["check"] != "pass":
+        print(f"error: quantized Linears with more distinct values than their bits allow: "
+              f"{summary['distinct_values']['failing']}", file=sys.stderr)
+        return 1
+    return 0

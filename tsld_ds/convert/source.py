@@ -1,0 +1,120 @@
+"""What a conversion reads: a training run's DeepSpeed checkpoint, consolidated on the CPU, and
+the student's module layout rebuilt from the run's options — no GPU, no process group, no engine.
+
+The consolidation is DeepSpeed's own (`deepspeed.utils.zero_to_fp32`, ZeRO-2 and ZeRO-3, any
+world size) in its lazy mode: the fp32 master shards stay memory-mapped and each full tensor is
+assembled only when the writer asks for it, so host memory holds at most the output copy plus
+one tensor.
+"""
+import argparse
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tsld_ds.errors import UsageError
+from tsld_ds.models import load_tokenizer, torch_dtype_of
+from tsld_ds.quant import QuantConfig, quantize_model
+from tsld_ds.train import checkpoint as ckpt
+from tsld_ds.train.args import build_parser
+from tsld_ds.train.build import quant_config_of
+
+# The DistillationStudent that the engine trains holds the Hugging Face model as `.model`.
+STUDENT_PREFIX = "model."
+_MODEL_STATES = "*model_states.pt"
+
+
+@dataclass
+class TrainedCheckpoint:
+    path: Path          # OUTPUT_DIR/checkpoints/step_N: DeepSpeed's files
+    run_dir: Path       # OUTPUT_DIR: args.json
+    args: argparse.Namespace
+    header: dict        # rank 0's model-states file without the module weights
+
+    @property
+    def training_dtype(self) -> torch.dtype:
+        return torch_dtype_of(self.header.get("ds_config") or {})
+
+    @property
+    def world_size(self) -> int:
+        return self.header["dp_world_size"]
+
+    @property
+    def step(self) -> int:
+        return self.header.get("step", self.header.get("global_steps", 0))
+
+
+def find_checkpoint(path) -> TrainedCheckpoint:
+    """A run directory (its latest checkpoint), its `checkpoints/` folder, or one
+    `checkpoints/step_N` directory."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(f"--checkpoint '{path}' does not exist")
+    if ckpt.checkpoint_dir(path).is_dir():
+        path = ckpt.checkpoint_dir(path)
+    if (path / ckpt.LATEST).is_file():
+        path = path / (path / ckpt.LATEST).read_text().strip()
+    if not path.is_dir() or not sorted(path.glob(_MODEL_STATES)):
+        raise UsageError(f"--checkpoint '{path}' is not a tsld-ds run directory nor a DeepSpeed "
+                         "checkpoint (no *model_states.pt files)")
+    run_dir = path.parent.parent
+    if not (run_dir / "args.json").is_file():
+        raise UsageError(f"checkpoint '{path}' has no args.json in its run directory '{run_dir}': "
+                         "the student's layout cannot be rebuilt")
+    return TrainedCheckpoint(path=path, run_dir=run_dir, args=read_run_args(run_dir),
+                             header=read_header(path))
+
+
+def read_run_args(run_dir: Path) -> argparse.Namespace:
+    """The run's options: args.json over the training parser's defaults (older runs may lack
+    options added since)."""
+    args = build_parser().parse_args([])
+    vars(args).update(json.loads((Path(run_dir) / "args.json").read_text()))
+    return args
+
+
+def read_header(path: Path) -> dict:
+    """Rank 0's model-states file (memory-mapped; its module weights are dropped)."""
+    first = sorted(path.glob(_MODEL_STATES))[0]
+    try:
+        state = torch.load(first, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        raise UsageError(f"cannot read DeepSpeed checkpoint file '{first}': {e}") from None
+    if not isinstance(state, dict) or "dp_world_size" not in state:
+        raise UsageError(f"'{first}' is not a DeepSpeed model-states file")
+    return {k: v for k, v in state.items() if k != "module"}
+
+
+def consolidated_weights(checkpoint: TrainedCheckpoint) -> dict:
+    """{engine parameter name: lazy full fp32 tensor} from the partitioned master weights."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed narrates every phase
+            return get_fp32_state_dict_from_zero_checkpoint(
+                str(checkpoint.path.parent), tag=checkpoint.path.name, lazy_mode=True)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise UsageError(f"cannot consolidate checkpoint '{checkpoint.path}': {e}") from None
+
+
+def student_skeleton(args: argparse.Namespace):
+    """The student's Hugging Face model on the meta device (no memory), with the QuantLinears
+    the run trained: the module names and quantizer settings that the weights belong to."""
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the config of the run's --model '{args.model}': "
+                         f"{e}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    quant_config: QuantConfig | None = quant_config_of(args)
+    if quant_config is not None:
+        quantize_model(model, quant_config)
+    return model
+
+
+def run_tokenizer(args: argparse.Namespace):
+    return load_tokenizer(args.tokenizer or args.model)

@@ -2,7 +2,7 @@
 
 Under ZeRO-3 each forward is a collective (parameters are gathered from all ranks), so every rank
 runs the same number of batches: ranks short of a full share run padding rows whose labels are
-all ignored.
+all ignored. Without a process group (`launch/eval.py`) the one process takes every block.
 """
 import math
 
@@ -15,7 +15,8 @@ IGNORE_INDEX = -100
 @torch.no_grad()
 def perplexity(nll_fn, blocks, batch_size: int, *, max_blocks: int | None = None) -> float:
     """`nll_fn(input_ids, labels) -> (summed NLL, predicted tokens)` over non-overlapping blocks."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
     mine = list(range(rank, n, world))
     per_rank = math.ceil(n / world)
@@ -28,5 +29,6 @@ def perplexity(nll_fn, blocks, batch_size: int, *, max_blocks: int | None = None
         labels[torch.tensor([i < 0 for i in idx])] = IGNORE_INDEX
         nll, count = nll_fn(input_ids, labels)
         totals += torch.stack([nll.detach().double().cpu(), count.detach().double().cpu()])
-    dist.all_reduce(totals)
+    if distributed:
+        dist.all_reduce(totals)
     return math.exp(totals[0].item() / totals[1].item())

@@ -1,0 +1,48 @@
+"""What `launch/eval.py` evaluates: a training run (its exported `hf/` model, scored on the run's
+own validation data by default), a packed directory (`tsld_ds.load_packed`), or any Hugging Face
+model directory or name (stock `AutoModelForCausalLM`)."""
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tsld_ds.convert.packed import load_packed, read_quantization_config
+from tsld_ds.convert.source import read_run_args
+from tsld_ds.errors import UsageError
+from tsld_ds.models import check_model_source, load_tokenizer
+
+
+@dataclass
+class EvalModel:
+    model: object
+    tokenizer: object
+    kind: str                                # "run", "packed" or "hf"
+    path: str
+    run_args: Optional[argparse.Namespace]   # the training options, for a run directory
+
+
+def load_eval_model(name_or_path: str, dtype: torch.dtype) -> EvalModel:
+    path = Path(name_or_path).expanduser()
+    run_args = None
+    kind = "hf"
+    if (path / "args.json").is_file():
+        run_args = read_run_args(path)
+        kind, path = "run", path / "hf"
+        if not path.is_dir():
+            raise UsageError(f"run '{name_or_path}' has no exported model in {path}; write one "
+                             f"with: tsld-convert --checkpoint {name_or_path} --output {path}")
+    check_model_source(str(path) if path.exists() else name_or_path, "model")
+    if read_quantization_config(path) is not None:
+        model, kind = load_packed(path, dtype=dtype), "packed"
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path) if path.exists() else name_or_path, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load model '{name_or_path}': {e}") from None
+    tokenizer = load_tokenizer(str(path) if path.exists() else name_or_path)
+    return EvalModel(model=model.eval(), tokenizer=tokenizer, kind=kind, path=str(path),
+                     run_args=run_args)

@@ -1,9 +1,11 @@
 """Forward+backward time and peak memory added by the distillation loss: naive vs fused.
 
-Each (impl, N, V) case runs in a fresh subprocess: the inputs (student final hidden states and
-lm_head, teacher logits, labels) are allocated first, a baseline is taken, then the loss runs
-forward and backward. Added peak = CPU: peak RSS (ru_maxrss) above the baseline; CUDA:
+Every run is a fresh subprocess: after a tiny warm-up, the inputs (student final hidden states
+and lm_head, teacher logits, labels) are allocated, a baseline is taken, then the loss runs
+forward and backward once. Added peak = CPU: peak RSS (ru_maxrss) above the baseline; CUDA:
 torch.cuda.max_memory_allocated above the baseline. It includes the gradients the loss produces.
+Repeats alternate fused and naive runs, so that load from other processes hits both alike; the
+table gives the fastest time and the median peak of each.
 
     python benchmarks/loss_memory.py                       # CPU, fp32, H=512, N=2048, both V
     python benchmarks/loss_memory.py --cases 8192x32000,8192x128256 --memory-budget-gb 12
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -40,8 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher", choices=["logits", "hidden"], default="logits",
                    help="teacher as logits [B, L, V] (an input) or as hidden states + lm_head")
     p.add_argument("--chunk-size", type=int, help="fused: tokens per chunk (default: automatic)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs per case; the fastest is reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per case and implementation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     p.add_argument("--memory-budget-gb", type=float, default=12.0,
                    help="skip naive cases whose estimated added peak exceeds this")
@@ -97,28 +99,36 @@ def run_case(spec):
         torch.cuda.reset_peak_memory_stats()
     else:
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        forward_backward(inputs)
-        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    forward_backward(inputs)
+    seconds = time.perf_counter() - start
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    return {"peak_bytes": peak, "time_s": min(times), "times_s": times,
-            "threads": torch.get_num_threads()}
+    return {"peak_bytes": peak, "seconds": seconds, "threads": torch.get_num_threads()}
 
 
-def measure(args, impl, tokens, vocab, hidden):
+def run_subprocess(args, impl, tokens, vocab, hidden):
     spec = dict(device=args.device, impl=impl, tokens=tokens, vocab=vocab, hidden=hidden,
                 seq_len=args.seq_len, kd=args.kd, teacher=args.teacher,
-                chunk_size=args.chunk_size, repeats=args.repeats, threads=args.threads)
+                chunk_size=args.chunk_size, threads=args.threads)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} N={tokens} V={vocab} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(args, impls, tokens, vocab, hidden):
+    """{impl: (median added peak in MiB, fastest seconds)}, repeats interleaved across impls."""
+    runs = {impl: [] for impl in impls}
+    for _ in range(args.repeats):
+        for impl in impls:
+            runs[impl].append(run_subprocess(args, impl, tokens, vocab, hidden))
+    return {impl: (statistics.median(r["peak_bytes"] for r in results) / MIB,
+                   min(r["seconds"] for r in results))
+            for impl, results in runs.items()}
 
 
 def main(argv=None):
@@ -136,24 +146,27 @@ def main(argv=None):
              for case in (args.cases or DEFAULT_CASES[args.device]).split(",")]
     header = (f"| {'N':>6} | {'V':>6} | {'H':>4} | {'naive MiB':>9} | {'fused MiB':>9} | "
               f"{'mem ×':>5} | {'naive s':>7} | {'fused s':>7} | {'time ×':>6} |")
-    print(f"device={args.device} kd={args.kd} teacher={args.teacher} repeats={args.repeats}: "
-          "added peak memory above the inputs; time = fastest forward+backward")
+    threads = args.threads or "default"
+    print(f"device={args.device} kd={args.kd} teacher={args.teacher} threads={threads} "
+          f"repeats={args.repeats}: median added peak memory above the inputs, "
+          "fastest forward+backward time")
     print(header)
     print("|" + "|".join("-" * len(col) for col in header.split("|")[1:-1]) + "|")
     for tokens, vocab in cases:
-        fused = measure(args, "fused", tokens, vocab, hidden)
-        fused_mib, fused_s = fused["peak_bytes"] / MIB, fused["time_s"]
-        row = f"| {tokens:>6} | {vocab:>6} | {hidden:>4} | "
         estimate_gb = NAIVE_BLOCKS * tokens * vocab * 4 / 1e9
-        if estimate_gb > args.memory_budget_gb:
-            row += (f"{'skipped':>9} | {fused_mib:>9.0f} | {'-':>5} | {'-':>7} | {fused_s:>7.2f} | "
-                    f"{'-':>6} | naive skipped: est. {estimate_gb:.0f} GB > budget "
-                    f"{args.memory_budget_gb:g} GB")
-        else:
-            naive = measure(args, "naive", tokens, vocab, hidden)
-            naive_mib, naive_s = naive["peak_bytes"] / MIB, naive["time_s"]
+        run_naive = estimate_gb <= args.memory_budget_gb
+        impls = ["fused", "naive"] if run_naive else ["fused"]
+        results = measure(args, impls, tokens, vocab, hidden)
+        fused_mib, fused_s = results["fused"]
+        row = f"| {tokens:>6} | {vocab:>6} | {hidden:>4} | "
+        if run_naive:
+            naive_mib, naive_s = results["naive"]
             row += (f"{naive_mib:>9.0f} | {fused_mib:>9.0f} | {naive_mib / fused_mib:>5.1f} | "
                     f"{naive_s:>7.2f} | {fused_s:>7.2f} | {naive_s / fused_s:>6.2f} |")
+        else:
+            row += (f"{'skipped':>9} | {fused_mib:>9.0f} | {'-':>5} | {'-':>7} | {fused_s:>7.2f} | "
+                    f"{'-':>6} | naive skipped: est. {estimate_gb:.1f} GB > budget "
+                    f"{args.memory_budget_gb:g} GB")
         print(row, flush=True)
 
 

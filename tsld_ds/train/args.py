@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dist_timeout", type=float, default=1800,
                        help="seconds a collective may wait for the other ranks before the run "
                        "fails (a dead rank then stops the others instead of hanging them)")
+    train.add_argument("--max_nonfinite_batches", type=int, default=5,
+                       help="a micro-batch whose loss is NaN/inf on any rank is skipped on every "
+                       "rank (no backward, no update); after this many in a row the run saves a "
+                       "checkpoint and stops, naming the bad loss terms (1: stop at the first)")
     train.add_argument("--seed", type=int, default=42, help="seed of initialisation and data order")
 
     out = p.add_argument_group("evaluation, logging and checkpoints")
@@ -133,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max_steps must be positive")
     if args.epochs is not None and args.epochs <= 0:
         parser.error("--epochs must be positive")
+    if args.max_nonfinite_batches < 1:
+        parser.error("--max_nonfinite_batches must be at least 1")
     if args.max_steps is None and args.epochs is None:
         args.max_steps = DEFAULT_MAX_STEPS
     if args.bits == 16 and args.quant_method is not None:

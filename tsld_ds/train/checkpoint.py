@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 
 from tsld_ds.errors import UsageError
+from tsld_ds.train import fault_injection
 
 LATEST = "latest"
 _TMP_SUFFIX = ".tmp"
+_OLD_SUFFIX = ".old"
 _TAG = re.compile(r"^step_\d+$")
 
 
@@ -46,23 +48,44 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict) -> Path:
     root = checkpoint_dir(output_dir)
     tag = tag_for_step(step)
     tmp_tag = tag + _TMP_SUFFIX
+    final = root / tag
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(root / tmp_tag, ignore_errors=True)  # debris of an earlier crash
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), root / tmp_tag / f"rng_state_rank{rank}.pt")
+    fault_injection.kill_in_save(step)
     dist.barrier()  # every rank's files are complete
     if rank == 0:
-        final = root / tag
+        # An older save of this step (a run resumed from an earlier checkpoint) may be what
+        # `latest` names: it is renamed aside and deleted only once the new one is in its place,
+        # so `latest` lacks a directory for two renames at most, not for a whole deletion.
+        replaced = root / (tag + _OLD_SUFFIX)
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(root / tmp_tag, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         latest_tmp = root / (LATEST + _TMP_SUFFIX)
         latest_tmp.write_text(tag + "\n")
         os.replace(latest_tmp, root / LATEST)
     dist.barrier()
-    return root / tag
+    return final
+
+
+class CheckpointSaver:
+    """Saves one run's checkpoints, each step at most once: a stop right after a periodic save,
+    or a finished run resumed, keeps the checkpoint already on disk instead of writing it again."""
+
+    def __init__(self, engine, output_dir, saved_step: int | None = None):
+        self.engine, self.output_dir, self.saved_step = engine, output_dir, saved_step
+
+    def save(self, step: int, client_state: dict) -> Path:
+        if step != self.saved_step:
+            save_checkpoint(self.engine, self.output_dir, step, client_state)
+            self.saved_step = step
+        return checkpoint_dir(self.output_dir) / tag_for_step(step)
 
 
 def latest_checkpoint(output_dir) -> Path | None:

@@ -1,4 +1,12 @@
-"""`launch/train.py` / `tsld-train`: parse options, run, and turn bad input into one clear line."""
+"""`launch/train.py` / `tsld-train`: parse options, run, and turn bad input and faults into one
+clear line.
+
+Exit codes: 0 the run completed, or stopped on SIGUSR1/SIGTERM with a checkpoint (continue with
+`--resume latest`); 1 it failed: lost contact with another rank, or too many NaN/inf losses in a
+row (a checkpoint of the last good step is saved first); 2 bad options or input.
+"""
+import os
+import re
 import sys
 import warnings
 
@@ -6,20 +14,54 @@ import torch.distributed as dist
 
 from tsld_ds.errors import UsageError
 from tsld_ds.train.args import parse_args
+from tsld_ds.train.checkpoint import latest_checkpoint
+from tsld_ds.train.nonfinite import NonFiniteLoss
+from tsld_ds.train.signals import StopSignals
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = StopSignals()  # before the slow imports: a notice that comes during set-up counts too
     # torch.distributed deprecation notices raised from inside DeepSpeed, once per collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     from tsld_ds.train.loop import train  # heavy imports after --help and option errors
 
     try:
-        train(args)
+        train(args, stop)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        if dist.get_rank() == 0:  # every rank stopped at the same batch with the same message
+            print(f"error: {e}. {_last_good_checkpoint(args)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not _is_collective_failure(e):
+            raise
+        print(f"error: rank {os.environ.get('RANK', 0)} lost contact with the other ranks (one "
+              f"died, hung longer than --dist_timeout {args.dist_timeout:g} s, or never started): "
+              f"{_first_sentence(e)}. {_last_good_checkpoint(args)}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _is_collective_failure(error: RuntimeError) -> bool:
+    # NCCL and the rendezvous store raise DistError; gloo a RuntimeError from its transport.
+    return isinstance(error, dist.DistError) or "gloo" in str(error)
+
+
+def _first_sentence(error: Exception) -> str:
+    """'Read error [127.0.0.1]:14479: Connection reset by peer' from gloo's
+    '[.../gloo/transport/tcp/pair.cc:537] Read error [...]: Connection reset by peer. This is...'"""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip())
+    return re.split(r"\.\s|\n", text, maxsplit=1)[0]
+
+
+def _last_good_checkpoint(args) -> str:
+    path = latest_checkpoint(args.output_dir)
+    if path is None:
+        return "No checkpoint was saved yet."
+    return f"Last good checkpoint: {path}; continue with --resume latest."

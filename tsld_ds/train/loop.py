@@ -3,6 +3,10 @@
 build both engines -> perplexity before -> optimizer steps (each: per micro-batch, teacher outputs
 -> student forward with the loss -> backward -> engine step; then metrics, periodic eval and
 checkpoints) -> perplexity after, final checkpoint, Hugging Face export, summary.
+
+A stop signal (SIGUSR1/SIGTERM: preemption, time limit) ends the run after the current step with a
+checkpoint; a NaN/inf loss skips the batch on every rank, and too many in a row stop the run, also
+with a checkpoint.
 """
 import json
 import time
@@ -15,22 +19,30 @@ from tqdm import tqdm
 from tsld_ds.data import make_dataloader
 from tsld_ds.export import export_hf
 from tsld_ds.train import checkpoint as ckpt
+from tsld_ds.train import fault_injection
 from tsld_ds.train import universal
 from tsld_ds.train.build import Run, build_run
 from tsld_ds.train.evaluate import perplexity
 from tsld_ds.train.metrics import MetricsLog, format_summary
+from tsld_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
+from tsld_ds.train.signals import StopSignals
 from tsld_ds.train.student import summed_nll
 
 
-def micro_step(run: Run, batch: dict, *, want_logits: bool, want_layers: bool) -> dict:
+def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int, *, want_logits: bool,
+               want_layers: bool) -> dict | None:
     """One micro-batch: teacher outputs -> student forward and loss -> backward -> engine step
-    (DeepSpeed applies the optimizer at the gradient-accumulation boundary)."""
+    (DeepSpeed applies the optimizer at the gradient-accumulation boundary). Returns the loss
+    terms, or None when the loss is NaN/inf on some rank: then no rank runs backward."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     if run.teacher is None:
         losses = run.engine(input_ids, labels)
     else:
         with run.teacher.outputs(input_ids, want_logits=want_logits, want_layers=want_layers) as t:
             losses = run.engine(input_ids, labels, t)
+    losses = fault_injection.poison_losses(losses)
+    if not nonfinite.all_finite(losses, step):
+        return None
     run.engine.backward(losses["loss"])
     run.engine.step()
     return {name: value.item() for name, value in losses.items()}
@@ -72,7 +84,7 @@ class StepWindow:
         return dict(zip(self.sums, values.tolist()))
 
 
-def train(args) -> dict:
+def train(args, stop: StopSignals) -> dict:
     wall_start = time.time()
     run = build_run(args)
     engine, sampler = run.engine, run.sampler
@@ -91,6 +103,8 @@ def train(args) -> dict:
     if is_main:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "args.json").write_text(json.dumps(vars(args), indent=2))
+        # Written when the run completes: launch/slurm/train.sbatch requeues the job until then.
+        (Path(args.output_dir) / "summary.json").unlink(missing_ok=True)
     dist.barrier()
     log = MetricsLog(args.output_dir, enabled=is_main)
 
@@ -111,28 +125,40 @@ def train(args) -> dict:
     progress = tqdm(total=run.total_steps, initial=step, disable=not is_main,
                     desc="QAT" if run.quant_config else "train", dynamic_ncols=True)
     window = StepWindow()
+    nonfinite = NonFiniteGuard(args.max_nonfinite_batches)
+    saver = ckpt.CheckpointSaver(engine, args.output_dir, saved_step=step if args.resume else None)
+    stopping = None  # the stop signal all ranks agreed on
     train_seconds, train_tokens = 0.0, 0
     engine.train()
     while step < run.total_steps:
         started = time.time()
         lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
         for _ in range(run.accumulation):
-            try:
-                batch = next(batches)
-            except StopIteration:  # next epoch: a new seeded order
-                epoch, consumed = epoch + 1, 0
-                sampler.set_epoch(epoch)
-                batches = iter(loader)
-                batch = next(batches)
-            consumed += run.micro_batch
-            window.add(micro_step(run, batch, want_logits=want_logits, want_layers=want_layers))
+            terms = None
+            while terms is None:  # a batch with a NaN/inf loss on any rank is dropped on all ranks
+                try:
+                    batch = next(batches)
+                except StopIteration:  # next epoch: a new seeded order
+                    epoch, consumed = epoch + 1, 0
+                    sampler.set_epoch(epoch)
+                    batches = iter(loader)
+                    batch = next(batches)
+                consumed += run.micro_batch
+                try:
+                    terms = micro_step(run, batch, nonfinite, step + 1, want_logits=want_logits,
+                                       want_layers=want_layers)
+                except NonFiniteLoss:  # stop, with the weights of the last good step saved
+                    saver.save(step, _client_state(step, epoch, consumed))
+                    raise
+            window.add(terms)
         step += 1
         seconds = time.time() - started
         window.seconds += seconds
         train_seconds += seconds
         train_tokens += tokens_per_micro_step * run.accumulation
+        stopping = stop.agreed(engine.device)
 
-        if step % args.log_every == 0 or step == run.total_steps:
+        if step % args.log_every == 0 or step == run.total_steps or stopping:
             record = window.mean_over_ranks()
             record.update(lr=lr, grad_norm=_grad_norm(engine), epoch=epoch,
                           tokens_per_s=tokens_per_micro_step * window.micro_steps / window.seconds)
@@ -141,18 +167,26 @@ def train(args) -> dict:
                                  tok_s=f"{record['tokens_per_s']:.0f}")
             window = StepWindow()
         progress.update(1)
+        if stopping:
+            break
         if args.eval_every and step % args.eval_every == 0 and step < run.total_steps:
             ppl = student_perplexity(run, args)
             log.log(step, eval_ppl=ppl)
             progress.write(f"step {step}: validation perplexity {ppl:.3f}")
         if args.save_every and step % args.save_every == 0 and step < run.total_steps:
-            ckpt.save_checkpoint(engine, args.output_dir, step, _client_state(step, epoch, consumed))
+            saver.save(step, _client_state(step, epoch, consumed))
     progress.close()
+    if stopping:
+        path = saver.save(step, _client_state(step, epoch, consumed))
+        if is_main:
+            print(f"stopped on {stopping} after step {step} of {run.total_steps}; checkpoint "
+                  f"{path}; continue with --resume latest", flush=True)
+        log.close()
+        return {"stopped_by": stopping, "steps": step, "checkpoint": str(path)}
 
     summary["student_ppl_after"] = student_perplexity(run, args)
     log.log(step, eval_ppl=summary["student_ppl_after"])
-    summary["checkpoint"] = str(ckpt.save_checkpoint(engine, args.output_dir, step,
-                                                     _client_state(step, epoch, consumed)))
+    summary["checkpoint"] = str(saver.save(step, _client_state(step, epoch, consumed)))
     if not args.no_export:
         summary["hf_model"] = str(export_hf(engine, run.student_model, run.tokenizer,
                                             Path(args.output_dir) / "hf", dtype=args.export_dtype))

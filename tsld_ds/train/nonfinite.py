@@ -1,0 +1,55 @@
+"""NaN/inf losses. A micro-batch whose loss is not finite on any rank is dropped on every rank
+before backward: under ZeRO-3 backward is collective, so all ranks must take the same branch.
+After `limit` such batches in a row the run stops (the loop saves a checkpoint first) with a
+message naming the loss terms that went bad and where."""
+import sys
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+class NonFiniteLoss(Exception):
+    """Too many batches in a row with a NaN/inf loss; the run stopped."""
+
+
+class NonFiniteGuard:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+
+    def all_finite(self, losses: dict, step: int) -> bool:
+        """Collective, for a batch of step `step`. True when every rank's loss terms are finite;
+        False when this batch must be dropped. Raises NonFiniteLoss at the `limit`-th bad batch in
+        a row."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # Each rank fills its own row; the sum hands every rank all ranks' values.
+        values = torch.zeros(world, len(losses), dtype=torch.float64,
+                             device=losses["loss"].device)
+        values[rank] = torch.stack([v.detach().double() for v in losses.values()])
+        dist.all_reduce(values)
+        if torch.isfinite(values).all():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        where = _describe(list(losses), values.cpu())
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLoss(f"non-finite loss in {self.in_a_row} batch(es) in a row, the last "
+                                f"at step {step}: {where} (--max_nonfinite_batches "
+                                f"{self.limit})")
+        if rank == 0:
+            tqdm.write(f"warning: step {step}: non-finite loss, {where}; batch skipped on every "
+                       f"rank ({self.in_a_row} in a row, stopping at {self.limit})",
+                       file=sys.stderr)
+        return False
+
+
+def _describe(names: list, values: torch.Tensor) -> str:
+    """'rank 1: gt=nan, loss=nan' for the bad terms of each rank, the components before 'loss'."""
+    order = sorted(range(len(names)), key=lambda i: names[i] == "loss")
+    parts = []
+    for rank, row in enumerate(values.tolist()):
+        bad = [f"{names[i]}={row[i]}" for i in order if not torch.isfinite(values[rank, i])]
+        if bad:
+            parts.append(f"rank {rank}: {', '.join(bad)}")
+    return "; ".join(parts)

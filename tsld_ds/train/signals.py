@@ -1,0 +1,35 @@
+"""Preemption and time limits: SIGUSR1 (SLURM's notice before the time limit, `--signal=USR1@120`)
+and SIGTERM (preemption, scancel, the DeepSpeed launcher's shutdown) ask a run to stop cleanly.
+
+The handler only records the signal. Once per step every rank asks `agreed()`, so all ranks stop
+after the same step even when the signal reached only some of them; the loop then saves a
+checkpoint and the process exits 0. Repeats are ignored: a second signal while the checkpoint is
+being written must not cut it short.
+"""
+import signal
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopSignals:
+    def __init__(self):
+        self.received = 0  # the first stop signal's number; 0 while none has come
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._record)
+            # Python makes a handled signal interrupt system calls; a collective or a checkpoint
+            # write blocked in C++ would then fail with EINTR instead of carrying on.
+            signal.siginterrupt(sig, False)
+
+    def _record(self, signum, frame) -> None:
+        if not self.received:
+            self.received = signum
+
+    def agreed(self, device) -> str | None:
+        """Collective: the name of the stop signal any rank has received, or None."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+        return signal.Signals(signum).name if signum else None

@@ -43,11 +43,12 @@ def format_summary(s: dict) -> str:
 
     bits = "full precision" if s["bits"] == 16 else \
         f"{s['bits']}-bit {s['quantization']['method']} per {s['quantization']['granularity']}"
+    stage = "training" if s["bits"] == 16 else "QAT"
     lines = [
         "", "=" * 64, f"tsld-ds run summary ({bits}, --kd {s['kd']}, {s['world_size']} rank(s))",
-        f"  teacher perplexity             {ppl('teacher_ppl')}",
-        f"  student perplexity before QAT  {ppl('student_ppl_before')}",
-        f"  student perplexity after QAT   {ppl('student_ppl_after')}",
+        f"  {'teacher perplexity':<36}{ppl('teacher_ppl')}",
+        f"  {'student perplexity before ' + stage:<36}{ppl('student_ppl_before')}",
+        f"  {'student perplexity after ' + stage:<36}{ppl('student_ppl_after')}",
         f"  steps {s['steps']}, {s['tokens_per_s']:.0f} tokens/s, wall time {s['wall_time_s']:.0f} s",
         f"  checkpoint   {s['checkpoint']}",
     ]

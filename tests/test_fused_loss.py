@@ -7,6 +7,7 @@ from torch.utils._pytree import tree_leaves
 
 from tsld_ds.losses import (
     KD_CHOICES,
+    TOKEN_SCALES,
     default_chunk_size,
     distillation_loss,
     fused_linear_cross_entropy,
@@ -23,7 +24,10 @@ PARAMS = ("student_hidden", "lm_head_weight", "lm_head_bias")
 # (batch, length, vocab, hidden, chunk): V and N not divisible by the chunk, chunk > V and > N,
 # one-token chunks.
 CASES = [(3, 7, 37, 11, 8), (2, 5, 13, 6, 64), (1, 6, 17, 3, 1)]
-OBJECTIVES = ["gt", "logit", "logit_gt", "tsld", "tsld_mean", "tsld_term", "tsld_term_mean"]
+# tsld* names: "_term" the TSLD term alone (else gt + TSLD), "_mean" its mean reduction (else sum),
+# "_uniform"/"_inverse" its token scale (else confidence).
+OBJECTIVES = ["gt", "logit", "logit_gt", "tsld", "tsld_mean", "tsld_term", "tsld_term_mean",
+              "tsld_uniform", "tsld_inverse", "tsld_term_inverse_mean"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,17 +73,24 @@ def teacher_logits_of(inputs):
     return F.linear(inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"])
 
 
+def tsld_options(name):
+    """reduction and token_scale of a tsld* objective name."""
+    token_scale = next((s for s in ("uniform", "inverse") if s in name), "confidence")
+    return dict(reduction="mean" if name.endswith("mean") else "sum", token_scale=token_scale)
+
+
 def fused_objective(name, inputs, chunk):
     teacher = {k: v for k, v in inputs.items() if k.startswith("teacher_")}
     student = (inputs["student_hidden"], inputs["lm_head_weight"], inputs["labels"])
     common = dict(lm_head_bias=inputs["lm_head_bias"], chunk_size=chunk)
     if name == "gt":
         return fused_linear_cross_entropy(*student, **common)
-    reduction = "mean" if name.endswith("mean") else "sum"
     if name.startswith("tsld_term"):
-        return fused_linear_tsld_loss(*student, reduction=reduction, **common, **teacher)
-    kd = "tsld" if name == "tsld_mean" else name
-    return fused_linear_kd_loss(*student, kd=kd, reduction=reduction, **common, **teacher)["loss"]
+        return fused_linear_tsld_loss(*student, **tsld_options(name), **common, **teacher)
+    if name.startswith("tsld"):
+        common.update(tsld_options(name))
+        name = "tsld"
+    return fused_linear_kd_loss(*student, kd=name, **common, **teacher)["loss"]
 
 
 def naive_objective(name, inputs):
@@ -89,10 +100,10 @@ def naive_objective(name, inputs):
     teacher, labels = teacher_logits_of(inputs).double(), inputs["labels"]
     gt = gt_loss(logits, labels)
     logit = logit_kd_loss(logits, teacher, labels)
-    reduction = "mean" if name.endswith("mean") else "sum"
-    tsld = tsld_loss(logits, teacher, labels, reduction=reduction)
-    return {"gt": gt, "logit": logit, "logit_gt": logit + gt, "tsld": gt + tsld,
-            "tsld_mean": gt + tsld, "tsld_term": tsld, "tsld_term_mean": tsld}[name]
+    if name.startswith("tsld"):
+        tsld = tsld_loss(logits, teacher, labels, **tsld_options(name))
+        return tsld if name.startswith("tsld_term") else gt + tsld
+    return {"gt": gt, "logit": logit, "logit_gt": logit + gt}[name]
 
 
 def value_and_grads(loss, inputs):
@@ -292,3 +303,22 @@ def test_distillation_loss_fused_equals_naive(kd):
     assert all(not fused[t].requires_grad for t in terms)  # terms are for logging
     torch.testing.assert_close(fused["loss"].detach(), sum(fused[t] for t in terms))
     torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("token_scale", TOKEN_SCALES)
+def test_distillation_loss_token_scale_fused_equals_naive(token_scale):
+    inputs = make_inputs(3, 7, 37, 11, dtype=torch.float64, bias=True, teacher_form="logits")
+    results = {}
+    for impl in ("fused", "naive"):
+        out = distillation_loss("tsld", impl=impl, chunk_size=8, token_scale=token_scale,
+                                **inputs)
+        results[impl] = out["tsld"], torch.autograd.grad(out["loss"], inputs["student_hidden"])
+    (fused, fused_grad), (naive, naive_grad) = results["fused"], results["naive"]
+    torch.testing.assert_close(fused, naive, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_token_scale_needs_tsld():
+    inputs = make_inputs(2, 5, 13, 6, dtype=torch.float64, bias=False, teacher_form="logits")
+    with pytest.raises(ValueError, match="needs kd='tsld'"):
+        distillation_loss("logit", token_scale="uniform", **inputs)

@@ -1,10 +1,18 @@
 """Reference losses against an independent float64 restatement of DESIGN §1, written with loops."""
+import functools
 import math
 
 import pytest
 import torch
 
-from tsld_ds.losses import gt_loss, l2l_loss, logit_kd_loss, token_scale, tsld_loss
+from tsld_ds.losses import (
+    TOKEN_SCALES,
+    gt_loss,
+    l2l_loss,
+    logit_kd_loss,
+    token_scale,
+    tsld_loss,
+)
 
 IGNORE = -100
 
@@ -53,13 +61,17 @@ def restated(student, teacher, labels, temperature=10.0):
     return sequences
 
 
-def restated_tsld(sequences, temperature, reduction):
+SCALE_SIGNS = {"confidence": 1.0, "uniform": 0.0, "inverse": -1.0}  # exponent's sign on CE^T / τ
+
+
+def restated_tsld(sequences, temperature, reduction, token_scale="confidence"):
+    sign = SCALE_SIGNS[token_scale]
     total, counted = 0.0, 0
     for rows in sequences:
         if not rows:
             continue
-        top = max(ce_t / temperature for _, ce_t, _ in rows)
-        exps = [math.exp(ce_t / temperature - top) for _, ce_t, _ in rows]
+        top = max(sign * ce_t / temperature for _, ce_t, _ in rows)
+        exps = [math.exp(sign * ce_t / temperature - top) for _, ce_t, _ in rows]
         total += sum(e / sum(exps) * soft for e, (soft, _, _) in zip(exps, rows))
         counted += 1
     return total / counted if reduction == "mean" else total
@@ -79,12 +91,15 @@ def test_logit_kd_loss_matches_restatement():
     assert logit_kd_loss(student, teacher, labels).item() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("token_scale", TOKEN_SCALES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("temperature", [10.0, 0.5])
-def test_tsld_loss_matches_restatement(reduction, temperature):
+def test_tsld_loss_matches_restatement(reduction, temperature, token_scale):
     student, teacher, labels = random_batch()
-    expected = restated_tsld(restated(student, teacher, labels), temperature, reduction)
-    got = tsld_loss(student, teacher, labels, temperature=temperature, reduction=reduction)
+    expected = restated_tsld(restated(student, teacher, labels), temperature, reduction,
+                             token_scale)
+    got = tsld_loss(student, teacher, labels, temperature=temperature, reduction=reduction,
+                    token_scale=token_scale)
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -109,6 +124,21 @@ def test_token_scale_is_a_masked_softmax_per_sequence():
     torch.testing.assert_close(w[1], torch.full((4,), 0.25))
     # Confident teacher tokens (low CE) get the least weight.
     assert w[0, 0] < w[0, 2] < w[0, 1]
+    assert torch.equal(w, token_scale(teacher_ce, valid, 1.0, "confidence"))
+
+
+def test_token_scale_ablations():
+    teacher_ce = torch.tensor([[0.1, 5.0, 2.0, 9.0], [3.0, 4.0, 5.0, 6.0]])
+    valid = torch.tensor([[True, True, True, False], [False] * 4])
+    uniform = token_scale(teacher_ce, valid, 2.0, "uniform")
+    torch.testing.assert_close(uniform, torch.tensor([[1 / 3] * 3 + [0.0], [0.0] * 4]))
+    inverse = token_scale(teacher_ce, valid, 2.0, "inverse")
+    torch.testing.assert_close(inverse[0, :3], torch.softmax(-teacher_ce[0, :3] / 2.0, dim=0))
+    assert inverse[0, 3] == 0 and torch.all(inverse[1] == 0)
+    # Confident teacher tokens (low CE) get the most weight.
+    assert inverse[0, 0] > inverse[0, 2] > inverse[0, 1]
+    with pytest.raises(ValueError, match="token scale"):
+        token_scale(teacher_ce, valid, 2.0, "flat")
 
 
 def test_ignored_positions_do_not_matter_and_empty_sequences_give_zero():
@@ -119,7 +149,8 @@ def test_ignored_positions_do_not_matter_and_empty_sequences_give_zero():
         t[0, 1:4] = 1e30
         t[:, -1] = -1e30
         t[-1] = 7e29
-    for loss in (tsld_loss, logit_kd_loss):
+    tsld_scales = [functools.partial(tsld_loss, token_scale=scale) for scale in TOKEN_SCALES]
+    for loss in (*tsld_scales, logit_kd_loss):
         expected = loss(student, teacher, labels)
         torch.testing.assert_close(loss(garbage_student, garbage_teacher, labels), expected,
                                    rtol=1e-12, atol=0)

@@ -80,3 +80,9 @@ def test_gpu_options_without_the_gpu_extra_name_it(tiny_llama_dir, small_corpus_
                           "--output_dir", tmp_path / "out"], ranks=0, check=False)
         assert_refused(proc, option[0])
         assert "CUDA GPU" in proc.stderr or ".[gpu]" in proc.stderr
+
+
+def test_token_scale_needs_tsld(tmp_path):
+    proc = run_train(["--kd", "logit", "--token_scale", "uniform", "--output_dir", tmp_path / "out"],
+                     ranks=0, check=False)
+    assert proc.returncode == 2 and "--token_scale weighs the TSLD term" in proc.stderr

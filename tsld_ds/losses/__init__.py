@@ -9,12 +9,13 @@ from .fused import (
     fused_linear_kd_loss,
     fused_linear_tsld_loss,
 )
-from .positions import next_token_targets, token_scale
+from .positions import TOKEN_SCALES, next_token_targets, token_scale
 from .reference import gt_loss, l2l_loss, logit_kd_loss, tsld_loss
 
 __all__ = [
     "KD_CHOICES",
     "LOSS_IMPLS",
+    "TOKEN_SCALES",
     "default_chunk_size",
     "distillation_loss",
     "fused_linear_cross_entropy",

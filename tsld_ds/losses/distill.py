@@ -24,6 +24,7 @@ def distillation_loss(
     teacher_weight: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
     temperature: float = 10.0,
+    token_scale: str = "confidence",
     impl: str = "fused",
     chunk_size: Optional[int] = None,
     student_hidden_states: Optional[Sequence[Tensor]] = None,
@@ -48,11 +49,15 @@ def distillation_loss(
     the [B·L, V] logits (chunked, ``chunk_size`` tokens at a time); impl="naive" builds them and
     uses the reference losses. For "l2l" the logit part follows ``impl`` too, and the layer MSE
     takes the per-layer hidden states (and attention maps, optional) as the models return them.
+    ``temperature`` and ``token_scale`` (TOKEN_SCALES) set the TSLD token weights.
     """
     if kd not in KD_CHOICES:
         raise ValueError(f"kd must be one of {KD_CHOICES}, got {kd!r}")
     if impl not in LOSS_IMPLS:
         raise ValueError(f"impl must be one of {LOSS_IMPLS}, got {impl!r}")
+    if kd != "tsld" and token_scale != "confidence":
+        raise ValueError(f"token_scale={token_scale!r} weighs the TSLD term: it needs kd='tsld', "
+                         f"got kd={kd!r}")
     logit_kd = "logit" if kd == "l2l" else kd
     teacher = {}
     if logit_kd != "gt":
@@ -63,11 +68,13 @@ def distillation_loss(
     if impl == "fused":
         out = fused_linear_kd_loss(
             student_hidden, lm_head_weight, labels, kd=logit_kd, lm_head_bias=lm_head_bias,
-            temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size, **teacher,
+            temperature=temperature, token_scale=token_scale, ignore_index=ignore_index,
+            chunk_size=chunk_size, **teacher,
         )
     else:
         logits = F.linear(student_hidden, lm_head_weight, lm_head_bias)
-        out = _naive_kd_loss(logit_kd, logits, labels, temperature, ignore_index, **teacher)
+        out = _naive_kd_loss(logit_kd, logits, labels, temperature, token_scale, ignore_index,
+                             **teacher)
     if kd == "l2l":
         if student_hidden_states is None or teacher_hidden_states is None:
             raise ValueError("kd='l2l' needs student_hidden_states and teacher_hidden_states")
@@ -80,7 +87,7 @@ def distillation_loss(
 
 
 def _naive_kd_loss(
-    kd, logits, labels, temperature, ignore_index,
+    kd, logits, labels, temperature, token_scale, ignore_index,
     teacher_logits=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
 ) -> Dict[str, Tensor]:
     terms = {}
@@ -98,7 +105,8 @@ def _naive_kd_loss(
                 teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
         if kd == "tsld":
             terms["tsld"] = tsld_loss(
-                logits, teacher_logits, labels, temperature=temperature, ignore_index=ignore_index
+                logits, teacher_logits, labels, temperature=temperature, token_scale=token_scale,
+                ignore_index=ignore_index,
             )
         else:
             terms["logit"] = logit_kd_loss(

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .positions import next_token_targets, token_scale
+from . import positions
+from .positions import next_token_targets
 
 # kd name -> (soft term, with gt CE). "tsld" is gt + TSLD, as the training option means it.
 KD_TERMS = {
@@ -223,6 +224,7 @@ def _fused_linear_loss(
     teacher_weight: Optional[Tensor],
     teacher_bias: Optional[Tensor],
     temperature: float,
+    token_scale: str,
     ignore_index: int,
     reduction: str,
     chunk_size: Optional[int],
@@ -247,7 +249,8 @@ def _fused_linear_loss(
     if soft == "tsld":
         teacher_ce = torch.zeros(batch * length, dtype=acc_dtype, device=rows.device)
         teacher_ce[rows] = _teacher_target_ce(teacher, rows, row_targets, chunk_size, acc_dtype)
-        weights = token_scale(teacher_ce.view(batch, length), valid, temperature)
+        weights = positions.token_scale(teacher_ce.view(batch, length), valid, temperature,
+                                        token_scale)
         if reduction == "mean":
             weights = weights / valid.any(dim=-1).sum().clamp_min(1)
         soft_coef = weights.flatten()[rows]
@@ -301,6 +304,7 @@ def fused_linear_kd_loss(
     lm_head_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
     temperature: float = 10.0,
+    token_scale: str = "confidence",
     ignore_index: int = -100,
     reduction: str = "sum",
     chunk_size: Optional[int] = None,
@@ -308,7 +312,8 @@ def fused_linear_kd_loss(
     """A logit-level training objective from one fused pass: {"loss": total, term: value, ...}.
 
     kd: "gt" (CE with labels), "logit" (soft CE), "logit_gt" (soft CE + CE) or "tsld" (CE + TSLD).
-    "gt" and "logit" are means over valid positions; ``reduction`` applies to the TSLD term.
+    "gt" and "logit" are means over valid positions; ``reduction`` and ``token_scale`` (its
+    weights, see :func:`~tsld_ds.losses.positions.token_scale`) apply to the TSLD term.
     Only "loss" carries gradients; the terms are detached, for logging. The teacher is not needed
     for "gt". See :func:`fused_linear_tsld_loss` for the arguments.
     """
@@ -319,7 +324,8 @@ def fused_linear_kd_loss(
         student_hidden, lm_head_weight, labels, soft=soft, with_gt=with_gt,
         lm_head_bias=lm_head_bias, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+        token_scale=token_scale, ignore_index=ignore_index, reduction=reduction,
+        chunk_size=chunk_size,
     )
     return {"loss": loss, **terms}
 
@@ -335,6 +341,7 @@ def fused_linear_tsld_loss(
     lm_head_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
     temperature: float = 10.0,
+    token_scale: str = "confidence",
     ignore_index: int = -100,
     reduction: str = "sum",
     chunk_size: Optional[int] = None,
@@ -346,13 +353,14 @@ def fused_linear_tsld_loss(
     The teacher comes as ``teacher_logits`` [B, L, V] or as ``teacher_hidden`` [B, L, H_t] with
     its lm_head ``teacher_weight`` [V, H_t] (and ``teacher_bias``). Gradients reach
     student_hidden, lm_head_weight and lm_head_bias. ``chunk_size``: tokens per chunk (default
-    :func:`default_chunk_size`).
+    :func:`default_chunk_size`). ``token_scale``: as in :func:`~tsld_ds.losses.tsld_loss`.
     """
     loss, _ = _fused_linear_loss(
         student_hidden, lm_head_weight, labels, soft="tsld", with_gt=False,
         lm_head_bias=lm_head_bias, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+        token_scale=token_scale, ignore_index=ignore_index, reduction=reduction,
+        chunk_size=chunk_size,
     )
     return loss
 

@@ -17,17 +17,30 @@ def next_token_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
     return targets
 
 
-def token_scale(teacher_ce: Tensor, valid: Tensor, temperature: float) -> Tensor:
-    """TSLD weights [B, L]: w = softmax over each sequence's valid positions of CE^T / τ.
+# How TSLD weighs a sequence's tokens by the teacher's CE on the label (--token_scale):
+# confidence: the paper's softmax(CE/τ), confident tokens down-weighted; uniform: 1/(valid
+# positions), logit KD with TSLD's per-sequence reduction; inverse: softmax(-CE/τ), confident
+# tokens up-weighted. The last two are ablations.
+TOKEN_SCALES = ("confidence", "uniform", "inverse")
+
+
+def token_scale(
+    teacher_ce: Tensor, valid: Tensor, temperature: float, scale: str = "confidence"
+) -> Tensor:
+    """TSLD weights [B, L]: w = softmax over each sequence's valid positions of s / τ, with
+    s = CE^T (``scale="confidence"``), 0 (``"uniform"``) or -CE^T (``"inverse"``).
 
     Invalid positions get weight 0 and take no part in the normalization; a sequence without valid
     positions gets all zeros. Masking multiplies by the mask instead of filling -inf, so no
     inf - inf = NaN can arise. The result is a constant (no gradient), as in the paper.
     """
-    scores = (teacher_ce / temperature).detach()
+    if scale not in TOKEN_SCALES:
+        raise ValueError(f"token scale must be one of {TOKEN_SCALES}, got {scale!r}")
+    sign = {"confidence": 1.0, "uniform": 0.0, "inverse": -1.0}[scale]
+    # A valid CE is finite, so sign 0 gives exactly 0; invalid positions are masked below.
+    scores = torch.where(valid, sign * teacher_ce / temperature, 0.0).detach()
     lowest = torch.full_like(scores, torch.finfo(scores.dtype).min)
     row_max = torch.where(valid, scores, lowest).amax(dim=-1, keepdim=True)  # over valid only
-    # where() after exp: whatever an invalid position holds (even inf or NaN) ends up as 0.
     unnormalized = torch.where(valid, torch.exp(scores - row_max), torch.zeros_like(scores))
     # The row max contributes exp(0) = 1, so a sequence with a valid position sums to >= 1.
     return unnormalized / unnormalized.sum(dim=-1, keepdim=True).clamp_min(1.0)

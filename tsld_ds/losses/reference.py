@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .positions import next_token_targets, token_scale
+from . import positions
+from .positions import next_token_targets
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -45,13 +46,16 @@ def tsld_loss(
     ignore_index: int = -100,
     reduction: str = "sum",
     vocab_chunk: Optional[int] = None,
+    token_scale: str = "confidence",
 ) -> Tensor:
     """Token-scaled logit distillation (the TSLD term only, no ground-truth CE).
 
     Per sequence: w = softmax over valid positions n of CE^T_n / τ with CE^T_n = -log p^T_n[y_n]
     (detached), TSLD = Σ_n w_n · (-Σ_i p^T_{n,i} log p^S_{n,i}). ``reduction="sum"`` adds the
     sequences (the published implementation); ``"mean"`` divides by the number of sequences with
-    a valid position.
+    a valid position. ``token_scale`` swaps the weights for an ablation
+    (:data:`~tsld_ds.losses.positions.TOKEN_SCALES`: "uniform" w_n = 1/valid positions,
+    "inverse" softmax of -CE^T_n / τ).
 
     ``vocab_chunk`` computes the per-position statistics over vocabulary slices of that width, so
     the float32 temporaries are [B, L, vocab_chunk] instead of [B, L, V]: use it to evaluate large
@@ -64,7 +68,7 @@ def tsld_loss(
     soft_ce, teacher_ce = _soft_and_teacher_ce(
         student_logits, teacher_logits, labels, ignore_index, vocab_chunk
     )
-    weights = token_scale(teacher_ce, valid, temperature)
+    weights = positions.token_scale(teacher_ce, valid, temperature, token_scale)
     total = (weights * soft_ce).sum()  # weights are 0 wherever soft_ce is masked
     if reduction == "mean":
         total = total / valid.any(dim=-1).sum().clamp_min(1)

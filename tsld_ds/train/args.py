@@ -6,7 +6,7 @@ other knob of a run is an option here, with its default shown in `--help`.
 import argparse
 
 from tsld_ds.data import BUILTIN_DATASET
-from tsld_ds.losses import KD_CHOICES
+from tsld_ds.losses import KD_CHOICES, TOKEN_SCALES
 from tsld_ds.models import BUILTIN_MODEL
 
 BITS_CHOICES = (2, 4, 8, 16)
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "distillation, the paper's method)")
     loss.add_argument("--kd_temperature", type=float, default=10.0,
                       help="temperature tau of the token-scale softmax over teacher CE")
+    loss.add_argument("--token_scale", default=None, choices=TOKEN_SCALES,
+                      help="token weights of --kd tsld (default: confidence, the paper's "
+                      "softmax(CE/tau) over each sequence); ablations: uniform (1/tokens, logit "
+                      "KD with TSLD's per-sequence sum), inverse (softmax(-CE/tau): confident "
+                      "tokens up-weighted)")
     loss.add_argument("--loss_impl", default="fused", choices=("fused", "naive"),
                       help="fused: chunked over tokens and vocabulary with the lm_head, never "
                       "materialising [tokens, vocab] logits; naive: the full-logit reference")
@@ -143,6 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_steps = DEFAULT_MAX_STEPS
     if args.bits == 16 and args.quant_method is not None:
         parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full precision")
+    if args.token_scale is not None and args.kd != "tsld":
+        parser.error(f"--token_scale weighs the TSLD term; it needs --kd tsld, not --kd {args.kd}")
+    args.token_scale = args.token_scale or "confidence"
     if args.from_scratch and args.kd != "gt" and args.teacher is None:
         parser.error("--from_scratch with distillation needs a separate --teacher "
                      "(a randomly initialised model cannot teach itself)")

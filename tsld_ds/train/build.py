@@ -165,7 +165,8 @@ def build_run(args) -> Run:
     if quant_config is not None:
         quantize_model(student_model, quant_config)
     student = DistillationStudent(student_model, kd=args.kd, temperature=args.kd_temperature,
-                                  loss_impl=args.loss_impl, chunk_size=args.loss_chunk_size)
+                                  token_scale=args.token_scale, loss_impl=args.loss_impl,
+                                  chunk_size=args.loss_chunk_size)
 
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     accumulation = ds_config.get("gradient_accumulation_steps", 1)

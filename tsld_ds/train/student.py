@@ -21,11 +21,12 @@ def summed_nll(hidden, weight, bias, labels, chunk_size=None):
 
 class DistillationStudent(nn.Module):
     def __init__(self, model, *, kd: str, temperature: float, loss_impl: str,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, token_scale: str = "confidence"):
         super().__init__()
         self.model = model
         self.kd = kd
         self.temperature = temperature
+        self.token_scale = token_scale
         self.loss_impl = loss_impl
         self.chunk_size = chunk_size
         head = model.get_output_embeddings()
@@ -54,6 +55,7 @@ class DistillationStudent(nn.Module):
                                 teacher_attentions=teacher.attentions)
         return distillation_loss(
             self.kd, student_hidden=out.last_hidden_state, lm_head_weight=head.weight,
-            lm_head_bias=bias, labels=labels, temperature=self.temperature, impl=self.loss_impl,
+            lm_head_bias=bias, labels=labels, temperature=self.temperature,
+            token_scale=self.token_scale, impl=self.loss_impl,
             chunk_size=self.chunk_size, student_hidden_states=out.hidden_states if layers else None,
             student_attentions=out.attentions if layers else None, **teacher_args)

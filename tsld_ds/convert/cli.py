@@ -21,8 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a model to load, evaluate and ship. Runs on the CPU, without a GPU or process group, "
         "holding at most one full-precision copy of the model. Prints a JSON summary: tensors "
         "and bytes written, and the check that every quantized Linear holds at most 3 distinct "
-        "values per row (2 bits) or 2^b per group.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "values per row (2 bits) or 2^b per group.")
     p.add_argument("--checkpoint", required=True,
                    help="a training --output_dir (its latest checkpoint), its checkpoints/ folder, "
                    "or one checkpoints/step_N directory")
@@ -34,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(stock transformers, vLLM and lm-eval load it); packed: the same directory "
                    "with compressed-tensors pack-quantized 2/4-bit codes and scales for the "
                    "quantized Linears (load with tsld_ds.load_packed); gguf: llama.cpp file with "
-                   "ternary weights as TQ2_0 (LLaMA architecture, rows a multiple of 256)")
+                   "ternary weights as TQ2_0 (LLaMA architecture, rows a multiple of 256). "
+                   "Default: hf")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="dtype of the written floating tensors (hf, packed); default: the "
                    "training dtype. gguf always writes F16 matrices and F32 norms")

@@ -23,10 +23,10 @@ from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.train import checkpoint as ckpt
 from tsld_ds.train.args import build_parser
 from tsld_ds.train.build import quant_config_of
+from tsld_ds.train.universal import MODEL_STATES, model_states_header
 
 # The DistillationStudent that the engine trains holds the Hugging Face model as `.model`.
 STUDENT_PREFIX = "model."
-_MODEL_STATES = "*model_states.pt"
 
 
 @dataclass
@@ -39,10 +39,6 @@ class TrainedCheckpoint:
     @property
     def training_dtype(self) -> torch.dtype:
         return torch_dtype_of(self.header.get("ds_config") or {})
-
-    @property
-    def world_size(self) -> int:
-        return self.header["dp_world_size"]
 
     @property
     def step(self) -> int:
@@ -59,7 +55,7 @@ def find_checkpoint(path) -> TrainedCheckpoint:
         path = ckpt.checkpoint_dir(path)
     if (path / ckpt.LATEST).is_file():
         path = path / (path / ckpt.LATEST).read_text().strip()
-    if not path.is_dir() or not sorted(path.glob(_MODEL_STATES)):
+    if not path.is_dir() or not sorted(path.glob(MODEL_STATES)):
         raise UsageError(f"--checkpoint '{path}' is not a tsld-ds run directory nor a DeepSpeed "
                          "checkpoint (no *model_states.pt files)")
     run_dir = path.parent.parent
@@ -67,7 +63,7 @@ def find_checkpoint(path) -> TrainedCheckpoint:
         raise UsageError(f"checkpoint '{path}' has no args.json in its run directory '{run_dir}': "
                          "the student's layout cannot be rebuilt")
     return TrainedCheckpoint(path=path, run_dir=run_dir, args=read_run_args(run_dir),
-                             header=read_header(path))
+                             header=model_states_header(path))
 
 
 def read_run_args(run_dir: Path) -> argparse.Namespace:
@@ -76,18 +72,6 @@ def read_run_args(run_dir: Path) -> argparse.Namespace:
     args = build_parser().parse_args([])
     vars(args).update(json.loads((Path(run_dir) / "args.json").read_text()))
     return args
-
-
-def read_header(path: Path) -> dict:
-    """Rank 0's model-states file (memory-mapped; its module weights are dropped)."""
-    first = sorted(path.glob(_MODEL_STATES))[0]
-    try:
-        state = torch.load(first, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: torch raises several kinds
-        raise UsageError(f"cannot read DeepSpeed checkpoint file '{first}': {e}") from None
-    if not isinstance(state, dict) or "dp_world_size" not in state:
-        raise UsageError(f"'{first}' is not a DeepSpeed model-states file")
-    return {k: v for k, v in state.items() if k != "module"}
 
 
 def consolidated_weights(checkpoint: TrainedCheckpoint) -> dict:

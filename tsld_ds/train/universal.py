@@ -31,16 +31,27 @@ from tsld_ds.train import checkpoint as ckpt
 
 UNIVERSAL_SUFFIX = "_universal"
 _COMPLETE = "universal_complete"
-_MODEL_STATES = "*model_states.pt"
+MODEL_STATES = "*model_states.pt"
+
+
+def model_states_header(path: Path) -> dict:
+    """Rank 0's DeepSpeed model-states file of the checkpoint at `path` (memory-mapped, its module
+    weights left out): world size, step, the DeepSpeed config, the client state."""
+    files = sorted(Path(path).glob(MODEL_STATES))
+    if not files:
+        raise UsageError(f"'{path}' holds no DeepSpeed model-states files")
+    try:
+        state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        raise UsageError(f"cannot read DeepSpeed checkpoint file '{files[0]}': {e}") from None
+    if not isinstance(state, dict) or "dp_world_size" not in state:
+        raise UsageError(f"'{files[0]}' is not a DeepSpeed model-states file")
+    return {k: v for k, v in state.items() if k != "module"}
 
 
 def saved_world_size(path: Path) -> int:
     """Data-parallel world size that wrote the checkpoint at `path`."""
-    files = sorted(Path(path).glob(_MODEL_STATES))
-    if not files:
-        raise UsageError(f"'{path}' holds no DeepSpeed model-states files")
-    header = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
-    return header["dp_world_size"]
+    return model_states_header(path)["dp_world_size"]
 
 
 def universal_path(path: Path) -> Path:
@@ -100,7 +111,7 @@ def main(argv=None) -> int:
         "--resume does this by itself when it finds a world-size mismatch.")
     p.add_argument("checkpoint", help="OUTPUT_DIR/checkpoints/step_N")
     path = Path(p.parse_args(argv).checkpoint)
-    if not path.is_dir() or not sorted(path.glob(_MODEL_STATES)):
+    if not path.is_dir() or not sorted(path.glob(MODEL_STATES)):
         print(f"error: '{path}' is not a DeepSpeed checkpoint directory", file=sys.stderr)
         return 2
     print(convert_to_universal(path))

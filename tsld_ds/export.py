@@ -6,7 +6,7 @@ Each quantized Linear's weight is replaced by its dequantized quantized value, s
 without importing tsld_ds. The live engine (`export_hf`, end of training) and the offline
 converter (`tsld_ds.convert`) both take their weights from `fake_quant_tensors`.
 """
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,7 +18,7 @@ from tsld_ds.quant import QuantLinear, quantize_weight, quantized_modules
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def quantizer_parameter_names(model) -> tuple[dict, set]:
+def _quantizer_parameter_names(model) -> tuple[dict, set]:
     """({QuantLinear weight name: name of its learned scale or None}, the set of every
     quantizer-only parameter name, which an exported model does not have)."""
     scales, extra = {}, set()
@@ -43,7 +43,7 @@ def fake_quant_tensors(model, state_dict: dict, prefix: str = "", *,
     values that run evaluated.
     """
     modules = dict(quantized_modules(model))
-    scales, extra = quantizer_parameter_names(model)
+    scales, extra = _quantizer_parameter_names(model)
     repeats = Counter(id(v) for v in state_dict.values())
     shared = {}
     for key, value in state_dict.items():
@@ -97,13 +97,30 @@ def save_hf(model, weights: dict, tokenizer, out_dir, *,
     """`out_dir` with config, generation config, tokenizer and `weights` as safetensors shards.
     `model` supplies the config and the module layout (it may live on the meta device)."""
     out_dir = Path(out_dir)
-    if dtype is not None:
+    model.save_pretrained(out_dir, state_dict=_tied_as_one(model, weights),
+                          safe_serialization=True)
+    if dtype is not None:  # save_pretrained records the live parameters' dtype instead
         model.config.dtype = dtype
-    model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+        model.config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     return out_dir
+
+
+def _tied_as_one(model, weights: dict) -> dict:
+    """`weights` with the entries of parameters that `model` ties (lm_head and the embeddings)
+    made one tensor: save_pretrained then stores it once, as from_pretrained expects. A
+    consolidated checkpoint gives each name its own copy."""
+    names_of_parameter = defaultdict(list)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of_parameter[id(parameter)].append(name)
+    weights = dict(weights)
+    for names in names_of_parameter.values():
+        present = [name for name in names if name in weights]
+        for name in present[1:]:
+            weights[name] = weights[present[0]]
+    return weights
 
 
 def export_hf(engine, model, tokenizer, out_dir, *, dtype: str | None = None,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from conftest import REPO
+from conftest import REPO, run_train, short_run_args, write_ds_config
 
 from tsld_ds.convert.cli import convert, main as convert_main
 
@@ -70,6 +71,8 @@ def test_hf_perplexity_equals_training_eval(run_fixture, quantized_linears, requ
     assert len(quantized) == quantized_linears and max(quantized) <= 3
     assert loaded["distinct"]["lm_head"] > 3  # full precision stays full precision
     assert loaded["tied"] == (run_fixture == "gpt2_run")  # GPT-2 ties its embeddings
+    with safe_open(out / "model.safetensors", "pt") as stored:  # and a tied weight is stored once
+        assert ("lm_head.weight" in stored.keys()) == (not loaded["tied"])
 
 
 def test_hf_conversion_equals_the_live_export(llama256_run, tmp_path):
@@ -79,6 +82,22 @@ def test_hf_conversion_equals_the_live_export(llama256_run, tmp_path):
     convert(llama256_run, out)
     ours = load_file(out / "model.safetensors")
     live = load_file(llama256_run / "hf" / "model.safetensors")
+    assert ours.keys() == live.keys()
+    for name in ours:
+        assert torch.equal(ours[name], live[name]), name
+
+
+def test_zero2_checkpoint_converts_like_the_live_export(tiny_llama_dir, small_corpus_dir,
+                                                        tmp_path):
+    from safetensors.torch import load_file
+
+    ds = write_ds_config(tmp_path / "ds.json", zero_optimization={"stage": 2})
+    run = tmp_path / "run"
+    run_train(short_run_args(tiny_llama_dir, small_corpus_dir, run, ds, "--max_steps", 2))
+    summary = convert(run, tmp_path / "hf")
+    assert summary["distinct_values"]["check"] == "pass" and summary["quantized_linears"] == 14
+    ours = load_file(tmp_path / "hf" / "model.safetensors")
+    live = load_file(run / "hf" / "model.safetensors")
     assert ours.keys() == live.keys()
     for name in ours:
         assert torch.equal(ours[name], live[name]), name

@@ -60,7 +60,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "compressed-tensors"],  # interop checks of the packed format
+        # compressed-tensors: interop checks of the packed format; matplotlib: test_reproduce
+        "test": ["pytest", "compressed-tensors", "matplotlib"],
+        "results": ["matplotlib"],  # benchmarks/reproduce.py's plots
         "gpu": ["flash-attn", "bitsandbytes", "ninja"],
     },
     entry_points={

@@ -1,0 +1,194 @@
+"""Results of finished reproduce runs: per-run statistics over seeds, and docs/results.md."""
+import json
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from reproduce_grid import GROUPS, KD_LABELS, RunSpec
+from teacher_confidence import TeacherConfidence
+
+FINDINGS_START, FINDINGS_END = "<!-- findings -->", "<!-- /findings -->"
+FINDINGS_PLACEHOLDER = ("_No findings written yet: write them between the findings markers; "
+                        "benchmarks/reproduce.py keeps them when it rewrites this page._")
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    ppl_after: float
+    ppl_before: float
+    teacher_ppl: Optional[float]  # absent for --kd gt, which loads no teacher
+    wall_time_s: float
+    curve: List[Tuple[int, float]]  # (step, validation perplexity), from step 0
+
+
+@dataclass
+class RunResults:
+    spec: RunSpec
+    seeds: List[SeedResult]
+
+    def mean_sd(self, field: str) -> Tuple[float, Optional[float]]:
+        values = [getattr(s, field) for s in self.seeds]
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+    def mean_curve(self) -> List[Tuple[int, float]]:
+        """Mean perplexity over seeds at the steps every seed evaluated."""
+        by_step = [dict(s.curve) for s in self.seeds]
+        steps = sorted(set.intersection(*(set(c) for c in by_step)))
+        return [(step, statistics.mean(c[step] for c in by_step)) for step in steps]
+
+
+def read_seed_result(run_dir: Path, seed: int) -> SeedResult:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = sorted({r["step"]: r["eval_ppl"] for r in records if "eval_ppl" in r}.items())
+    return SeedResult(seed, summary["student_ppl_after"], summary["student_ppl_before"],
+                      summary.get("teacher_ppl"), summary["wall_time_s"], curve)
+
+
+def teacher_perplexity(results: Sequence[RunResults]) -> Optional[float]:
+    """The FP teacher's validation perplexity as the runs measured it (they all agree)."""
+    values = [s.teacher_ppl for r in results for s in r.seeds if s.teacher_ppl is not None]
+    return statistics.mean(values) if values else None
+
+
+def _ppl(mean: float, sd: Optional[float]) -> str:
+    return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f}"
+
+
+def _gap(ppl: float, teacher: Optional[float]) -> str:
+    if teacher is None:
+        return "n/a"
+    return f"{ppl - teacher:+.2f} ({(ppl / teacher - 1) * 100:+.1f}%)"
+
+
+def results_table(results: Sequence[RunResults], teacher: Optional[float]) -> List[str]:
+    """Markdown rows: the FP teacher, then per group its PTQ floor and its runs."""
+    lines = ["| run | method | bits | quantizer | val PPL | gap to FP | PPL before QAT "
+             "| train wall time (s) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    if teacher is not None:
+        lines.append(f"| teacher | FP teacher | 32 | none | {teacher:.2f} | 0 | | | |")
+    for group in GROUPS:
+        members = [r for r in results if r.spec.group == group]
+        if not members:
+            continue
+        if group.startswith("main"):  # the quantized student before any training
+            first = members[0]
+            before, _ = first.mean_sd("ppl_before")
+            lines.append(f"| ptq-w{first.spec.bits} | PTQ, no training | {first.spec.bits} "
+                         f"| {first.spec.quantizer} | {before:.2f} | {_gap(before, teacher)} "
+                         f"| | | |")
+        for r in members:
+            after, sd = r.mean_sd("ppl_after")
+            before, _ = r.mean_sd("ppl_before")
+            wall, _ = r.mean_sd("wall_time_s")
+            lines.append(f"| {r.spec.name} | {r.spec.label} | {r.spec.bits} | {r.spec.quantizer} "
+                         f"| {_ppl(after, sd)} | {_gap(after, teacher)} | {before:.2f} "
+                         f"| {wall:.0f} | {len(r.seeds)} |")
+    return lines
+
+
+def ordering(results: Sequence[RunResults]) -> List[str]:
+    """One line per main group: its methods from best to worst, and the paper's order check."""
+    lines = []
+    for group in ("main-w2", "main-w4"):
+        members = {r.spec.name.split("-", 1)[1]: r for r in results if r.spec.group == group}
+        if not members:
+            continue
+        means = {kd: r.mean_sd("ppl_after")[0] for kd, r in members.items()}
+        ranked = " < ".join(f"{KD_LABELS[kd]} {means[kd]:.2f}"
+                            for kd in sorted(means, key=means.get))
+        line = f"- {group[-2:].upper()}A16: {ranked}."
+        if {"tsld", "logit", "logit_gt"} <= set(means):
+            holds = means["tsld"] < means["logit"] < means["logit_gt"]
+            line += (" The paper's order TSLD < Logit < Logit+GT "
+                     f"{'holds' if holds else 'does not hold'} here.")
+        spreads = [sd for r in members.values() for sd in [r.mean_sd("ppl_after")[1]] if sd]
+        if spreads:
+            line += f" Largest seed sd: {max(spreads):.2f}."
+        lines.append(line)
+    return lines
+
+
+def kept_findings(path: Path) -> str:
+    """The hand-written findings of an existing results page (or a placeholder)."""
+    if path.is_file():
+        match = re.search(re.escape(FINDINGS_START) + r"\n(.*?)" + re.escape(FINDINGS_END),
+                          path.read_text(), flags=re.S)
+        if match:
+            return match.group(1).rstrip("\n")
+    return FINDINGS_PLACEHOLDER
+
+
+def results_page(*, results: Sequence[RunResults], setup: Dict[str, str],
+                 invocations: Sequence[dict], plots: Dict[str, str],
+                 confidence_lines: Sequence[str], findings: str) -> str:
+    teacher = teacher_perplexity(results)
+    commands = "\n".join(f"{i['date']}  ({i['elapsed_s']:.0f} s, {i['ran']} runs)\n{i['command']}"
+                         for i in invocations)
+    total = sum(i["elapsed_s"] for i in invocations)
+    lines = [
+        "# Reproducing the TSLD comparison with tsld-ds",
+        "",
+        "Written by `benchmarks/reproduce.py` from the runs under its `--output_root`; rerun it to "
+        "regenerate (finished runs are reused). Validation perplexity is training's own "
+        "evaluation (every predicted token of the validation blocks named under Budget).",
+        "",
+        "## Setup",
+        "",
+        *(f"- **{key}**: {value}" for key, value in setup.items()),
+        *([f"- **Wall time**: {total / 60:.1f} min over {len(invocations)} invocation(s) of:",
+           "", "```", commands, "```"] if invocations else []),
+        "",
+        "## Results",
+        "",
+        *results_table(results, teacher),
+        "",
+        "Gap to FP is against the FP teacher's perplexity; PPL before QAT is the quantized "
+        "student before training (post-training quantization). With several seeds: mean ± "
+        "sample standard deviation. Every run has the same budget (steps, learning rate, seeds). "
+        "Train wall time is launch/train.py's own (set-up, evaluations and steps, not the "
+        "DeepSpeed launcher's start).",
+        "",
+        *ordering(results),
+        "",
+        "## Validation perplexity during QAT",
+        "",
+        *(f"![{title}]({path})\n" for title, path in plots.items() if "val_ppl" in path),
+        "## Teacher confidence and the TSLD token scale",
+        "",
+        *(f"![{title}]({path})\n" for title, path in plots.items() if "val_ppl" not in path),
+        *confidence_lines,
+        "",
+        "## Findings",
+        "",
+        FINDINGS_START,
+        findings,
+        FINDINGS_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def confidence_lines(stats: TeacherConfidence, temperature: float = 10.0) -> List[str]:
+    """What the teacher-confidence figure shows, in numbers."""
+    confidence, scale = stats.confidence, stats.relative_scale[temperature]
+    order = confidence.argsort()
+    tenth = max(1, len(order) // 10)
+    low, high = scale[order[:tenth]].mean().item(), scale[order[-tenth:]].mean().item()
+    q05, q95 = scale.quantile(torch.tensor([0.05, 0.95], dtype=scale.dtype)).tolist()
+    return [
+        f"- {len(confidence)} validation tokens in sequences of {stats.block_size}; teacher "
+        f"perplexity recomputed from its logits: {stats.perplexity:.2f}.",
+        f"- Teacher probability of the next token: median {confidence.median().item():.3f}; "
+        f"{(confidence > 0.9).double().mean().item():.1%} of tokens above 0.9, "
+        f"{(confidence < 0.1).double().mean().item():.1%} below 0.1.",
+        f"- TSLD weights at τ = {temperature:g}, relative to uniform (1 = logit KD): 5th–95th "
+        f"percentile {q05:.2f}–{q95:.2f}; the 10% least confident tokens get {low:.2f} on "
+        f"average, the 10% most confident {high:.2f}.",
+    ]

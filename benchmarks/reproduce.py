@@ -159,9 +159,10 @@ def train_one(args, spec: RunSpec, seed: int, env: dict, prefix: str) -> str:
     directory.mkdir(parents=True)
     (directory / RUN_RECORD).write_text(json.dumps({"train_options": options}, indent=2))
     with open(directory / "train.log", "w") as log:
-        proc = subprocess.run(launcher_command(args, options), stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0 or not (directory / "summary.json").is_file():
+        subprocess.run(launcher_command(args, options), stdout=log, stderr=subprocess.STDOUT,
+                       env=env)
+    # The summary is written last: with it the run is complete, whatever the teardown returned.
+    if not (directory / "summary.json").is_file():
         tail = (directory / "train.log").read_text().splitlines()[-15:]
         print("\n".join(["    " + line for line in tail]), flush=True)
         return "failed"

@@ -67,7 +67,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "tsld-train=tsld_ds.train.cli:main",
+            "tsld-train=tsld_ds.train.cli:run",
             "tsld-convert=tsld_ds.convert.cli:main",
             "tsld-eval=tsld_ds.evaluation.cli:main",
         ]

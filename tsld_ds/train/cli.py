@@ -28,6 +28,7 @@ def main(argv=None) -> int:
 
     try:
         train(args, stop)
+        dist.barrier()  # rank 0 may still be writing the export: nobody tears down before it
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,6 +47,19 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def run() -> None:
+    """Entry point of launch/train.py and `tsld-train`: `main()`, then exit at once.
+
+    Every file is closed and the process group destroyed by then. A normal interpreter exit
+    would go on to destroy DeepSpeed's and gloo's C++ objects while their threads may still
+    run, which now and then aborts a rank that is done ("terminate called without an active
+    exception", exit -6) and turns a finished run into a failed one."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _is_collective_failure(error: RuntimeError) -> bool:

@@ -19,7 +19,8 @@ subset (--only main-w2) adds those seeds to the same table.
     python benchmarks/reproduce.py --only main-w2 --seeds 43 44
     python benchmarks/reproduce.py --dry_run                # print the training commands
 
-Needs matplotlib: pip install -e ".[results]".
+Needs matplotlib: pip install -e ".[results]". On a machine shared with other DeepSpeed jobs, a
+private TORCH_EXTENSIONS_DIR keeps every run from waiting on their rebuilds of the JIT-built ops.
 """
 import argparse
 import datetime
@@ -237,7 +238,7 @@ def write_report(args, invocations: list) -> Path:
     reference = [r for r in results if r.spec.name == "w2-tsld"]
     for group in GROUPS:
         members = [r for r in results if r.spec.group == group]
-        if group == "ablations":
+        if group == "ablations" and members:
             members = reference + members  # each ablation against the run it changes
         if members:
             name = f"img/val_ppl_{group}.png"

@@ -129,7 +129,9 @@ def results_page(*, results: Sequence[RunResults], setup: Dict[str, str],
                  invocations: Sequence[dict], plots: Dict[str, str],
                  confidence_lines: Sequence[str], findings: str) -> str:
     teacher = teacher_perplexity(results)
-    commands = "\n".join(f"{i['date']}  ({i['elapsed_s']:.0f} s, {i['ran']} runs)\n{i['command']}"
+    commands = "\n".join(f"# {i['date']}: {i['elapsed_s']:.0f} s, {i['ran']} runs trained, load "
+                         f"average {i['load_average'][0]:.1f} at start"
+                         + (f"; {i['note']}" if "note" in i else "") + f"\n{i['command']}"
                          for i in invocations)
     total = sum(i["elapsed_s"] for i in invocations)
     lines = [

@@ -155,9 +155,10 @@ def write_ds_config(path: Path, **overrides) -> Path:
 
 def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True):
     """`deepspeed --num_gpus N launch/train.py ARGS` (or plain python for ranks=0)."""
+    port = free_port()
     if ranks:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), str(TRAIN_SCRIPT), *map(str, args)]
+               "--master_port", str(port), str(TRAIN_SCRIPT), *map(str, args)]
     else:
         cmd = [sys.executable, str(TRAIN_SCRIPT), *map(str, args)]
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
@@ -168,6 +169,8 @@ def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True)
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n"
                              f"--- stderr ---\n{proc.stderr[-6000:]}")
+    if ranks:  # DeepSpeed's CPU allreduce buffers are unlinked once every rank has mapped them
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
 
 

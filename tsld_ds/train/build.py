@@ -7,6 +7,7 @@ import random
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 
 import deepspeed
@@ -82,6 +83,18 @@ def init_distributed(timeout_s: float) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    _unlink_shm_allreduce_buffer()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed's CPU allreduce maps one shared-memory buffer per rank (66 MB in /dev/shm,
+    named after the master address and port) and never unlinks it, so every run would leave
+    its ranks' buffers in RAM. Every rank maps all of them during init_distributed; once all
+    are past it, each rank's own name can go: the mappings live on until the process ends."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+    dist.barrier()
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def seed_everything(seed: int) -> None:

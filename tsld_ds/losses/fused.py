@@ -77,9 +77,28 @@ class _Teacher(NamedTuple):
     def logits_into(self, out: Tensor, rows: Tensor) -> Tensor:
         if self.logits is None:
             return _linear_into(out, self.hidden.index_select(0, rows), self.weight, self.bias)
-        if self.logits.dtype == out.dtype:
-            return torch.index_select(self.logits, 0, rows, out=out)
-        return out.copy_(self.logits.index_select(0, rows))
+        return _copy_rows_into(out, self.logits, rows)
+
+
+def _copy_rows_into(out: Tensor, source: Tensor, rows: Tensor) -> Tensor:
+    """out[i] = source[rows[i]], cast to out's dtype.
+
+    The rows come in runs of consecutive positions (a sequence's valid ones). On the CPU a slice
+    copy per run is about 3x faster than index_select, which matters for [chunk, V] teacher
+    logits; on a GPU index_select is as fast and avoids reading the rows back to the host.
+    """
+    if source.device.type != "cpu":
+        if source.dtype == out.dtype:
+            return torch.index_select(source, 0, rows, out=out)
+        return out.copy_(source.index_select(0, rows))
+    positions = rows.tolist()
+    run_start = 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            first = positions[run_start]
+            out[run_start:i].copy_(source[first:first + i - run_start])
+            run_start = i
+    return out
 
 
 def _exp_minus_max_(logits: Tensor) -> Tuple[Tensor, Tensor]:

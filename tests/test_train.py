@@ -29,11 +29,11 @@ def test_each_objective_trains_on_two_ranks(kd, tiny_teacher_dir, small_corpus_d
     losses = step_losses(out)
     assert sorted(losses) == list(range(1, 21))
     assert all(math.isfinite(v) for v in losses.values())
-    first, last = sum(losses[s] for s in range(1, 6)), sum(losses[s] for s in range(16, 21))
-    assert last < first, f"{kd} loss did not fall: {losses}"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
-    assert summary["student_ppl_after"] < summary["student_ppl_before"]
+    # Learning is judged on the fixed validation blocks: each step's loss is on a different
+    # 2x32-token batch, whose spread (+-0.4 nats) hides 20 steps of progress.
+    assert summary["student_ppl_after"] < 0.97 * summary["student_ppl_before"], summary
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000020"
     if kd != "gt":
         # ZeRO-3 partitioned the teacher: each rank holds about half of it.

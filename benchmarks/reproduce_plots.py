@@ -16,9 +16,13 @@ def plot_curves(results: Sequence[RunResults], teacher_ppl: Optional[float], pat
                 title: str) -> None:
     """Validation perplexity against step, one line per run (mean over its seeds)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    lowest, highest = float("inf"), 0.0
     for r in results:
         steps, ppls = zip(*r.mean_curve())
+        lowest, highest = min(lowest, *ppls), max(highest, *ppls)
         ax.plot(steps, ppls, marker="o", markersize=3, label=f"{r.spec.label} ({r.spec.name})")
+    if highest > 1.5 * lowest:  # an outlier run would flatten the others on a linear axis
+        ax.set_yscale("log")
     if teacher_ppl is not None:
         ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1,
                    label=f"FP teacher {teacher_ppl:.2f}")

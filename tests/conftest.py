@@ -40,6 +40,17 @@ def save_tiny_model(path: Path, config, tokenizer, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one intra-op thread (restored afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def builtin_tokenizer():
     from transformers import AutoTokenizer

@@ -30,13 +30,8 @@ OBJECTIVES = ["gt", "logit", "logit_gt", "tsld", "tsld_mean", "tsld_term", "tsld
               "tsld_uniform", "tsld_inverse", "tsld_term_inverse_mean"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread-pool hand-offs would dominate, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: thread-pool hand-offs would dominate, badly so on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(batch, length, vocab, hidden, *, dtype, bias, teacher_form, scale=1.0, seed=0):

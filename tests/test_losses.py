@@ -17,13 +17,8 @@ from tsld_ds.losses import (
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread-pool hand-offs would dominate, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: thread-pool hand-offs would dominate, badly so on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_batch(batch=3, length=9, vocab=23, scale=3.0, seed=0):

@@ -10,6 +10,7 @@ table gives the fastest time and the median peak of each.
     python benchmarks/loss_memory.py                       # CPU, fp32, H=512, N=2048, both V
     python benchmarks/loss_memory.py --cases 8192x32000,8192x128256 --memory-budget-gb 12
     python benchmarks/loss_memory.py --device cuda         # bf16, H=4096, N up to 16384
+    python benchmarks/loss_memory.py --vocab-chunk-size 16384  # fused in vocabulary blocks too
 """
 import argparse
 import json
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher", choices=["logits", "hidden"], default="logits",
                    help="teacher as logits [B, L, V] (an input) or as hidden states + lm_head")
     p.add_argument("--chunk-size", type=int, help="fused: tokens per chunk (default: automatic)")
+    p.add_argument("--vocab-chunk-size", type=int,
+                   help="fused: vocabulary entries per block (default: the whole vocabulary)")
     p.add_argument("--repeats", type=int, default=3, help="runs per case and implementation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     p.add_argument("--memory-budget-gb", type=float, default=12.0,
@@ -83,7 +86,8 @@ def run_case(spec):
 
     def forward_backward(inputs):
         out = distillation_loss(spec["kd"], lm_head_bias=None, impl=spec["impl"],
-                                chunk_size=spec["chunk_size"], **inputs)
+                                chunk_size=spec["chunk_size"],
+                                vocab_chunk_size=spec["vocab_chunk_size"], **inputs)
         out["loss"].backward()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -112,7 +116,8 @@ def run_case(spec):
 def run_subprocess(args, impl, tokens, vocab, hidden):
     spec = dict(device=args.device, impl=impl, tokens=tokens, vocab=vocab, hidden=hidden,
                 seq_len=args.seq_len, kd=args.kd, teacher=args.teacher,
-                chunk_size=args.chunk_size, threads=args.threads)
+                chunk_size=args.chunk_size, vocab_chunk_size=args.vocab_chunk_size,
+                threads=args.threads)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -148,6 +153,7 @@ def main(argv=None):
               f"{'mem ×':>5} | {'naive s':>7} | {'fused s':>7} | {'time ×':>6} |")
     threads = args.threads or "default"
     print(f"device={args.device} kd={args.kd} teacher={args.teacher} threads={threads} "
+          f"chunk={args.chunk_size or 'auto'} vocab_chunk={args.vocab_chunk_size or 'all'} "
           f"repeats={args.repeats}: median added peak memory above the inputs, "
           "fastest forward+backward time")
     print(header)

@@ -21,9 +21,10 @@ from tsld_ds.losses import (
 IGNORE = -100
 PARAMS = ("student_hidden", "lm_head_weight", "lm_head_bias")
 
-# (batch, length, vocab, hidden, chunk): V and N not divisible by the chunk, chunk > V and > N,
-# one-token chunks.
-CASES = [(3, 7, 37, 11, 8), (2, 5, 13, 6, 64), (1, 6, 17, 3, 1)]
+# (batch, length, vocab, hidden, chunk, vocab_chunk): V and N not divisible by the chunks, chunks
+# larger than V and N, one-token and one-entry blocks; None is the whole vocabulary (one sweep).
+CASES = [(3, 7, 37, 11, 8, None), (3, 7, 37, 11, 8, 10), (2, 5, 13, 6, 64, None),
+         (2, 5, 13, 6, 64, 64), (1, 6, 17, 3, 1, 1)]
 # tsld* names: "_term" the TSLD term alone (else gt + TSLD), "_mean" its mean reduction (else sum),
 # "_uniform"/"_inverse" its token scale (else confidence).
 OBJECTIVES = ["gt", "logit", "logit_gt", "tsld", "tsld_mean", "tsld_term", "tsld_term_mean",
@@ -74,10 +75,11 @@ def tsld_options(name):
     return dict(reduction="mean" if name.endswith("mean") else "sum", token_scale=token_scale)
 
 
-def fused_objective(name, inputs, chunk):
+def fused_objective(name, inputs, chunk, vocab_chunk=None):
     teacher = {k: v for k, v in inputs.items() if k.startswith("teacher_")}
     student = (inputs["student_hidden"], inputs["lm_head_weight"], inputs["labels"])
-    common = dict(lm_head_bias=inputs["lm_head_bias"], chunk_size=chunk)
+    common = dict(lm_head_bias=inputs["lm_head_bias"], chunk_size=chunk,
+                  vocab_chunk_size=vocab_chunk)
     if name == "gt":
         return fused_linear_cross_entropy(*student, **common)
     if name.startswith("tsld_term"):
@@ -106,10 +108,12 @@ def value_and_grads(loss, inputs):
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-def assert_matches_naive(name, inputs, chunk, rtol, atol, grad_atol_fraction=None):
+def assert_matches_naive(name, inputs, chunk, rtol, atol, grad_atol_fraction=None,
+                         vocab_chunk=None):
     """Values and grads of the fused objective equal the naive float64 ones. With
     grad_atol_fraction, each grad's atol is that fraction of its largest entry."""
-    fused_value, fused_grads = value_and_grads(fused_objective(name, inputs, chunk), inputs)
+    fused_value, fused_grads = value_and_grads(
+        fused_objective(name, inputs, chunk, vocab_chunk), inputs)
     naive_value, naive_grads = value_and_grads(naive_objective(name, inputs), inputs)
     torch.testing.assert_close(fused_value.double(), naive_value, rtol=rtol, atol=atol)
     for fused_grad, naive_grad in zip(fused_grads, naive_grads):
@@ -120,10 +124,10 @@ def assert_matches_naive(name, inputs, chunk, rtol, atol, grad_atol_fraction=Non
     return fused_value, fused_grads
 
 
-# Every shape in float64 (exactness), one in float32 (accumulation precision).
+# Every shape in float64 (exactness), one sweep and two in float32 (accumulation precision).
 PRECISIONS = [(torch.float64, 1e-6, 1e-12, case) for case in CASES]
-PRECISIONS += [(torch.float32, 1e-4, 1e-6, CASES[0])]
-PRECISION_IDS = ["{}-B{}L{}V{}H{}c{}".format(str(p[0])[6:], *p[3]) for p in PRECISIONS]
+PRECISIONS += [(torch.float32, 1e-4, 1e-6, case) for case in CASES[:2]]
+PRECISION_IDS = ["{}-B{}L{}V{}H{}c{}v{}".format(str(p[0])[6:], *p[3]) for p in PRECISIONS]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -131,31 +135,33 @@ PRECISION_IDS = ["{}-B{}L{}V{}H{}c{}".format(str(p[0])[6:], *p[3]) for p in PREC
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype,rtol,atol,case", PRECISIONS, ids=PRECISION_IDS)
 def test_fused_matches_naive(dtype, rtol, atol, case, bias, teacher_form, objective):
-    batch, length, vocab, hidden, chunk = case
+    batch, length, vocab, hidden, chunk, vocab_chunk = case
     inputs = make_inputs(batch, length, vocab, hidden, dtype=dtype, bias=bias,
                          teacher_form=teacher_form)
-    assert_matches_naive(objective, inputs, chunk, rtol, atol)
+    assert_matches_naive(objective, inputs, chunk, rtol, atol, vocab_chunk=vocab_chunk)
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 64])
 @pytest.mark.parametrize("objective", ["logit_gt", "tsld", "tsld_term_mean"])
-def test_bf16_inputs_match_float64_reference(objective):
+def test_bf16_inputs_match_float64_reference(objective, vocab_chunk):
     # The logits come out of bf16 matmuls (relative rounding 2^-9) and the grads are returned in
     # bf16; everything in between is float32.
     inputs = make_inputs(4, 16, 300, 32, dtype=torch.bfloat16, bias=True, teacher_form="logits",
                          scale=0.3)
     value, _ = assert_matches_naive(objective, inputs, 24, rtol=1e-3, atol=0,
-                                    grad_atol_fraction=2e-2)
+                                    grad_atol_fraction=2e-2, vocab_chunk=vocab_chunk)
     assert value.dtype == torch.float32
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 7])
 @pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
-def test_large_logits_stay_finite_and_exact(teacher_form):
+def test_large_logits_stay_finite_and_exact(teacher_form, vocab_chunk):
     # |z| ~ 1e4: an exp without max-shifting or any -inf masking would overflow or give NaN.
     inputs = make_inputs(2, 9, 50, 8, dtype=torch.float32, bias=False, teacher_form=teacher_form,
                          scale=3e3)
     assert teacher_logits_of(inputs).abs().max() > 1e4
     value, grads = assert_matches_naive("tsld", inputs, 4, rtol=1e-5, atol=0,
-                                        grad_atol_fraction=1e-5)
+                                        grad_atol_fraction=1e-5, vocab_chunk=vocab_chunk)
     assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
 
 
@@ -274,6 +280,24 @@ def test_fused_never_allocates_token_by_vocab_tensors(teacher_form):
     assert saved <= tokens * hidden
     # The detectors do see the naive path's [N, V] logits.
     assert min(largest_allocated_and_saved("naive")) >= tokens * vocab
+
+
+@pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
+def test_vocab_blocks_bound_the_buffers(teacher_form):
+    # Token chunks so long that [chunk, V] outgrows the [V, H] weight gradient: vocabulary blocks
+    # bring the buffers down to [chunk, vocab_chunk].
+    batch, length, vocab, hidden, chunk, vocab_chunk = 2, 64, 1000, 24, 48, 100
+    inputs = make_inputs(batch, length, vocab, hidden, dtype=torch.float32, bias=True,
+                         teacher_form=teacher_form)
+
+    def largest_allocated(vocab_chunk_size):
+        with LargestAllocation() as mode:
+            distillation_loss("tsld", chunk_size=chunk, vocab_chunk_size=vocab_chunk_size,
+                              **inputs)["loss"].backward()
+        return mode.largest
+
+    assert largest_allocated(vocab_chunk) <= vocab * hidden < chunk * vocab
+    assert largest_allocated(None) >= chunk * vocab
 
 
 @pytest.mark.parametrize("kd", KD_CHOICES)

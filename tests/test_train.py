@@ -61,17 +61,22 @@ def test_resume_reproduces_uninterrupted_losses(tiny_teacher_dir, small_corpus_d
 def test_fused_and_naive_loss_give_the_same_training(tiny_teacher_dir, small_corpus_dir, tmp_path):
     ds = write_ds_config(tmp_path / "ds.json")
     runs = {}
-    for impl in ("fused", "naive"):
-        out = tmp_path / impl
+    # The fused loss in one vocabulary sweep, in blocks of 100 entries (online log-sum-exp), and
+    # the naive reference.
+    for name, options in (("fused", {}), ("fused_vocab_blocks", {"--loss_vocab_chunk_size": 100}),
+                          ("naive", {"--loss_impl": "naive"})):
+        out = tmp_path / name
         run_train(common_args(tiny_teacher_dir, small_corpus_dir, out, ds, **{
-            "--max_steps": 3, "--loss_impl": impl, "--kd": "tsld", "--no_export": True}))
-        runs[impl] = (step_losses(out),
+            "--max_steps": 3, "--kd": "tsld", "--no_export": True, **options}))
+        runs[name] = (step_losses(out),
                       get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints")))
-    (fused_losses, fused_weights), (naive_losses, naive_weights) = runs["fused"], runs["naive"]
-    for step in (1, 2, 3):
-        assert fused_losses[step] == pytest.approx(naive_losses[step], rel=1e-5)
-    for name, tensor in fused_weights.items():
-        torch.testing.assert_close(tensor, naive_weights[name], rtol=1e-4, atol=1e-6, msg=name)
+    naive_losses, naive_weights = runs.pop("naive")
+    for name, (losses, weights) in runs.items():
+        for step in (1, 2, 3):
+            assert losses[step] == pytest.approx(naive_losses[step], rel=1e-5), (name, step)
+        for key, tensor in weights.items():
+            torch.testing.assert_close(tensor, naive_weights[key], rtol=1e-4, atol=1e-6,
+                                       msg=f"{name}: {key}")
 
 
 def test_exported_student_is_ternary_and_loads_with_stock_transformers(tiny_teacher_dir,

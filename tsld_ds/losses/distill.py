@@ -27,6 +27,7 @@ def distillation_loss(
     token_scale: str = "confidence",
     impl: str = "fused",
     chunk_size: Optional[int] = None,
+    vocab_chunk_size: Optional[int] = None,
     student_hidden_states: Optional[Sequence[Tensor]] = None,
     teacher_hidden_states: Optional[Sequence[Tensor]] = None,
     student_attentions: Optional[Sequence[Tensor]] = None,
@@ -46,7 +47,8 @@ def distillation_loss(
     student_hidden [B, L, H] are the student's final hidden states (after the final norm), with
     its lm_head weight/bias; labels [B, L] unshifted. The teacher comes as teacher_logits or as
     teacher_hidden + teacher_weight (+ teacher_bias); "gt" needs none. impl="fused" never builds
-    the [B·L, V] logits (chunked, ``chunk_size`` tokens at a time); impl="naive" builds them and
+    the [B·L, V] logits (blocks of ``chunk_size`` tokens by ``vocab_chunk_size`` vocabulary
+    entries, see :mod:`tsld_ds.losses.fused`); impl="naive" builds them and
     uses the reference losses. For "l2l" the logit part follows ``impl`` too, and the layer MSE
     takes the per-layer hidden states (and attention maps, optional) as the models return them.
     ``temperature`` and ``token_scale`` (TOKEN_SCALES) set the TSLD token weights.
@@ -69,7 +71,7 @@ def distillation_loss(
         out = fused_linear_kd_loss(
             student_hidden, lm_head_weight, labels, kd=logit_kd, lm_head_bias=lm_head_bias,
             temperature=temperature, token_scale=token_scale, ignore_index=ignore_index,
-            chunk_size=chunk_size, **teacher,
+            chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, **teacher,
         )
     else:
         logits = F.linear(student_hidden, lm_head_weight, lm_head_bias)

@@ -8,10 +8,14 @@ grad_hidden [N, H] and the float32 accumulators grad_W [V, H], grad_b [V]. Backw
 them by grad_output. Peak extra memory is two [chunk, V] buffers (student, teacher) plus those
 gradients, instead of several [N, V] tensors.
 
-Each block covers the whole vocabulary, so one sweep gives both the exact normalizer and the
-gradient: 3 matmuls per chunk (logits, grad_hidden, grad_W), the same as autograd through the
-naive loss. The TSLD token scale needs every position's teacher CE before any weighted term, so
-TSLD runs a teacher-only pass first.
+By default a chunk's block covers the whole vocabulary, so one sweep gives both the exact
+normalizer and the gradient: 3 matmuls per chunk (logits, grad_hidden, grad_W), the same as
+autograd through the naive loss. With ``vocab_chunk_size`` < V the block is also cut along the
+vocabulary ([chunk, vocab_chunk] buffers, for vocabularies too large for even a small token
+chunk): a first sweep keeps a running max and a rescaled running sum per row (online
+log-sum-exp) for student and teacher, a second sweep recomputes each block's logits and pushes
+its gradient: 4 matmuls instead of 3. The TSLD token scale needs every position's teacher CE
+before any weighted term, so TSLD runs a teacher-only pass first.
 
 The teacher is a fixed target (no gradient), given as logits [B, L, V] or as its final hidden
 states and lm_head, in which case its logits are also built one chunk at a time.
@@ -74,10 +78,12 @@ class _Teacher(NamedTuple):
     def vocab_size(self) -> int:
         return self.logits.shape[1] if self.logits is not None else self.weight.shape[0]
 
-    def logits_into(self, out: Tensor, rows: Tensor) -> Tensor:
+    def logits_into(self, out: Tensor, rows: Tensor, cols: slice) -> Tensor:
+        """out = the teacher's logits of token rows `rows`, vocabulary entries `cols`."""
         if self.logits is None:
-            return _linear_into(out, self.hidden.index_select(0, rows), self.weight, self.bias)
-        return _copy_rows_into(out, self.logits, rows)
+            return _linear_into(out, self.hidden.index_select(0, rows), self.weight[cols],
+                                None if self.bias is None else self.bias[cols])
+        return _copy_rows_into(out, self.logits[:, cols], rows)
 
 
 def _copy_rows_into(out: Tensor, source: Tensor, rows: Tensor) -> Tensor:
@@ -101,29 +107,69 @@ def _copy_rows_into(out: Tensor, source: Tensor, rows: Tensor) -> Tensor:
     return out
 
 
-def _exp_minus_max_(logits: Tensor) -> Tuple[Tensor, Tensor]:
-    """In place: logits <- exp(logits - row max). Returns (row max, row sum of the exps)."""
-    row_max = logits.amax(dim=1, keepdim=True)
-    logits.sub_(row_max).exp_()
-    return row_max.squeeze(1), logits.sum(dim=1)
+class _RunningLogSumExp:
+    """Per-row log Σ exp over vocabulary blocks seen one at a time: a running max and the sum of
+    exp(z - running max), rescaled whenever the max grows."""
+
+    def __init__(self, rows: int, dtype, device):
+        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+        self.sum = torch.zeros(rows, dtype=dtype, device=device)
+
+    def add_exp_(self, block: Tensor) -> Tensor:
+        """Folds in a [rows, width] block, which it overwrites with exp(block - new max).
+        Returns the factor exp(old max - new max) by which sums over earlier blocks shrink."""
+        new_max = torch.maximum(self.max, block.amax(dim=1))
+        rescale = (self.max - new_max).exp()
+        block.sub_(new_max[:, None]).exp_()
+        self.sum = self.sum * rescale + block.sum(dim=1)
+        self.max = new_max
+        return rescale
+
+    def start_shifted_(self, block: Tensor) -> None:
+        """Starts from a first block already shifted to row max 0, overwritten with its exp
+        (saves add_exp_'s max and subtraction passes)."""
+        self.max = torch.zeros_like(self.max)
+        self.sum = block.exp_().sum(dim=1)
+
+    def log_sum_exp(self) -> Tensor:
+        return self.max + self.sum.log()
 
 
 def _chunks(num_rows: int, chunk_size: int):
-    return (slice(start, start + chunk_size) for start in range(0, num_rows, chunk_size))
+    return (slice(start, min(start + chunk_size, num_rows))
+            for start in range(0, num_rows, chunk_size))
+
+
+def _block(buffer: Tensor, rows: int, cols: slice) -> Tensor:
+    """A contiguous [rows, block width] view at the start of a flat reused buffer."""
+    width = cols.stop - cols.start
+    return buffer[: rows * width].view(rows, width)
+
+
+def _targets_in(cols: slice, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """(whether each row's target lies in the vocabulary block, its column in the block or 0)."""
+    inside = (targets >= cols.start) & (targets < cols.stop)
+    return inside, torch.where(inside, targets - cols.start, 0)
 
 
 @torch.no_grad()
-def _teacher_target_ce(teacher: _Teacher, rows: Tensor, targets: Tensor, chunk_size: int, dtype):
+def _teacher_target_ce(teacher: _Teacher, rows: Tensor, targets: Tensor, chunk_size: int,
+                       vocab_chunk_size: int, dtype):
     """CE^T = logsumexp(z^T) - z^T[y] for each selected row, chunk by chunk."""
     ce = torch.empty(rows.numel(), dtype=dtype, device=rows.device)
-    block = (min(chunk_size, rows.numel()), teacher.vocab_size)
+    block = min(chunk_size, rows.numel()) * min(vocab_chunk_size, teacher.vocab_size)
     buffer = torch.empty(block, dtype=dtype, device=rows.device)
     for chunk in _chunks(rows.numel(), chunk_size):
-        idx = rows[chunk]
-        logits = teacher.logits_into(buffer[: len(idx)], idx)
-        target_logit = logits.gather(1, targets[chunk, None]).squeeze(1)
-        row_max, exp_sum = _exp_minus_max_(logits)
-        ce[chunk] = row_max + exp_sum.log() - target_logit
+        idx, y = rows[chunk], targets[chunk]
+        target_logit = torch.zeros(len(idx), dtype=dtype, device=rows.device)
+        lse = _RunningLogSumExp(len(idx), dtype, rows.device)
+        for cols in _chunks(teacher.vocab_size, vocab_chunk_size):
+            logits = teacher.logits_into(_block(buffer, len(idx), cols), idx, cols)
+            inside, col = _targets_in(cols, y)
+            target_logit = torch.where(inside, logits.gather(1, col[:, None]).squeeze(1),
+                                       target_logit)
+            lse.add_exp_(logits)
+        ce[chunk] = lse.log_sum_exp() - target_logit
     return ce
 
 
@@ -137,66 +183,106 @@ def _loss_and_grads(
     hard_coef: Optional[Tensor],
     teacher: Optional[_Teacher],
     chunk_size: int,
+    vocab_chunk_size: int,
     needs_grad: Tuple[bool, bool, bool],
 ):
     """The chunk engine: Σ_n soft_coef_n·softCE_n + hard_coef_n·CE_n over the selected rows.
 
     hidden [N, H]; rows [n] indexes the positions that count, targets/soft_coef/hard_coef [n] go
-    with them (a missing coefficient drops that term). Returns (soft total, hard total, grads)
-    with grads = (grad_hidden, grad_weight, grad_bias) in the inputs' dtypes, None where
-    ``needs_grad`` is False. Statistics and accumulators are float32 (float64 for float64
-    inputs); matmuls run in the input dtype.
+    with them (a missing coefficient drops that term). Blocks are [chunk_size tokens,
+    vocab_chunk_size vocabulary entries]. Returns (soft total, hard total, grads) with grads =
+    (grad_hidden, grad_weight, grad_bias) in the inputs' dtypes, None where ``needs_grad`` is
+    False. Statistics and accumulators are float32 (float64 for float64 inputs); matmuls run in
+    the input dtype.
     """
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    device = hidden.device
     need_hidden, need_weight, need_bias = needs_grad
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight = weight.new_zeros(weight.shape, dtype=acc_dtype) if need_weight else None
     grad_bias = bias.new_zeros(bias.shape, dtype=acc_dtype) if need_bias else None
     soft_total = hidden.new_zeros((), dtype=acc_dtype)
     hard_total = hidden.new_zeros((), dtype=acc_dtype)
-    # Two reused [chunk, V] blocks: the student's logits, then p^S and the logits' gradient;
-    # the teacher's logits, then exp(z^T - max).
-    block = (min(chunk_size, rows.numel()), weight.shape[0])
+    vocab_blocks = list(_chunks(weight.shape[0], vocab_chunk_size))
+    one_block = len(vocab_blocks) == 1  # then the second sweep reuses the first one's blocks
+    # Two reused blocks: the student's logits, then exp(z - max) and the logits' gradient; the
+    # teacher's logits, then exp(z^T - max).
+    block = min(chunk_size, rows.numel()) * min(vocab_chunk_size, weight.shape[0])
     student_buffer = hidden.new_empty(block, dtype=acc_dtype)
     teacher_buffer = hidden.new_empty(block, dtype=acc_dtype) if soft_coef is not None else None
 
+    def student_logits(h, n, cols):
+        return _linear_into(_block(student_buffer, n, cols), h, weight[cols],
+                            None if bias is None else bias[cols])
+
     for chunk in _chunks(rows.numel(), chunk_size):
-        idx, y = rows[chunk], targets[chunk, None]
+        idx, y = rows[chunk], targets[chunk]
+        n = len(idx)
         h = hidden.index_select(0, idx)
-        logits = _linear_into(student_buffer[: len(idx)], h, weight, bias)
-        # Max-shifted logits z' = z - max(z): log p^S = z' - log Σ exp(z').
-        logits -= logits.amax(dim=1, keepdim=True)
+        # First sweep: per-row statistics. Student logits are shifted by their first block's row
+        # max, so that Σ p^T z and z[y] are taken on moderate numbers: log p^S = z' - lse(z').
+        student = _RunningLogSumExp(n, acc_dtype, device)
         if soft_coef is not None:
-            # p^T = teacher_exp / teacher_sum; the division is folded into the per-row factors.
-            teacher_exp = teacher.logits_into(teacher_buffer[: len(idx)], idx)
-            _, teacher_sum = _exp_minus_max_(teacher_exp)
-            teacher_dot = torch.einsum("nv,nv->n", teacher_exp, logits) / teacher_sum  # Σ p^T z'
-        if hard_coef is not None:
-            target_logit = logits.gather(1, y).squeeze(1)
-        student_exp = logits.exp_()  # the block now holds exp(z')
-        student_sum = student_exp.sum(dim=1)
-        log_sum = student_sum.log()
-        if soft_coef is not None:  # -Σ p^T log p^S = log Σ exp(z') - Σ p^T z'
-            soft_total += soft_coef[chunk] @ (log_sum - teacher_dot)
+            teacher_stats = _RunningLogSumExp(n, acc_dtype, device)
+            teacher_dot = torch.zeros(n, dtype=acc_dtype, device=device)  # Σ exp(z^T - max) z'
+        target_logit = torch.zeros(n, dtype=acc_dtype, device=device)
+        for cols in vocab_blocks:
+            logits = student_logits(h, n, cols)
+            if cols.start == 0:
+                shift = logits.amax(dim=1)
+            logits -= shift[:, None]
+            if hard_coef is not None:
+                inside, col = _targets_in(cols, y)
+                target_logit = torch.where(inside, logits.gather(1, col[:, None]).squeeze(1),
+                                           target_logit)
+            if soft_coef is not None:
+                teacher_exp = teacher.logits_into(_block(teacher_buffer, n, cols), idx, cols)
+                rescale = teacher_stats.add_exp_(teacher_exp)
+                teacher_dot = teacher_dot * rescale + torch.einsum("nv,nv->n", teacher_exp, logits)
+            if cols.start == 0:
+                student.start_shifted_(logits)
+            else:
+                student.add_exp_(logits)
+        log_sum = student.log_sum_exp()
+        if soft_coef is not None:  # -Σ p^T log p^S = lse(z') - Σ p^T z'
+            soft_total += soft_coef[chunk] @ (log_sum - teacher_dot / teacher_stats.sum)
         if hard_coef is not None:
             hard_total += hard_coef[chunk] @ (log_sum - target_logit)
         if not any(needs_grad):
             continue
 
-        # d/dz [a·softCE + b·CE] = (a + b)·p^S - a·p^T - b·onehot(y), built in place.
+        # Second sweep. d/dz [a·softCE + b·CE] = (a + b)·p^S - a·p^T - b·onehot(y), in place.
         soft_c = soft_coef[chunk] if soft_coef is not None else 0
         hard_c = hard_coef[chunk] if hard_coef is not None else 0
-        grad_logits = student_exp.mul_(((soft_c + hard_c) / student_sum)[:, None])
+        student_factor = ((soft_c + hard_c) / student.sum)[:, None]
         if soft_coef is not None:
-            grad_logits.addcmul_(teacher_exp, (soft_c / teacher_sum)[:, None], value=-1)
-        if hard_coef is not None:
-            grad_logits.scatter_add_(1, y, -hard_c[:, None])
+            teacher_factor = (soft_c / teacher_stats.sum)[:, None]
+        # One block's grad_hidden goes straight in; several add up in float32.
+        grad_h = None if one_block else hidden.new_zeros((n, hidden.shape[1]), dtype=acc_dtype)
+        for cols in vocab_blocks:
+            if one_block:  # the buffers hold exp(z' - max) and exp(z^T - max) already
+                student_exp = logits
+            else:
+                student_exp = student_logits(h, n, cols)
+                student_exp.sub_((shift + student.max)[:, None]).exp_()
+                if soft_coef is not None:
+                    teacher_exp = teacher.logits_into(_block(teacher_buffer, n, cols), idx, cols)
+                    teacher_exp.sub_(teacher_stats.max[:, None]).exp_()
+            grad_logits = student_exp.mul_(student_factor)
+            if soft_coef is not None:
+                grad_logits.addcmul_(teacher_exp, teacher_factor, value=-1)
+            if hard_coef is not None:
+                inside, col = _targets_in(cols, y)
+                grad_logits.scatter_add_(1, col[:, None], (-hard_c * inside)[:, None])
+            if need_hidden:
+                block_grad_h = grad_logits.to(weight.dtype) @ weight[cols]
+                grad_h = block_grad_h if one_block else grad_h.add_(block_grad_h)
+            if need_weight:  # float32 GEMM straight into the accumulator: exact for bf16 too
+                grad_weight[cols].addmm_(grad_logits.t(), h.to(acc_dtype))
+            if need_bias:
+                grad_bias[cols] += grad_logits.sum(dim=0)
         if need_hidden:
-            grad_hidden.index_copy_(0, idx, grad_logits.to(weight.dtype) @ weight)
-        if need_weight:  # float32 GEMM straight into the accumulator: exact for bf16 inputs too
-            grad_weight.addmm_(grad_logits.t(), h.to(acc_dtype))
-        if need_bias:
-            grad_bias += grad_logits.sum(dim=0)
+            grad_hidden.index_copy_(0, idx, grad_h.to(grad_hidden.dtype))
 
     grads = (
         grad_hidden,
@@ -247,6 +333,7 @@ def _fused_linear_loss(
     ignore_index: int,
     reduction: str,
     chunk_size: Optional[int],
+    vocab_chunk_size: Optional[int],
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Differentiable total of the chosen terms, and each term (detached) by name."""
     if reduction not in ("sum", "mean"):
@@ -259,6 +346,10 @@ def _fused_linear_loss(
     rows = valid.flatten().nonzero().squeeze(1)
     row_targets = targets.flatten()[rows]
     chunk_size = chunk_size or default_chunk_size(vocab_size, hidden_size)
+    vocab_chunk_size = vocab_chunk_size or vocab_size
+    if chunk_size < 1 or vocab_chunk_size < 1:
+        raise ValueError(f"chunk sizes must be positive, got chunk_size={chunk_size}, "
+                         f"vocab_chunk_size={vocab_chunk_size}")
     teacher = None
     if soft:
         teacher = _teacher(teacher_logits, teacher_hidden, teacher_weight, teacher_bias, vocab_size)
@@ -267,7 +358,8 @@ def _fused_linear_loss(
     soft_coef = per_token_mean if soft == "logit" else None
     if soft == "tsld":
         teacher_ce = torch.zeros(batch * length, dtype=acc_dtype, device=rows.device)
-        teacher_ce[rows] = _teacher_target_ce(teacher, rows, row_targets, chunk_size, acc_dtype)
+        teacher_ce[rows] = _teacher_target_ce(teacher, rows, row_targets, chunk_size,
+                                                vocab_chunk_size, acc_dtype)
         weights = positions.token_scale(teacher_ce.view(batch, length), valid, temperature,
                                         token_scale)
         if reduction == "mean":
@@ -277,7 +369,7 @@ def _fused_linear_loss(
 
     args = (
         student_hidden.reshape(batch * length, hidden_size), lm_head_weight, lm_head_bias,
-        rows, row_targets, soft_coef, hard_coef, teacher, chunk_size,
+        rows, row_targets, soft_coef, hard_coef, teacher, chunk_size, vocab_chunk_size,
     )
     trainable = [t for t in (student_hidden, lm_head_weight, lm_head_bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in trainable):
@@ -327,6 +419,7 @@ def fused_linear_kd_loss(
     ignore_index: int = -100,
     reduction: str = "sum",
     chunk_size: Optional[int] = None,
+    vocab_chunk_size: Optional[int] = None,
 ) -> Dict[str, Tensor]:
     """A logit-level training objective from one fused pass: {"loss": total, term: value, ...}.
 
@@ -344,7 +437,7 @@ def fused_linear_kd_loss(
         lm_head_bias=lm_head_bias, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
         token_scale=token_scale, ignore_index=ignore_index, reduction=reduction,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
     )
     return {"loss": loss, **terms}
 
@@ -364,6 +457,7 @@ def fused_linear_tsld_loss(
     ignore_index: int = -100,
     reduction: str = "sum",
     chunk_size: Optional[int] = None,
+    vocab_chunk_size: Optional[int] = None,
 ) -> Tensor:
     """The TSLD term of ``tsld_loss(student_hidden @ lm_head_weight.T (+ lm_head_bias),
     teacher_logits, labels)`` without building the student's (or teacher's) logits.
@@ -372,14 +466,15 @@ def fused_linear_tsld_loss(
     The teacher comes as ``teacher_logits`` [B, L, V] or as ``teacher_hidden`` [B, L, H_t] with
     its lm_head ``teacher_weight`` [V, H_t] (and ``teacher_bias``). Gradients reach
     student_hidden, lm_head_weight and lm_head_bias. ``chunk_size``: tokens per chunk (default
-    :func:`default_chunk_size`). ``token_scale``: as in :func:`~tsld_ds.losses.tsld_loss`.
+    :func:`default_chunk_size`); ``vocab_chunk_size``: vocabulary entries per block (default: the
+    whole vocabulary, one sweep; smaller blocks cost a second sweep, see the module docstring). ``token_scale``: as in :func:`~tsld_ds.losses.tsld_loss`.
     """
     loss, _ = _fused_linear_loss(
         student_hidden, lm_head_weight, labels, soft="tsld", with_gt=False,
         lm_head_bias=lm_head_bias, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
         token_scale=token_scale, ignore_index=ignore_index, reduction=reduction,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
     )
     return loss
 
@@ -392,10 +487,11 @@ def fused_linear_cross_entropy(
     lm_head_bias: Optional[Tensor] = None,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    vocab_chunk_size: Optional[int] = None,
 ) -> Tensor:
     """``gt_loss(student_hidden @ lm_head_weight.T (+ lm_head_bias), labels)`` without building
     the logits."""
     return fused_linear_kd_loss(
         student_hidden, lm_head_weight, labels, kd="gt", lm_head_bias=lm_head_bias,
-        ignore_index=ignore_index, chunk_size=chunk_size,
+        ignore_index=ignore_index, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
     )["loss"]

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--loss_chunk_size", type=int, default=None,
                       help="tokens per chunk of the fused loss; default chosen from vocab and "
                       "hidden size")
+    loss.add_argument("--loss_vocab_chunk_size", type=int, default=None,
+                      help="vocabulary entries per block of the fused loss (online "
+                      "log-sum-exp, one extra lm_head matmul); default: the whole vocabulary")
 
     train = p.add_argument_group("training")
     train.add_argument("--ds_config", default="ds_configs/zero3.json",
@@ -133,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def loss_chunks(args) -> dict:
+    """The fused loss's block sizes, as its keyword arguments."""
+    return dict(chunk_size=args.loss_chunk_size, vocab_chunk_size=args.loss_vocab_chunk_size)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -142,6 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max_steps must be positive")
     if args.epochs is not None and args.epochs <= 0:
         parser.error("--epochs must be positive")
+    for name in ("loss_chunk_size", "loss_vocab_chunk_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
     if args.max_nonfinite_batches < 1:
         parser.error("--max_nonfinite_batches must be at least 1")
     if args.max_steps is None and args.epochs is None:

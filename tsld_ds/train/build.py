@@ -23,6 +23,7 @@ from tsld_ds.models import check_model_source, load_causal_lm, load_tokenizer, v
 from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.teacher import TeacherEngine, teacher_ds_config
 from tsld_ds.train import checkpoint as ckpt
+from tsld_ds.train.args import loss_chunks
 from tsld_ds.train.schedule import lr_lambda
 from tsld_ds.train.student import DistillationStudent
 
@@ -179,7 +180,7 @@ def build_run(args) -> Run:
         quantize_model(student_model, quant_config)
     student = DistillationStudent(student_model, kd=args.kd, temperature=args.kd_temperature,
                                   token_scale=args.token_scale, loss_impl=args.loss_impl,
-                                  chunk_size=args.loss_chunk_size)
+                                  chunks=loss_chunks(args))
 
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     accumulation = ds_config.get("gradient_accumulation_steps", 1)

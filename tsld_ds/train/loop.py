@@ -21,6 +21,7 @@ from tsld_ds.export import export_hf
 from tsld_ds.train import checkpoint as ckpt
 from tsld_ds.train import fault_injection
 from tsld_ds.train import universal
+from tsld_ds.train.args import loss_chunks
 from tsld_ds.train.build import Run, build_run
 from tsld_ds.train.evaluate import perplexity
 from tsld_ds.train.metrics import MetricsLog, format_summary
@@ -61,7 +62,7 @@ def student_perplexity(run: Run, args) -> float:
 def teacher_perplexity(run: Run, args) -> float:
     def nll(input_ids, labels):
         with run.teacher.outputs(input_ids) as t:
-            return summed_nll(t.hidden, t.weight, t.bias, labels, args.loss_chunk_size)
+            return summed_nll(t.hidden, t.weight, t.bias, labels, loss_chunks(args))
 
     return perplexity(nll, run.val_blocks, run.micro_batch, max_blocks=args.eval_max_blocks)
 

@@ -11,24 +11,24 @@ from tsld_ds.losses import distillation_loss, fused_linear_cross_entropy
 from tsld_ds.models import model_body
 
 
-def summed_nll(hidden, weight, bias, labels, chunk_size=None):
-    """(summed next-token NLL, number of predicted tokens) for perplexity."""
+def summed_nll(hidden, weight, bias, labels, chunks: dict | None = None):
+    """(summed next-token NLL, number of predicted tokens) for perplexity. `chunks`: the fused
+    loss's chunk_size / vocab_chunk_size."""
     n_tokens = (labels[:, 1:] != -100).sum()
-    mean = fused_linear_cross_entropy(hidden, weight, labels, lm_head_bias=bias,
-                                      chunk_size=chunk_size)
+    mean = fused_linear_cross_entropy(hidden, weight, labels, lm_head_bias=bias, **(chunks or {}))
     return mean * n_tokens, n_tokens
 
 
 class DistillationStudent(nn.Module):
     def __init__(self, model, *, kd: str, temperature: float, loss_impl: str,
-                 chunk_size: int | None = None, token_scale: str = "confidence"):
+                 chunks: dict | None = None, token_scale: str = "confidence"):
         super().__init__()
         self.model = model
         self.kd = kd
         self.temperature = temperature
         self.token_scale = token_scale
         self.loss_impl = loss_impl
-        self.chunk_size = chunk_size
+        self.chunks = chunks or {}  # the fused loss's chunk_size / vocab_chunk_size
         head = model.get_output_embeddings()
         for p in (head.weight, getattr(head, "bias", None)):
             if p is not None and hasattr(p, "ds_id"):
@@ -46,7 +46,7 @@ class DistillationStudent(nn.Module):
         head = self.model.get_output_embeddings()
         bias = getattr(head, "bias", None)
         if nll_only:
-            return summed_nll(out.last_hidden_state, head.weight, bias, labels, self.chunk_size)
+            return summed_nll(out.last_hidden_state, head.weight, bias, labels, self.chunks)
         teacher_args = {}
         if teacher is not None:
             teacher_args = dict(teacher_logits=teacher.logits, teacher_hidden=teacher.hidden,
@@ -57,5 +57,5 @@ class DistillationStudent(nn.Module):
             self.kd, student_hidden=out.last_hidden_state, lm_head_weight=head.weight,
             lm_head_bias=bias, labels=labels, temperature=self.temperature,
             token_scale=self.token_scale, impl=self.loss_impl,
-            chunk_size=self.chunk_size, student_hidden_states=out.hidden_states if layers else None,
-            student_attentions=out.attentions if layers else None, **teacher_args)
+            student_hidden_states=out.hidden_states if layers else None,
+            student_attentions=out.attentions if layers else None, **self.chunks, **teacher_args)

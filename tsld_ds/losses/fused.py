@@ -135,9 +135,11 @@ class _RunningLogSumExp:
         return self.max + self.sum.log()
 
 
-def _chunks(num_rows: int, chunk_size: int):
-    return (slice(start, min(start + chunk_size, num_rows))
-            for start in range(0, num_rows, chunk_size))
+def _chunks(length: int, chunk_size: int):
+    """Slices of [0, length) of chunk_size entries (the last one shorter): token rows or
+    vocabulary entries."""
+    return (slice(start, min(start + chunk_size, length))
+            for start in range(0, length, chunk_size))
 
 
 def _block(buffer: Tensor, rows: int, cols: slice) -> Tensor:

@@ -36,8 +36,8 @@ def test_perplexity_runs_without_a_process_group():
         valid = (labels[:, 1:] != -100).sum()
         return torch.log(torch.tensor(4.0)) * valid, valid  # every token: p = 1/4
 
-    assert perplexity(nll, Blocks(), 2) == pytest.approx(4.0)
-    assert perplexity(nll, Blocks(), 2, max_blocks=3) == pytest.approx(4.0)
+    assert perplexity(nll, Blocks(), 2, device="cpu") == pytest.approx(4.0)
+    assert perplexity(nll, Blocks(), 2, device="cpu", max_blocks=3) == pytest.approx(4.0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval installed")

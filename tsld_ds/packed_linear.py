@@ -31,11 +31,12 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = num_groups(in_features, group_size)
-        int32 = dict(dtype=torch.int32, device=device)
         words = packed_words(in_features, bits)
-        self.register_buffer("weight_packed", torch.zeros(out_features, words, **int32))
+        self.register_buffer("weight_packed",
+                             torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, device=device))
-        zero = None if symmetric else torch.zeros(packed_words(out_features, bits), groups, **int32)
+        zero = None if symmetric else torch.zeros(packed_words(out_features, bits), groups,
+                                                  dtype=torch.int32, device=device)
         self.register_buffer("weight_zero_point", zero)
         shape = torch.tensor([out_features, in_features], device=device)
         self.register_buffer("weight_shape", shape)

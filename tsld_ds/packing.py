@@ -164,7 +164,8 @@ class PackedWeight:
         sd = {
             "weight_packed": self.weight_packed,
             "weight_scale": self.weight_scale,
-            "weight_shape": torch.tensor(self.weight_shape, dtype=torch.int64),
+            "weight_shape": torch.tensor(self.weight_shape, dtype=torch.int64,
+                                         device=self.weight_packed.device),
         }
         if self.weight_zero_point is not None:
             sd["weight_zero_point"] = self.weight_zero_point

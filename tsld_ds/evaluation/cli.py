@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from tsld_ds.errors import UsageError
 from tsld_ds.export import DTYPES
 from tsld_ds.train.args import build_parser as training_parser
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="blocks per forward (default: 8)")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                    help="dtype to run the model in (default: fp32)")
+    p.add_argument("--device", default=None,
+                   help="device to run the model on (default: cuda when a GPU is visible, else "
+                   "cpu)")
     p.add_argument("--no_perplexity", action="store_true", help="skip the perplexity")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks, e.g. piqa,arc_easy,arc_challenge,"
@@ -72,9 +77,10 @@ def evaluate(args) -> dict:
     from tsld_ds.evaluation.models import load_eval_model
     from tsld_ds.evaluation.perplexity import model_perplexity, validation_blocks
 
-    loaded = load_eval_model(args.model, DTYPES[args.dtype])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_eval_model(args.model, DTYPES[args.dtype], device)
     report = {"model": args.model, "loaded_from": loaded.path, "kind": loaded.kind,
-              "dtype": args.dtype}
+              "dtype": args.dtype, "device": device}
     if loaded.run_args is not None:
         summary = Path(args.model) / "summary.json"
         if summary.is_file():

@@ -24,7 +24,7 @@ class EvalModel:
     run_args: Optional[argparse.Namespace]   # the training options, for a run directory
 
 
-def load_eval_model(name_or_path: str, dtype: torch.dtype) -> EvalModel:
+def load_eval_model(name_or_path: str, dtype: torch.dtype, device="cpu") -> EvalModel:
     path = Path(name_or_path).expanduser()
     run_args = None
     kind = "hf"
@@ -36,13 +36,14 @@ def load_eval_model(name_or_path: str, dtype: torch.dtype) -> EvalModel:
                              f"with: tsld-convert --checkpoint {name_or_path} --output {path}")
     check_model_source(str(path) if path.exists() else name_or_path, "model")
     if read_quantization_config(path) is not None:
-        model, kind = load_packed(path, dtype=dtype), "packed"
+        model, kind = load_packed(path, device=device, dtype=dtype), "packed"
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(path) if path.exists() else name_or_path, dtype=dtype)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot load model '{name_or_path}': {e}") from None
+        model = model.to(device)
     tokenizer = load_tokenizer(str(path) if path.exists() else name_or_path)
     return EvalModel(model=model.eval(), tokenizer=tokenizer, kind=kind, path=str(path),
                      run_args=run_args)

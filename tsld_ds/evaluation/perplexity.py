@@ -23,10 +23,11 @@ def validation_blocks(tokenizer, dataset: str, *, dataset_config=None, text_colu
 def model_perplexity(model, blocks, *, batch_size: int = 8, max_blocks: int | None = None) -> float:
     check_plain_lm_head(model, "the model")
     head = model.get_output_embeddings()
+    device = head.weight.device
     body = model_body(model)
 
     def nll(input_ids, labels):
         hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
         return summed_nll(hidden, head.weight, getattr(head, "bias", None), labels)
 
-    return perplexity(nll, blocks, batch_size, max_blocks=max_blocks)
+    return perplexity(nll, blocks, batch_size, device=device, max_blocks=max_blocks)

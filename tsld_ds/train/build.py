@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tsld_ds import extras
 from tsld_ds.data import (ResumableDistributedSampler, check_tokenizers_match, load_text_splits,
                           tokenize_and_pack)
+from tsld_ds.devices import set_local_device
 from tsld_ds.errors import UsageError
 from tsld_ds.models import check_model_source, load_causal_lm, load_tokenizer, vocab_size_of
 from tsld_ds.quant import QuantConfig, quantize_model
@@ -83,6 +84,7 @@ def init_distributed(timeout_s: float) -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
+    set_local_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     _unlink_shm_allreduce_buffer()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from tsld_ds.errors import UsageError
 from tsld_ds.train import fault_injection
@@ -33,14 +34,19 @@ def tag_for_step(step: int) -> str:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if get_accelerator().device_name() != "cpu":  # the GPU's own generator (dropout there)
+        state["accelerator"] = get_accelerator().get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])
 
 
 def save_checkpoint(engine, output_dir, step: int, client_state: dict) -> Path:

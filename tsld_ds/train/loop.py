@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from tsld_ds.data import make_dataloader
+from tsld_ds.devices import pins_memory, to_device
 from tsld_ds.export import export_hf
 from tsld_ds.train import checkpoint as ckpt
 from tsld_ds.train import fault_injection
@@ -34,7 +35,9 @@ def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int, *, w
                want_layers: bool) -> dict | None:
     """One micro-batch: teacher outputs -> student forward and loss -> backward -> engine step
     (DeepSpeed applies the optimizer at the gradient-accumulation boundary). Returns the loss
-    terms, or None when the loss is NaN/inf on some rank: then no rank runs backward."""
+    terms (detached, on the engine's device), or None when the loss is NaN/inf on some rank: then
+    no rank runs backward."""
+    batch = to_device(batch, run.engine.device)
     input_ids, labels = batch["input_ids"], batch["labels"]
     if run.teacher is None:
         losses = run.engine(input_ids, labels)
@@ -46,7 +49,7 @@ def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int, *, w
         return None
     run.engine.backward(losses["loss"])
     run.engine.step()
-    return {name: value.item() for name, value in losses.items()}
+    return {name: value.detach() for name, value in losses.items()}
 
 
 def student_perplexity(run: Run, args) -> float:
@@ -54,7 +57,8 @@ def student_perplexity(run: Run, args) -> float:
         return run.engine(input_ids, labels, nll_only=True)
 
     run.engine.eval()
-    ppl = perplexity(nll, run.val_blocks, run.micro_batch, max_blocks=args.eval_max_blocks)
+    ppl = perplexity(nll, run.val_blocks, run.micro_batch, device=run.engine.device,
+                     max_blocks=args.eval_max_blocks)
     run.engine.train()
     return ppl
 
@@ -64,22 +68,25 @@ def teacher_perplexity(run: Run, args) -> float:
         with run.teacher.outputs(input_ids) as t:
             return summed_nll(t.hidden, t.weight, t.bias, labels, loss_chunks(args))
 
-    return perplexity(nll, run.val_blocks, run.micro_batch, max_blocks=args.eval_max_blocks)
+    return perplexity(nll, run.val_blocks, run.micro_batch, device=run.engine.device,
+                      max_blocks=args.eval_max_blocks)
 
 
 class StepWindow:
-    """Loss terms and timing accumulated between two metric lines, averaged over ranks."""
+    """Loss terms and timing accumulated between two metric lines, averaged over ranks. The sums
+    stay on the engine's device: the host reads them once per metric line, not per micro-batch."""
 
     def __init__(self):
         self.sums, self.micro_steps, self.seconds = {}, 0, 0.0
 
     def add(self, terms: dict) -> None:
         for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
+            value = value.double()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.micro_steps += 1
 
     def mean_over_ranks(self) -> dict:
-        values = torch.tensor(list(self.sums.values()), dtype=torch.float64)
+        values = torch.stack(list(self.sums.values()))
         dist.all_reduce(values)
         values /= dist.get_world_size() * self.micro_steps
         return dict(zip(self.sums, values.tolist()))
@@ -118,7 +125,8 @@ def train(args, stop: StopSignals) -> dict:
         summary["student_ppl_before"] = student_perplexity(run, args)
         log.log(0, eval_ppl=summary["student_ppl_before"], teacher_ppl=summary.get("teacher_ppl"))
 
-    loader = make_dataloader(run.train_blocks, run.micro_batch, sampler)
+    loader = make_dataloader(run.train_blocks, run.micro_batch, sampler,
+                             pin_memory=pins_memory(engine.device))
     batches = iter(loader)
     want_logits = args.loss_impl == "naive" or args.kd == "l2l"
     want_layers = args.kd == "l2l"

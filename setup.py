@@ -1,7 +1,24 @@
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# The CUDA sources also travel inside the package (tsld_ds/kernel_sources/ of a wheel), so that
+# any install can JIT-compile them when no ahead-of-time build was made; an editable install
+# reads kernels/ of the checkout. tsld_ds/ops/_extension.py looks in both.
+KERNEL_SOURCES = sorted(glob.glob("kernels/*.cpp") + glob.glob("kernels/*.cu")
+                        + glob.glob("kernels/*.cuh") + glob.glob("kernels/*.h"))
+
+
+class BuildPyWithKernelSources(build_py):
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "tsld_ds", "kernel_sources")
+        os.makedirs(target, exist_ok=True)
+        for source in KERNEL_SOURCES:
+            shutil.copy2(source, target)
 
 
 def kernel_extensions():
@@ -35,6 +52,7 @@ def kernel_extensions():
 
 
 ext_modules, cmdclass = kernel_extensions()
+cmdclass["build_py"] = BuildPyWithKernelSources
 
 setup(
     name="tsld-ds",
@@ -61,7 +79,8 @@ setup(
     ],
     extras_require={
         # compressed-tensors: interop checks of the packed format; matplotlib: test_reproduce
-        "test": ["pytest", "compressed-tensors", "matplotlib"],
+        # setuptools >= 70.1 builds wheels itself (tests/test_kernel_sources.py builds one)
+        "test": ["pytest", "compressed-tensors", "matplotlib", "setuptools>=70.1"],
         "results": ["matplotlib"],  # benchmarks/reproduce.py's plots
         "gpu": ["flash-attn", "bitsandbytes", "ninja"],
     },

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
-from tsld_ds.ops._extension import KERNELS_DIR, SOURCES
+from conftest import REPO
+from tsld_ds.ops._extension import SOURCES
+
+KERNELS_DIR = REPO / "kernels"
 
 CU_FILES = sorted(p.name for p in KERNELS_DIR.glob("*.cu"))
 # Both language standards torch extensions have been built with (C++17, C++20 since torch 2.10)

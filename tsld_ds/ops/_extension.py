@@ -1,9 +1,12 @@
 """Finding the compiled kernels: the ahead-of-time build `tsld_ds._kernels` (setup.py, when CUDA
-is present), else a just-in-time build of `kernels/` with torch.utils.cpp_extension (cached on
-disk), else none. Without them every op runs its PyTorch reference; why is in `kernels_info()`.
+is present), else a just-in-time build of the CUDA sources with torch.utils.cpp_extension (cached
+on disk), else none. The sources are the package's own `kernel_sources/` (a wheel or `pip install
+.`) or the checkout's `kernels/` (an editable install). Without a build every op runs its PyTorch
+reference; which and why is in `kernels_info()`.
 """
 
 import functools
+import importlib.util
 import logging
 import os
 import threading
@@ -15,8 +18,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "TSLD_DISABLE_KERNELS"
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 SOURCES = ("bindings.cpp", "fused_quantize.cu", "packed_matmul.cu", "errors.cu")
+_PACKAGE = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = (_PACKAGE / "kernel_sources", _PACKAGE.parent / "kernels")
 JIT_NAME = "tsld_ds_kernels"
 # The packed matmul uses bf16/fp16 mma.sync tensor-core instructions.
 MATMUL_MIN_CAPABILITY = (8, 0)
@@ -41,6 +45,20 @@ def _build_directory() -> Optional[str]:
     return str(path)
 
 
+def kernel_sources_dir() -> Optional[Path]:
+    """The first of SOURCE_DIRS that holds every CUDA source, or None."""
+    for path in SOURCE_DIRS:
+        if all((path / name).is_file() for name in SOURCES):
+            return path
+    return None
+
+
+def aot_build_present() -> bool:
+    """Whether the ahead-of-time build is installed (found without importing it: no CUDA
+    runtime needed)."""
+    return importlib.util.find_spec("tsld_ds._kernels") is not None
+
+
 def _short(error: Exception, limit: int = 2000) -> str:
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -55,17 +73,18 @@ def _load() -> Dict[str, object]:
         return {"module": _kernels, "build": "aot", "reason": None}
     except ImportError as error:
         aot_problem = None if isinstance(error, ModuleNotFoundError) else _short(error)
-    missing = [name for name in SOURCES if not (KERNELS_DIR / name).is_file()]
-    if missing:
-        reason = f"no ahead-of-time build and CUDA sources missing from {KERNELS_DIR}: {missing}"
+    sources = kernel_sources_dir()
+    if sources is None:
+        reason = (f"no ahead-of-time build, and no directory of {SOURCE_DIRS} holds all the CUDA "
+                  f"sources {SOURCES}")
         return {"module": None, "build": None, "reason": reason}
     try:
         from torch.utils.cpp_extension import load
 
         module = load(
             name=JIT_NAME,
-            sources=[str(KERNELS_DIR / name) for name in SOURCES],
-            extra_include_paths=[str(KERNELS_DIR)],
+            sources=[str(sources / name) for name in SOURCES],
+            extra_include_paths=[str(sources)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "-lineinfo"],
             build_directory=_build_directory(),
@@ -108,10 +127,14 @@ def kernels_info() -> dict:
     cuda = torch.cuda.is_available()
     module = state["module"]
     matmul = module is not None and matmul_supported(torch.device("cuda"))
+    sources = kernel_sources_dir()
     info = {
         "backend": "cuda" if module is not None else "reference",
         "build": state["build"],
         "reason": state["reason"],
+        # What this install could build from, GPU or not.
+        "aot_build": aot_build_present(),
+        "sources": None if sources is None else str(sources),
         "device": torch.cuda.get_device_name() if cuda else None,
         "capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
         "ops": {

@@ -19,8 +19,10 @@ bf16.
     python benchmarks/kernels.py
     python benchmarks/kernels.py --only matmul --reps 500
     python benchmarks/kernels.py --check      # exit status 1 when a target is missed
+    python benchmarks/kernels.py --tokens 1,16,256 --shapes 4096x4096,4096x11008 --json k.json
 """
 import argparse
+import json
 import math
 import os
 import statistics
@@ -44,7 +46,21 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=200, help="timed runs per case (median reported)")
     p.add_argument("--warmup", type=int, default=20, help="untimed runs per case")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    return p.parse_args(argv)
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)),
+                   help="matmul: comma-separated M (tokens) (default: %(default)s)")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in MATMUL_SHAPES),
+                   help="matmul: comma-separated NxK weight shapes, out x in features "
+                   "(default: %(default)s)")
+    p.add_argument("--json", help="also write the table and the speedups to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        args.tokens = [int(m) for m in args.tokens.split(",")]
+        args.shapes = [tuple(int(d) for d in shape.split("x")) for shape in args.shapes.split(",")]
+    except ValueError:
+        p.error(f"--tokens {args.tokens!r} / --shapes {args.shapes!r}: expected 1,16 / 4096x4096")
+    if any(m < 1 for m in args.tokens) or any(len(s) != 2 or min(s) < 1 for s in args.shapes):
+        p.error("--tokens and --shapes need positive sizes, shapes as NxK")
+    return args
 
 
 def median_ms(torch, fn, inputs, warmup, reps):
@@ -132,11 +148,11 @@ def bench_matmul(torch, args, copy_gbs, rows):
     from tsld_ds.ops import packed_linear
 
     at_one_token = {}
-    for n, k in MATMUL_SHAPES:
+    for n, k in args.shapes:
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                  for _ in range(copies_for(torch, n * k * 2))]
         xs = {m: [torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                  for _ in range(min(64, copies_for(torch, m * k * 2)))] for m in TOKENS}
+                  for _ in range(min(64, copies_for(torch, m * k * 2)))] for m in args.tokens}
 
         def pairs(m, weights):  # every weight copy, each with an activation copy
             return [(xs[m][i % len(xs[m])], *w) for i, w in enumerate(weights)]
@@ -144,7 +160,7 @@ def bench_matmul(torch, args, copy_gbs, rows):
         with torch.no_grad():
             base = {m: median_ms(torch, lambda x, w: torch.matmul(x, w.t()),
                                  pairs(m, [(w,) for w in dense]), args.warmup, args.reps)
-                    for m in TOKENS}
+                    for m in args.tokens}
         del dense
         for bits in (2, 4):
             name = f"W{bits}A16"
@@ -154,7 +170,7 @@ def bench_matmul(torch, args, copy_gbs, rows):
             def run(x, packed, scale, zero):
                 return packed_linear(x, packed, scale, zero, bits=bits, group_size=group)
 
-            for m in TOKENS:
+            for m in args.tokens:
                 with torch.no_grad():
                     fast = median_ms(torch, run, pairs(m, weights), args.warmup, args.reps)
                 gbs = (nbytes(xs[m][0], *weights[0]) + m * n * 2) / fast / 1e6
@@ -167,9 +183,12 @@ def bench_matmul(torch, args, copy_gbs, rows):
     return {key: min(values) for key, values in at_one_token.items()}
 
 
+HEADER = ["case", "shape", "M", "baseline us", "kernel us", "speedup", "kernel GB/s",
+          "of copy BW"]
+
+
 def print_table(rows):
-    header = ["case", "shape", "M", "baseline us", "kernel us", "speedup", "kernel GB/s",
-              "of copy BW"]
+    header = HEADER
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(str(cell).rjust(w) if i > 1 else str(cell).ljust(w)
@@ -207,6 +226,12 @@ def main(argv=None):
         missed |= not ok
         verdict = "PASS" if ok else "MISS"
         print(f"{verdict}  {key}: worst speedup {value:.2f}x (target {TARGETS[key]:.0f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs,
+                       "rows": [dict(zip(HEADER, row)) for row in rows],
+                       "worst_speedups": achieved,
+                       "targets": {k: TARGETS[k] for k in achieved}}, f, indent=2)
     return 1 if args.check and missed else 0
 
 

@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     p.add_argument("--memory-budget-gb", type=float, default=12.0,
                    help="skip naive cases whose estimated added peak exceeds this")
+    p.add_argument("--json", help="also write every case's figures to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -158,11 +159,16 @@ def main(argv=None):
           "fastest forward+backward time")
     print(header)
     print("|" + "|".join("-" * len(col) for col in header.split("|")[1:-1]) + "|")
+    figures = []
     for tokens, vocab in cases:
         estimate_gb = NAIVE_BLOCKS * tokens * vocab * 4 / 1e9
         run_naive = estimate_gb <= args.memory_budget_gb
         impls = ["fused", "naive"] if run_naive else ["fused"]
         results = measure(args, impls, tokens, vocab, hidden)
+        figures.append({"tokens": tokens, "vocab": vocab, "hidden": hidden, "kd": args.kd,
+                        "teacher": args.teacher, "device": args.device,
+                        **{f"{impl}_added_peak_mib": mib for impl, (mib, _) in results.items()},
+                        **{f"{impl}_seconds": sec for impl, (_, sec) in results.items()}})
         fused_mib, fused_s = results["fused"]
         row = f"| {tokens:>6} | {vocab:>6} | {hidden:>4} | "
         if run_naive:
@@ -174,6 +180,9 @@ def main(argv=None):
                     f"{'-':>6} | naive skipped: est. {estimate_gb:.1f} GB > budget "
                     f"{args.memory_budget_gb:g} GB")
         print(row, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,22 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the tests that take the `device` fixture (the loss tests): "
+                     "benchmarks/gpu_check.py runs them with --device cuda")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    import torch
+
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail("--device cuda: no CUDA device here")
+    return device
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

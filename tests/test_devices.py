@@ -1,4 +1,4 @@
-"""Device placement: the rules of tsld_ds/devices.py, checked so that breaking them fails on the CPU.
+"""Device placement: the rules of tsld_ds/devices.py, checked so breaking them fails on the CPU.
 
 On the CPU bench every device is the CPU, so a batch left on the host or a tensor made without a
 device works by accident, and fails only on a GPU (a device mismatch in the first forward; NCCL

@@ -35,15 +35,18 @@ OBJECTIVES = ["gt", "logit", "logit_gt", "tsld", "tsld_mean", "tsld_term", "tsld
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_inputs(batch, length, vocab, hidden, *, dtype, bias, teacher_form, scale=1.0, seed=0):
+def make_inputs(batch, length, vocab, hidden, *, device, dtype, bias, teacher_form, scale=1.0,
+                seed=0):
     """Student hidden/lm_head, labels with an ignored run and (B > 1) an all-ignored sequence, and
-    the teacher as logits or as hidden states + lm_head (of a different width)."""
+    the teacher as logits or as hidden states + lm_head (of a different width), on `device`
+    (drawn on the CPU, so every device gets the same numbers)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
+        drawn = torch.randn(*shape, generator=gen, dtype=torch.float64, device="cpu")
+        return (drawn * std).to(device=device, dtype=dtype)
 
-    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    labels = torch.randint(0, vocab, (batch, length), generator=gen, device="cpu").to(device)
     labels[0, 1:3] = IGNORE
     if batch > 1:
         labels[-1] = IGNORE
@@ -134,19 +137,20 @@ PRECISION_IDS = ["{}-B{}L{}V{}H{}c{}v{}".format(str(p[0])[6:], *p[3]) for p in P
 @pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype,rtol,atol,case", PRECISIONS, ids=PRECISION_IDS)
-def test_fused_matches_naive(dtype, rtol, atol, case, bias, teacher_form, objective):
+def test_fused_matches_naive(dtype, rtol, atol, case, bias, teacher_form, objective, device):
     batch, length, vocab, hidden, chunk, vocab_chunk = case
-    inputs = make_inputs(batch, length, vocab, hidden, dtype=dtype, bias=bias,
+    inputs = make_inputs(batch, length, vocab, hidden, device=device, dtype=dtype, bias=bias,
                          teacher_form=teacher_form)
     assert_matches_naive(objective, inputs, chunk, rtol, atol, vocab_chunk=vocab_chunk)
 
 
 @pytest.mark.parametrize("vocab_chunk", [None, 64])
 @pytest.mark.parametrize("objective", ["logit_gt", "tsld", "tsld_term_mean"])
-def test_bf16_inputs_match_float64_reference(objective, vocab_chunk):
+def test_bf16_inputs_match_float64_reference(objective, vocab_chunk, device):
     # The logits come out of bf16 matmuls (relative rounding 2^-9) and the grads are returned in
     # bf16; everything in between is float32.
-    inputs = make_inputs(4, 16, 300, 32, dtype=torch.bfloat16, bias=True, teacher_form="logits",
+    inputs = make_inputs(4, 16, 300, 32, device=device,
+                         dtype=torch.bfloat16, bias=True, teacher_form="logits",
                          scale=0.3)
     value, _ = assert_matches_naive(objective, inputs, 24, rtol=1e-3, atol=0,
                                     grad_atol_fraction=2e-2, vocab_chunk=vocab_chunk)
@@ -155,9 +159,10 @@ def test_bf16_inputs_match_float64_reference(objective, vocab_chunk):
 
 @pytest.mark.parametrize("vocab_chunk", [None, 7])
 @pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
-def test_large_logits_stay_finite_and_exact(teacher_form, vocab_chunk):
+def test_large_logits_stay_finite_and_exact(teacher_form, vocab_chunk, device):
     # |z| ~ 1e4: an exp without max-shifting or any -inf masking would overflow or give NaN.
-    inputs = make_inputs(2, 9, 50, 8, dtype=torch.float32, bias=False, teacher_form=teacher_form,
+    inputs = make_inputs(2, 9, 50, 8, device=device,
+                         dtype=torch.float32, bias=False, teacher_form=teacher_form,
                          scale=3e3)
     assert teacher_logits_of(inputs).abs().max() > 1e4
     value, grads = assert_matches_naive("tsld", inputs, 4, rtol=1e-5, atol=0,
@@ -166,8 +171,9 @@ def test_large_logits_stay_finite_and_exact(teacher_form, vocab_chunk):
 
 
 @pytest.mark.parametrize("objective", ["tsld", "logit_gt"])
-def test_backward_scales_by_grad_output(objective):
-    inputs = make_inputs(3, 7, 37, 11, dtype=torch.float64, bias=True, teacher_form="hidden")
+def test_backward_scales_by_grad_output(objective, device):
+    inputs = make_inputs(3, 7, 37, 11, device=device,
+                         dtype=torch.float64, bias=True, teacher_form="hidden")
     _, grads = value_and_grads(fused_objective(objective, inputs, 8), inputs)
     for factor in (3.0, -0.5):
         _, scaled = value_and_grads(factor * fused_objective(objective, inputs, 8), inputs)
@@ -175,12 +181,13 @@ def test_backward_scales_by_grad_output(objective):
             torch.testing.assert_close(s, factor * g, rtol=1e-12, atol=0)
 
 
-def test_gradients_match_finite_differences():
-    inputs = make_inputs(2, 6, 19, 5, dtype=torch.float64, bias=True, teacher_form="logits")
+def test_gradients_match_finite_differences(device):
+    inputs = make_inputs(2, 6, 19, 5, device=device,
+                         dtype=torch.float64, bias=True, teacher_form="logits")
     _, grads = value_and_grads(fused_objective("tsld", inputs, 4), inputs)
     gen = torch.Generator().manual_seed(3)
-    directions = {k: torch.randn(inputs[k].shape, generator=gen, dtype=torch.float64)
-                  for k in PARAMS}
+    directions = {k: torch.randn(inputs[k].shape, generator=gen, dtype=torch.float64,
+                                 device="cpu").to(device) for k in PARAMS}
     eps = 1e-6
 
     def moved(sign):
@@ -193,16 +200,18 @@ def test_gradients_match_finite_differences():
     assert analytical == pytest.approx(numerical, rel=1e-7)
 
 
-def test_backward_runs_once():
-    inputs = make_inputs(2, 5, 13, 6, dtype=torch.float64, bias=False, teacher_form="logits")
+def test_backward_runs_once(device):
+    inputs = make_inputs(2, 5, 13, 6, device=device,
+                         dtype=torch.float64, bias=False, teacher_form="logits")
     loss = fused_objective("tsld", inputs, 4)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
 
 
-def test_no_grad_gives_the_same_value():
-    inputs = make_inputs(3, 7, 37, 11, dtype=torch.float64, bias=True, teacher_form="hidden")
+def test_no_grad_gives_the_same_value(device):
+    inputs = make_inputs(3, 7, 37, 11, device=device,
+                         dtype=torch.float64, bias=True, teacher_form="hidden")
     with_grad = fused_objective("tsld", inputs, 8)
     with torch.no_grad():
         without = fused_objective("tsld", inputs, 8)
@@ -210,8 +219,9 @@ def test_no_grad_gives_the_same_value():
     torch.testing.assert_close(without, with_grad.detach(), rtol=1e-14, atol=0)
 
 
-def test_non_contiguous_hidden_and_all_ignored():
-    inputs = make_inputs(3, 7, 37, 11, dtype=torch.float64, bias=False, teacher_form="logits")
+def test_non_contiguous_hidden_and_all_ignored(device):
+    inputs = make_inputs(3, 7, 37, 11, device=device,
+                         dtype=torch.float64, bias=False, teacher_form="logits")
     base = inputs["student_hidden"].detach().transpose(0, 1).contiguous().requires_grad_()
     inputs["student_hidden"] = base.transpose(0, 1)  # a non-contiguous view
     assert_matches_naive("tsld", inputs, 8, rtol=1e-10, atol=1e-14)
@@ -221,8 +231,9 @@ def test_non_contiguous_hidden_and_all_ignored():
     assert value.item() == 0 and all(torch.all(g == 0) for g in grads)
 
 
-def test_teacher_must_be_given_once_with_matching_vocab():
-    inputs = make_inputs(2, 5, 13, 6, dtype=torch.float32, bias=False, teacher_form="hidden")
+def test_teacher_must_be_given_once_with_matching_vocab(device):
+    inputs = make_inputs(2, 5, 13, 6, device=device,
+                         dtype=torch.float32, bias=False, teacher_form="hidden")
     student = (inputs["student_hidden"], inputs["lm_head_weight"], inputs["labels"])
     logits = teacher_logits_of(inputs)
     with pytest.raises(ValueError, match="teacher"):
@@ -260,10 +271,11 @@ class LargestAllocation(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
-def test_fused_never_allocates_token_by_vocab_tensors(teacher_form):
+def test_fused_never_allocates_token_by_vocab_tensors(teacher_form, device):
     batch, length, vocab, hidden, chunk = 4, 64, 1000, 24, 16
     tokens = batch * length
-    inputs = make_inputs(batch, length, vocab, hidden, dtype=torch.float32, bias=True,
+    inputs = make_inputs(batch, length, vocab, hidden, device=device,
+                         dtype=torch.float32, bias=True,
                          teacher_form=teacher_form)
 
     def largest_allocated_and_saved(impl):
@@ -283,11 +295,12 @@ def test_fused_never_allocates_token_by_vocab_tensors(teacher_form):
 
 
 @pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
-def test_vocab_blocks_bound_the_buffers(teacher_form):
+def test_vocab_blocks_bound_the_buffers(teacher_form, device):
     # Token chunks so long that [chunk, V] outgrows the [V, H] weight gradient: vocabulary blocks
     # bring the buffers down to [chunk, vocab_chunk].
     batch, length, vocab, hidden, chunk, vocab_chunk = 2, 64, 1000, 24, 48, 100
-    inputs = make_inputs(batch, length, vocab, hidden, dtype=torch.float32, bias=True,
+    inputs = make_inputs(batch, length, vocab, hidden, device=device,
+                         dtype=torch.float32, bias=True,
                          teacher_form=teacher_form)
 
     def largest_allocated(vocab_chunk_size):
@@ -301,10 +314,12 @@ def test_vocab_blocks_bound_the_buffers(teacher_form):
 
 
 @pytest.mark.parametrize("kd", KD_CHOICES)
-def test_distillation_loss_fused_equals_naive(kd):
-    inputs = make_inputs(3, 7, 37, 11, dtype=torch.float64, bias=True, teacher_form="hidden")
+def test_distillation_loss_fused_equals_naive(kd, device):
+    inputs = make_inputs(3, 7, 37, 11, device=device,
+                         dtype=torch.float64, bias=True, teacher_form="hidden")
     gen = torch.Generator().manual_seed(5)
-    teacher_layers = [torch.randn(3, 7, 11, generator=gen, dtype=torch.float64) for _ in range(2)]
+    teacher_layers = [torch.randn(3, 7, 11, generator=gen, dtype=torch.float64,
+                                  device="cpu").to(device) for _ in range(2)]
     results = {}
     for impl in ("fused", "naive"):
         if kd == "l2l":
@@ -325,8 +340,9 @@ def test_distillation_loss_fused_equals_naive(kd):
 
 
 @pytest.mark.parametrize("token_scale", TOKEN_SCALES)
-def test_distillation_loss_token_scale_fused_equals_naive(token_scale):
-    inputs = make_inputs(3, 7, 37, 11, dtype=torch.float64, bias=True, teacher_form="logits")
+def test_distillation_loss_token_scale_fused_equals_naive(token_scale, device):
+    inputs = make_inputs(3, 7, 37, 11, device=device,
+                         dtype=torch.float64, bias=True, teacher_form="logits")
     results = {}
     for impl in ("fused", "naive"):
         out = distillation_loss("tsld", impl=impl, chunk_size=8, token_scale=token_scale,
@@ -337,7 +353,8 @@ def test_distillation_loss_token_scale_fused_equals_naive(token_scale):
     torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-10, atol=1e-14)
 
 
-def test_token_scale_needs_tsld():
-    inputs = make_inputs(2, 5, 13, 6, dtype=torch.float64, bias=False, teacher_form="logits")
+def test_token_scale_needs_tsld(device):
+    inputs = make_inputs(2, 5, 13, 6, device=device,
+                         dtype=torch.float64, bias=False, teacher_form="logits")
     with pytest.raises(ValueError, match="needs kd='tsld'"):
         distillation_loss("logit", token_scale="uniform", **inputs)

@@ -2,17 +2,11 @@
 because every device is the CPU:
 
 - a batch reaches the engines through `to_device`, the one place host tensors move;
-- every tensor made for a forward or a collective is made on the engine's device, which is
-  `accelerator_device()` (cuda:LOCAL_RANK with NCCL, cpu with gloo): NCCL takes CUDA tensors only.
+- every tensor made for a forward or a collective is made on the engine's device, DeepSpeed's
+  accelerator device for this rank (cuda:LOCAL_RANK with NCCL, cpu with gloo): NCCL takes CUDA
+  tensors only.
 """
 import torch
-
-
-def accelerator_device() -> torch.device:
-    """This rank's device as DeepSpeed's accelerator names it (after `set_local_device`)."""
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
 
 
 def set_local_device(local_rank: int) -> None:

@@ -4,6 +4,7 @@ directory it would JIT-compile from), so a GPU machine can build the kernels aft
 even when the wheel was built without CUDA."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,8 +16,12 @@ from tsld_ds.ops._extension import SOURCES
 def test_a_non_editable_install_carries_and_finds_the_kernel_sources(tmp_path):
     env = {**os.environ, "TSLD_BUILD_KERNELS": "0", "PIP_NO_INDEX": "1"}
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    # Built from a copy: setuptools leaves build/ behind in the source tree it builds.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-                    str(REPO)], env=env, check=True, capture_output=True, timeout=300)
+                    str(source)], env=env, check=True, capture_output=True, timeout=300)
     [wheel] = tmp_path.glob("tsld_ds-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"tsld_ds/kernel_sources/{name}" for name in SOURCES} <= names

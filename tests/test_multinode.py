@@ -156,3 +156,17 @@ def test_lost_rank_stops_the_other_within_the_timeout(fault, tiny_llama_dir, sma
     assert int(latest.name.split("_")[1]) >= 4
     weights = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=latest.name)
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_gloo_transport_failures_count_as_a_lost_rank():
+    """Where the surviving rank waits when the timeout fires decides the message: a blocking
+    collective names gloo's source file, the wait on DeepSpeed's async all-gather does not (seen
+    in CI: a raw traceback instead of the one-line error)."""
+    from tsld_ds.train.cli import _first_sentence, _is_collective_failure
+
+    blocking = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                            "[127.0.0.1]:14479: Connection reset by peer")
+    asynchronous = RuntimeError("Application timeout caused pair closure")
+    assert _is_collective_failure(blocking) and _is_collective_failure(asynchronous)
+    assert not _is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert _first_sentence(asynchronous) == "Application timeout caused pair closure"

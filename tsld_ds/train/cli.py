@@ -62,9 +62,17 @@ def run() -> None:
     os._exit(code)
 
 
+# What gloo's transport says when a peer is gone or silent past the timeout. A blocking
+# collective names gloo's source file in its message; the wait on an async one (DeepSpeed's
+# ZeRO-3 all-gathers) gives only the text, e.g. "Application timeout caused pair closure".
+_GLOO_TRANSPORT_ERRORS = ("gloo", "pair closure", "Connection closed by peer",
+                          "Connection reset by peer")
+
+
 def _is_collective_failure(error: RuntimeError) -> bool:
     # NCCL and the rendezvous store raise DistError; gloo a RuntimeError from its transport.
-    return isinstance(error, dist.DistError) or "gloo" in str(error)
+    return isinstance(error, dist.DistError) or any(
+        text in str(error) for text in _GLOO_TRANSPORT_ERRORS)
 
 
 def _first_sentence(error: Exception) -> str:

@@ -49,7 +49,7 @@ def slurm_env(tmp_path_factory, tiny_llama_dir, small_corpus_dir):
     fixtures.mkdir()
     (fixtures / "tiny-llama").symlink_to(tiny_llama_dir)
     (fixtures / "corpus").symlink_to(small_corpus_dir)
-    write_ds_config(fixtures / "ds.json")
+    write_ds_config(fixtures / "ds.json", exact_resume=True)
     return {**os.environ, "PYTHON": sys.executable, "TSLD_SLURM_FIXTURES": str(fixtures),
             "TSLD_SLURM_WORK": str(root / "work"), "TSLD_SLURM_DIR": str(root / "cluster"),
             "TSLD_SLURM_PORT": str(free_port())}

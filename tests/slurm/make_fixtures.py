@@ -34,7 +34,7 @@ def main(root: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(builtin_tokenizer_path())
     save_tiny_model(root / "tiny-llama", tiny_llama_config(len(tokenizer)), tokenizer)
     small_corpus(root / "corpus")
-    write_ds_config(root / "ds.json")
+    write_ds_config(root / "ds.json", exact_resume=True)
 
 
 if __name__ == "__main__":

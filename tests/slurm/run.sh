@@ -149,14 +149,14 @@ wait_for_steps() {  # NAME OUTPUT_DIR N TIMEOUT: until the run has logged N step
   done
 }
 
-same_losses() {  # RUN_DIR RUN_DIR: every step's loss equal
+same_losses() {  # RUN_DIR RUN_DIR: every step's loss equal, bit for bit (ds.json resumes exactly)
   "$PYTHON" - "$1" "$2" << 'EOF'
 import json, sys
 runs = [{r["step"]: r["loss"] for r in map(json.loads, open(d + "/metrics.jsonl")) if "loss" in r}
         for d in sys.argv[1:]]
 a, b = runs
 bad = {s: (a.get(s), b.get(s)) for s in a.keys() | b.keys()
-       if s not in a or s not in b or abs(a[s] - b[s]) > 1e-5 * abs(a[s]) + 1e-6}
+       if s not in a or s not in b or a[s] != b[s]}
 assert not bad, bad
 EOF
 }

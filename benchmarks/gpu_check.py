@@ -7,10 +7,10 @@ failed stage is recorded and the next one runs.
     python3 benchmarks/gpu_check.py --dry-run --out /tmp/gc    # every stage at tiny sizes on a CPU
 
 Stages, in order:
-  kernels       builds the CUDA kernels (tsld_ds.kernels_info()) and runs tests/test_kernels_gpu.py,
-                which runs compute-sanitizer memcheck and racecheck on small cases when the tool is
-                present
-  losses        tests/test_fused_loss.py --device cuda: the fused losses against the float64
+  kernels       builds the CUDA kernels (tsld_ds.kernels_info()) and runs
+                tests/ops/test_kernels_gpu.py, which runs compute-sanitizer memcheck and racecheck
+                on small cases when the tool is present
+  losses        tests/losses/ --device cuda: the fused losses and the objective against the float64
                 reference, values and gradients, in fp64, fp32 and bf16
   default       the built-in default QAT for 50 steps on 1 GPU through the DeepSpeed launcher, with
                 ds_configs/zero3.json (fp32) and ds_configs/zero3_bf16.json; both summaries
@@ -158,7 +158,7 @@ def stage_kernels(check: Check, args) -> dict:
     if proc.returncode != 0:
         raise StageFailed("kernels: kernels_info() failed")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    counts = run_pytest(check, "kernels", ["tests/test_kernels_gpu.py", "-rs"], 300)
+    counts = run_pytest(check, "kernels", ["tests/ops/test_kernels_gpu.py", "-rs"], 300)
     figures = {"kernels_info": info, "tests": counts}
     if not counts.get("passed"):
         raise Skipped(f"no GPU kernel test ran ({info['reason']})", figures)
@@ -168,11 +168,11 @@ def stage_kernels(check: Check, args) -> dict:
 
 
 def stage_losses(check: Check, args) -> dict:
+    device = "cpu" if check.dry_run else "cuda"
+    argv = ["tests/losses/", "--device", device]
     if check.dry_run:  # the CPU suite runs all of them; here the fp32 and bf16 cases suffice
-        argv = ["tests/test_fused_loss.py", "--device", "cpu", "-k", "float32 or bf16"]
-    else:
-        argv = ["tests/test_fused_loss.py", "--device", "cuda"]
-    return {"device": argv[2], "tests": run_pytest(check, "losses", argv, 240)}
+        argv += ["-k", "float32 or bf16"]
+    return {"device": device, "tests": run_pytest(check, "losses", argv, 240)}
 
 
 def free_port() -> int:

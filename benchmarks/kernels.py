@@ -128,7 +128,7 @@ def bench_quantize(torch, args, copy_gbs, rows):
 
 def packed_copies(torch, n, k, bits, copies):
     """`copies` random packed weights on the GPU: ternary per row, or 4-bit asymmetric g128."""
-    from tsld_ds.packing import pack_weight
+    from tsld_ds.packed.format import pack_weight
 
     group = None if bits == 2 else 128
     groups = 1 if group is None else -(-k // group)

@@ -59,9 +59,11 @@ def run_case(spec):
     """Worker: build the inputs, take the baseline, run the loss; returns the measurements."""
     import torch
 
-    from tsld_ds.losses import distillation_loss
+    from tsld_ds.losses import Objective, TeacherOutput
 
     device, tokens, vocab, hidden = spec["device"], spec["tokens"], spec["vocab"], spec["hidden"]
+    objective = Objective.from_kd(spec["kd"], impl=spec["impl"], chunk_size=spec["chunk_size"],
+                                  vocab_chunk_size=spec["vocab_chunk_size"])
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     seq_len = min(spec["seq_len"], tokens)
     batch = tokens // seq_len
@@ -77,19 +79,18 @@ def run_case(spec):
         lm_head_weight = randn(vocab, hidden, std=hidden**-0.5).requires_grad_()
         labels = torch.randint(0, vocab, (batch, seq_len), device=device)
         labels[:, :8] = -100  # a prompt that is not scored
-        inputs = dict(student_hidden=student_hidden, lm_head_weight=lm_head_weight, labels=labels)
-        if spec["kd"] != "gt" and spec["teacher"] == "logits":
-            inputs.update(teacher_logits=randn(batch, seq_len, vocab, std=2.0))
-        elif spec["kd"] != "gt":
-            inputs.update(teacher_hidden=randn(batch, seq_len, hidden, std=1.0),
-                          teacher_weight=randn(vocab, hidden, std=hidden**-0.5))
+        inputs = dict(student_hidden=student_hidden, lm_head_weight=lm_head_weight, labels=labels,
+                      teacher=None)
+        if objective.needs_teacher and spec["teacher"] == "logits":
+            inputs.update(teacher=TeacherOutput(logits=randn(batch, seq_len, vocab, std=2.0)))
+        elif objective.needs_teacher:
+            inputs.update(teacher=TeacherOutput(
+                hidden=randn(batch, seq_len, hidden, std=1.0),
+                weight=randn(vocab, hidden, std=hidden**-0.5)))
         return inputs
 
     def forward_backward(inputs):
-        out = distillation_loss(spec["kd"], lm_head_bias=None, impl=spec["impl"],
-                                chunk_size=spec["chunk_size"],
-                                vocab_chunk_size=spec["vocab_chunk_size"], **inputs)
-        out["loss"].backward()
+        objective(**inputs)["loss"].backward()
         if device == "cuda":
             torch.cuda.synchronize()
         inputs["student_hidden"].grad = inputs["lm_head_weight"].grad = None

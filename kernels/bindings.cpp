@@ -101,7 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_quantize", &fused_quantize, "Fake-quantize a weight (see kernels/tsld_kernels.h)",
         py::arg("weight"), py::arg("out"), py::arg("stats"), py::arg("method"), py::arg("bits"),
         py::arg("group_size"), py::arg("stream"));
-  m.def("packed_matmul", &packed_matmul, "x @ W^T (+ bias) with W packed (see tsld_ds/packing.py)",
+  m.def("packed_matmul", &packed_matmul, "x @ W^T (+ bias) with W packed (see tsld_ds/packed/format.py)",
         py::arg("x"), py::arg("weight_packed"), py::arg("weight_scale"),
         py::arg("weight_zero_point"), py::arg("bias"), py::arg("out"), py::arg("bits"),
         py::arg("group_size"), py::arg("stream"));

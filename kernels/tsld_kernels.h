@@ -1,6 +1,6 @@
 // C++ entry points of the tsld-ds CUDA kernels. Plain C++ (no CUDA or torch headers) so that
 // the torch binding (bindings.cpp) and the kernels (*.cu) compile independently. The packed
-// weight layout is the one documented in tsld_ds/packing.py.
+// weight layout is the one documented in tsld_ds/packed/format.py.
 #pragma once
 
 #include <cstdint>

@@ -11,7 +11,7 @@ with support for cuda devices"). So each rule is checked by a mechanism that nee
   tensor made without one is on the CPU whatever the engine's device is);
 - placement: a real 1-rank QAT run plus a stand-alone evaluation, in which every batch tensor
   that reaches a decoder body or a loss must have come out of `to_device`
-  (tests/placement_probe.py records it); taking the placement call out of the training step or
+  (tests/drivers/placement_probe.py records it); taking the placement call out of the training step or
   the evaluation loop fails this test.
 """
 import ast
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO, short_run_args, write_ds_config
+from helpers import REPO, train_args, write_ds_config
 from tsld_ds.devices import pins_memory, to_device
 
 FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "linspace",
@@ -69,14 +69,14 @@ def test_to_device_moves_every_tensor_of_a_batch():
 def test_batches_reach_models_and_losses_through_to_device(tiny_teacher_dir, small_corpus_dir,
                                                            tmp_path):
     report = tmp_path / "report.json"
-    args = short_run_args(tiny_teacher_dir, small_corpus_dir, tmp_path / "run",
-                          write_ds_config(tmp_path / "ds.json"), "--kd", "tsld", "--max_steps",
-                          2, "--eval_every", 1, "--eval_max_blocks", 4, "--no_export")
+    args = train_args(tiny_teacher_dir, small_corpus_dir, tmp_path / "run",
+                      write_ds_config(tmp_path / "ds.json"), kd="tsld", max_steps=2, eval_every=1,
+                      eval_max_blocks=4, no_export=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "placement_probe.py"), str(report),
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "drivers" / "placement_probe.py"), str(report),
                            "--", *map(str, args), "--eval_model", str(tiny_teacher_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and report.is_file(), proc.stderr[-4000:]
@@ -86,5 +86,5 @@ def test_batches_reach_models_and_losses_through_to_device(tiny_teacher_dir, sma
     checked = result["checked"]
     # student and teacher forwards of 2 steps, 3 validation passes each, the stand-alone model
     assert checked.get("decoder body", 0) >= 2 * 2 + 3 + 1, checked
-    assert checked.get("distillation_loss", 0) == 2, checked
-    assert checked.get("fused_linear_cross_entropy", 0) >= 3 + 1, checked
+    assert checked.get("objective", 0) == 2, checked
+    assert checked.get("cross entropy", 0) >= 3 + 1, checked

@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 
 def load_packed(path, device=None, dtype=None):
-    """A `--format packed` directory as a ready causal LM (see tsld_ds.convert.packed)."""
-    from tsld_ds.convert.packed import load_packed as load
+    """A `--format packed` directory as a ready causal LM (see tsld_ds.packed.load)."""
+    from tsld_ds.packed.load import load_packed as load
 
     return load(path, device=device, dtype=dtype)
 

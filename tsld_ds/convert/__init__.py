@@ -1,4 +1,2 @@
-"""Checkpoint conversion: a training run -> Hugging Face fake-quant, packed or GGUF."""
-from tsld_ds.convert.packed import load_packed
-
-__all__ = ["load_packed"]
+"""Checkpoint conversion: a training run -> Hugging Face fake-quant, packed or GGUF
+(`launch/convert.py`); `fake_quant` also writes the live run's final export."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tsld_ds.convert.report import Report
 from tsld_ds.errors import UsageError
-from tsld_ds.export import DTYPES, fake_quant_tensors
+from tsld_ds.convert.fake_quant import DTYPES, fake_quant_tensors
 from tsld_ds.quant import quantized_modules
 
 FORMATS = ("hf", "packed", "gguf")

@@ -1,4 +1,4 @@
-"""GGUF for llama.cpp (DESIGN §4): ternary Linears as TQ2_0, embeddings and output head F16,
+"""GGUF for llama.cpp (docs/method.md §5.3): ternary Linears as TQ2_0, embeddings and output head F16,
 norms F32, hyper-parameters and the SentencePiece-style vocabulary in the metadata.
 
 TQ2_0 keeps one fp16 scale per block of 256 weights along a row and codes trit + 1, so a

@@ -4,7 +4,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from tsld_ds.quant import QuantConfig
@@ -83,6 +82,3 @@ class Report:
                                 "failing": self.failures},
         }
 
-
-def dtype_bytes(tensor: Tensor, dtype: Optional[torch.dtype]) -> int:
-    return tensor.numel() * (dtype or tensor.dtype).itemsize

@@ -9,7 +9,6 @@ one tensor.
 import argparse
 import contextlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +20,7 @@ from tsld_ds.errors import UsageError
 from tsld_ds.models import load_tokenizer, torch_dtype_of
 from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.train import checkpoint as ckpt
-from tsld_ds.train.args import build_parser
-from tsld_ds.train.build import quant_config_of
+from tsld_ds.train.args import quant_config_of, read_run_args
 from tsld_ds.train.universal import MODEL_STATES, model_states_header
 
 # The DistillationStudent that the engine trains holds the Hugging Face model as `.model`.
@@ -32,7 +30,6 @@ STUDENT_PREFIX = "model."
 @dataclass
 class TrainedCheckpoint:
     path: Path          # OUTPUT_DIR/checkpoints/step_N: DeepSpeed's files
-    run_dir: Path       # OUTPUT_DIR: args.json
     args: argparse.Namespace
     header: dict        # rank 0's model-states file without the module weights
 
@@ -62,16 +59,8 @@ def find_checkpoint(path) -> TrainedCheckpoint:
     if not (run_dir / "args.json").is_file():
         raise UsageError(f"checkpoint '{path}' has no args.json in its run directory '{run_dir}': "
                          "the student's layout cannot be rebuilt")
-    return TrainedCheckpoint(path=path, run_dir=run_dir, args=read_run_args(run_dir),
+    return TrainedCheckpoint(path=path, args=read_run_args(run_dir),
                              header=model_states_header(path))
-
-
-def read_run_args(run_dir: Path) -> argparse.Namespace:
-    """The run's options: args.json over the training parser's defaults (older runs may lack
-    options added since)."""
-    args = build_parser().parse_args([])
-    vars(args).update(json.loads((Path(run_dir) / "args.json").read_text()))
-    return args
 
 
 def consolidated_weights(checkpoint: TrainedCheckpoint) -> dict:

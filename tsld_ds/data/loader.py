@@ -17,8 +17,9 @@ def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 
 
 def make_dataloader(dataset: Dataset, batch_size: int, sampler: ResumableDistributedSampler, *,
-                    drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over a packed dataset (column "input_ids") in `sampler`'s order.
+                    pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over a packed dataset (column "input_ids") in `sampler`'s order, in full
+    batches (an epoch's incomplete last batch is dropped).
 
     It runs in the calling process on purpose: rows are already tokenized, so fetching is cheap,
     and without worker prefetching the sampler has handed out exactly the samples the caller has
@@ -29,6 +30,28 @@ def make_dataloader(dataset: Dataset, batch_size: int, sampler: ResumableDistrib
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate_blocks,
-        drop_last=drop_last,
+        drop_last=True,
         pin_memory=pin_memory,
     )
+
+
+class EpochBatches:
+    """Batches of `sampler`'s order without end, epoch after epoch (each a new seeded order). The
+    sampler owns the data position: its `state_dict()` is where a resume starts."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler: ResumableDistributedSampler, *,
+                 pin_memory: bool = False):
+        self.sampler = sampler
+        self.loader = make_dataloader(dataset, batch_size, sampler, pin_memory=pin_memory)
+        self._batches = iter(self.loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._batches = iter(self.loader)
+            return next(self._batches)

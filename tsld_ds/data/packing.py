@@ -6,7 +6,7 @@ import pyarrow as pa
 from datasets import Dataset, Features, Sequence, Value
 
 
-def tokenize_and_pack(dataset: Dataset, tokenizer, block_size: int, *, num_proc: int | None = None,
+def tokenize_and_pack(dataset: Dataset, tokenizer, block_size: int, *,
                       desc: str = "dataset") -> Dataset:
     """Return a dataset with one column "input_ids" of rows of exactly `block_size` token ids.
 
@@ -29,7 +29,6 @@ def tokenize_and_pack(dataset: Dataset, tokenizer, block_size: int, *, num_proc:
     tokenized = dataset.map(
         tokenize,
         batched=True,
-        num_proc=num_proc,
         remove_columns=dataset.column_names,
         features=Features({"input_ids": Sequence(Value("int32"))}),
         desc=f"Tokenizing {desc}",

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tsld_ds.errors import UsageError
-from tsld_ds.export import DTYPES
+from tsld_ds.convert.fake_quant import DTYPES
 from tsld_ds.train.args import build_parser as training_parser
 
 # Data options a run directory supplies from its args.json when not given here.

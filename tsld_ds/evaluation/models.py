@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM
 
-from tsld_ds.convert.packed import load_packed, read_quantization_config
-from tsld_ds.convert.source import read_run_args
 from tsld_ds.errors import UsageError
 from tsld_ds.models import check_model_source, load_tokenizer
+from tsld_ds.packed.load import load_packed, read_quantization_config
+from tsld_ds.train.args import read_run_args
 
 
 @dataclass

@@ -1,13 +1,58 @@
-"""Perplexity of a stand-alone model by training's own method (`tsld_ds.train.evaluate`):
-non-overlapping blocks of the packed validation split, summed next-token NLL from the final hidden
-states and the lm_head (as training's eval computes it) over all predicted tokens."""
+"""Validation perplexity, the one method training and `launch/eval.py` share: non-overlapping
+blocks of the packed validation split, next-token NLL from the final hidden states and the
+lm_head (the fused loss, so no [tokens, vocab] logits), summed over all predicted tokens.
+
+Under ZeRO-3 each forward is a collective (parameters are gathered from all ranks), so every rank
+runs the same number of batches: ranks short of a full share run padding rows whose labels are
+all ignored. Without a process group (`launch/eval.py`) the one process takes every block.
+"""
+import math
+
 import torch
+import torch.distributed as dist
 
 from tsld_ds.data import load_text_splits, tokenize_and_pack
+from tsld_ds.devices import to_device
 from tsld_ds.errors import UsageError
+from tsld_ds.losses import FusedLinearCrossEntropyLoss
 from tsld_ds.models import check_plain_lm_head, model_body
-from tsld_ds.train.evaluate import perplexity
-from tsld_ds.train.student import summed_nll
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def perplexity(nll_fn, blocks, batch_size: int, *, device, max_blocks: int | None = None) -> float:
+    """`nll_fn(input_ids, labels) -> (summed NLL, predicted tokens)` over non-overlapping blocks,
+    fed on `device` (the engine's or the model's); the sums stay there until the end."""
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    n = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
+    mine = list(range(rank, n, world))
+    per_rank = math.ceil(n / world)
+    mine += [-1] * (per_rank - len(mine))
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in range(0, per_rank, batch_size):
+        idx = mine[start:start + batch_size]
+        input_ids = torch.tensor(blocks[[max(i, 0) for i in idx]]["input_ids"], dtype=torch.long,
+                                 device="cpu")
+        labels = input_ids.clone()
+        labels[torch.tensor([i < 0 for i in idx], device="cpu")] = IGNORE_INDEX
+        batch = to_device({"input_ids": input_ids, "labels": labels}, device)
+        nll, count = nll_fn(batch["input_ids"], batch["labels"])
+        totals += torch.stack([nll.detach().double(), count.detach().double()])
+    if distributed:
+        dist.all_reduce(totals)
+    return math.exp(totals[0].item() / totals[1].item())
+
+
+def summed_nll(hidden, weight, bias, labels, *, chunk_size: int | None = None,
+               vocab_chunk_size: int | None = None):
+    """(summed next-token NLL, number of predicted tokens) from the final hidden states and the
+    lm_head, by the fused loss with these blocks (default: its own choice)."""
+    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+    cross_entropy = FusedLinearCrossEntropyLoss(chunk_size=chunk_size,
+                                                vocab_chunk_size=vocab_chunk_size)
+    return cross_entropy(hidden, weight, labels, lm_head_bias=bias) * n_tokens, n_tokens
 
 
 def validation_blocks(tokenizer, dataset: str, *, dataset_config=None, text_column=None,

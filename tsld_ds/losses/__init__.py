@@ -1,14 +1,15 @@
-"""Distillation losses: references on full logits and fused lm_head versions that never build them.
-
-Contract names (DESIGN §3): tsld_loss, logit_kd_loss, fused_linear_tsld_loss.
-"""
-from .distill import KD_CHOICES, LOSS_IMPLS, distillation_loss
-from .fused import (
-    default_chunk_size,
-    fused_linear_cross_entropy,
-    fused_linear_kd_loss,
+"""Distillation losses (docs/method.md §2-3): the training `Objective`, the fused lm_head loss that
+never builds [tokens, vocab] logits (functional and `nn.Module` forms), and the plain-PyTorch
+references it is tested against."""
+from .fused import default_chunk_size, fused_linear_loss
+from .modules import (
+    FusedLinearCrossEntropyLoss,
+    FusedLinearLogitKDLoss,
+    FusedLinearLoss,
+    FusedLinearTSLDLoss,
     fused_linear_tsld_loss,
 )
+from .objective import KD_CHOICES, LOSS_IMPLS, Objective, TeacherOutput
 from .positions import TOKEN_SCALES, next_token_targets, token_scale
 from .reference import gt_loss, l2l_loss, logit_kd_loss, tsld_loss
 
@@ -16,10 +17,14 @@ __all__ = [
     "KD_CHOICES",
     "LOSS_IMPLS",
     "TOKEN_SCALES",
+    "FusedLinearCrossEntropyLoss",
+    "FusedLinearLogitKDLoss",
+    "FusedLinearLoss",
+    "FusedLinearTSLDLoss",
+    "Objective",
+    "TeacherOutput",
     "default_chunk_size",
-    "distillation_loss",
-    "fused_linear_cross_entropy",
-    "fused_linear_kd_loss",
+    "fused_linear_loss",
     "fused_linear_tsld_loss",
     "gt_loss",
     "l2l_loss",

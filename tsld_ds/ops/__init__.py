@@ -2,7 +2,7 @@
 
 - `fused_quantize(weight, cfg)`: QuantLinear's fake-quantized weight in one fused pass (None
   where the kernel does not apply; the reference is `tsld_ds.quant.quantize_weight`).
-- `packed_linear(x, ...)`: W2A16 / W4A16 matmul on packed weights (`tsld_ds.packing`).
+- `packed_linear(x, ...)`: W2A16 / W4A16 matmul on packed weights (`tsld_ds.packed.format`).
 - `kernels_info()` / `kernels_summary()`: which implementation runs here, and why.
 Set TSLD_DISABLE_KERNELS=1 to force the references.
 """

@@ -18,7 +18,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "TSLD_DISABLE_KERNELS"
-SOURCES = ("bindings.cpp", "fused_quantize.cu", "packed_matmul.cu", "errors.cu")
+BINDING = "bindings.cpp"
 _PACKAGE = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = (_PACKAGE / "kernel_sources", _PACKAGE.parent / "kernels")
 JIT_NAME = "tsld_ds_kernels"
@@ -45,10 +45,16 @@ def _build_directory() -> Optional[str]:
     return str(path)
 
 
+def jit_sources(directory: Path) -> list:
+    """What the JIT build compiles: the torch binding and every CUDA file beside it, as setup.py's
+    ahead-of-time build does."""
+    return [directory / BINDING, *sorted(directory.glob("*.cu"))]
+
+
 def kernel_sources_dir() -> Optional[Path]:
-    """The first of SOURCE_DIRS that holds every CUDA source, or None."""
+    """The first of SOURCE_DIRS that holds the binding and CUDA sources, or None."""
     for path in SOURCE_DIRS:
-        if all((path / name).is_file() for name in SOURCES):
+        if (path / BINDING).is_file() and any(path.glob("*.cu")):
             return path
     return None
 
@@ -59,7 +65,8 @@ def aot_build_present() -> bool:
     return importlib.util.find_spec("tsld_ds._kernels") is not None
 
 
-def _short(error: Exception, limit: int = 2000) -> str:
+def _short(error: Exception) -> str:
+    limit = 2000
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -75,15 +82,15 @@ def _load() -> Dict[str, object]:
         aot_problem = None if isinstance(error, ModuleNotFoundError) else _short(error)
     sources = kernel_sources_dir()
     if sources is None:
-        reason = (f"no ahead-of-time build, and no directory of {SOURCE_DIRS} holds all the CUDA "
-                  f"sources {SOURCES}")
+        reason = (f"no ahead-of-time build, and no directory of {SOURCE_DIRS} holds the CUDA "
+                  f"sources ({BINDING} and *.cu)")
         return {"module": None, "build": None, "reason": reason}
     try:
         from torch.utils.cpp_extension import load
 
         module = load(
             name=JIT_NAME,
-            sources=[str(sources / name) for name in SOURCES],
+            sources=[str(path) for path in jit_sources(sources)],
             extra_include_paths=[str(sources)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "-lineinfo"],

@@ -1,4 +1,4 @@
-"""W2A16 / W4A16 linear on packed weights (tsld_ds.packing): the CUDA kernel
+"""W2A16 / W4A16 linear on packed weights (tsld_ds.packed.format): the CUDA kernel
 (kernels/packed_matmul.cu) where it applies, else the PyTorch reference."""
 
 from typing import Optional

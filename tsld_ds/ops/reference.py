@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..packing import dequantize_packed
+from tsld_ds.packed.format import dequantize_packed
 
 
 def packed_linear_reference(
@@ -20,7 +20,7 @@ def packed_linear_reference(
     bits: int,
     group_size: Optional[int],
 ) -> Tensor:
-    """x [..., K] @ W^T + bias with W dequantized from the packed tensors (tsld_ds.packing).
+    """x [..., K] @ W^T + bias with W dequantized from the packed tensors (tsld_ds.packed.format).
     Like the kernel it accumulates in float32 (float64 for float64 x) and rounds once to x's
     dtype."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,4 +1,4 @@
-"""Weight fake-quantizers (DESIGN §1): each returns the dequantized weight.
+"""Weight fake-quantizers (docs/method.md §1): each returns the dequantized weight.
 
 Every quantizer works on a block view [rows, n_blocks, block_len] of the weight and reduces its
 statistics over the last dim, so per-tensor, per-channel and per-group quantization share one

@@ -1,3 +1,3 @@
-from tsld_ds.teacher.engine import TeacherEngine, TeacherOutput, teacher_ds_config
+from tsld_ds.teacher.engine import TeacherEngine, teacher_ds_config
 
-__all__ = ["TeacherEngine", "TeacherOutput", "teacher_ds_config"]
+__all__ = ["TeacherEngine", "teacher_ds_config"]

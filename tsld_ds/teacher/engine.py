@@ -6,12 +6,12 @@ hidden states and lends its lm_head (gathered) instead of [tokens, vocab] logits
 """
 import contextlib
 import copy
-from dataclasses import dataclass
 
 import deepspeed
 import torch
 from torch import nn
 
+from tsld_ds.losses import TeacherOutput
 from tsld_ds.models import model_body
 
 # Keys of a student DeepSpeed config that also describe how the teacher must run.
@@ -37,18 +37,9 @@ def teacher_ds_config(student_config: dict, teacher_config: dict | None = None) 
     return config
 
 
-@dataclass
-class TeacherOutput:
-    hidden: torch.Tensor | None = None          # final hidden states [B, L, H] (fused loss)
-    logits: torch.Tensor | None = None          # [B, L, V] (naive loss)
-    hidden_states: tuple | None = None          # every block's output (l2l)
-    attentions: tuple | None = None             # every block's attention scores (l2l)
-    weight: torch.Tensor | None = None          # gathered lm_head weight, with `hidden`
-    bias: torch.Tensor | None = None
-
-
 class _TeacherForward(nn.Module):
-    """What the engine runs: the body, and the lm_head only when logits are asked for."""
+    """What the engine runs: the body, and the lm_head only when logits are asked for. Returns
+    (hidden states or logits, every block's hidden states, attention maps)."""
 
     def __init__(self, model):
         super().__init__()
@@ -57,14 +48,10 @@ class _TeacherForward(nn.Module):
     def forward(self, input_ids, *, want_logits: bool, want_layers: bool):
         out = model_body(self.model)(input_ids=input_ids, output_hidden_states=want_layers,
                                      output_attentions=want_layers, use_cache=False)
-        hidden = out.last_hidden_state
-        logits = self.model.get_output_embeddings()(hidden) if want_logits else None
-        return TeacherOutput(
-            hidden=None if want_logits else hidden,
-            logits=logits,
-            hidden_states=out.hidden_states if want_layers else None,
-            attentions=out.attentions if want_layers else None,
-        )
+        final = out.last_hidden_state
+        if want_logits:
+            final = self.model.get_output_embeddings()(final)
+        return final, out.hidden_states, out.attentions
 
 
 class TeacherEngine:
@@ -75,25 +62,27 @@ class TeacherEngine:
         self.engine, *_ = deepspeed.initialize(model=_TeacherForward(model), config=ds_config)
         self.engine.eval()
 
-    def partitioning(self) -> dict:
-        """Elements of the teacher held by this rank vs in the whole model."""
+    def partitioning(self) -> tuple[int, int]:
+        """(elements of the teacher in the whole model, elements held by this rank)."""
         params = list(self.model.parameters())
         full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-        return {"teacher_numel": full, "teacher_numel_this_rank": local}
+        return full, local
 
     @contextlib.contextmanager
     def outputs(self, input_ids, *, want_logits: bool = False, want_layers: bool = False):
-        """Runs the teacher on a micro-batch; with hidden states (the fused path) its lm_head
-        weight and bias stay gathered until the block ends, for the loss to read."""
+        """Runs the teacher on a micro-batch and yields its `TeacherOutput`: logits, or (the
+        fused path) its final hidden states with its lm_head, whose weight and bias stay gathered
+        until the block ends, for the loss to read."""
         with torch.no_grad():
-            out = self.engine(input_ids, want_logits=want_logits, want_layers=want_layers)
+            final, hidden_states, attentions = self.engine(input_ids, want_logits=want_logits,
+                                                           want_layers=want_layers)
+        layers = dict(hidden_states=hidden_states, attentions=attentions) if want_layers else {}
         if want_logits:
-            yield out
+            yield TeacherOutput(logits=final, **layers)
             return
         head = self.model.get_output_embeddings()
-        out.bias = getattr(head, "bias", None)
-        params = [p for p in (head.weight, out.bias) if p is not None]
+        bias = getattr(head, "bias", None)
+        params = [p for p in (head.weight, bias) if p is not None]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            out.weight = head.weight
-            yield out
+            yield TeacherOutput(hidden=final, weight=head.weight, bias=bias, **layers)

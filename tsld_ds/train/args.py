@@ -4,10 +4,14 @@ Batch size, precision, gradient accumulation and clipping come from the DeepSpee
 other knob of a run is an option here, with its default shown in `--help`.
 """
 import argparse
+import json
+from pathlib import Path
 
 from tsld_ds.data import BUILTIN_DATASET
-from tsld_ds.losses import KD_CHOICES, TOKEN_SCALES
+from tsld_ds.errors import UsageError
+from tsld_ds.losses import KD_CHOICES, TOKEN_SCALES, Objective
 from tsld_ds.models import BUILTIN_MODEL
+from tsld_ds.quant import QuantConfig
 
 BITS_CHOICES = (2, 4, 8, 16)
 DEFAULT_MAX_STEPS = 300
@@ -136,9 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def loss_chunks(args) -> dict:
-    """The fused loss's block sizes, as its keyword arguments."""
-    return dict(chunk_size=args.loss_chunk_size, vocab_chunk_size=args.loss_vocab_chunk_size)
+def objective_of(args) -> Objective:
+    """The training objective of the options; ValueError for a combination it refuses."""
+    return Objective.from_kd(args.kd, temperature=args.kd_temperature,
+                             token_scale=args.token_scale, impl=args.loss_impl,
+                             chunk_size=args.loss_chunk_size,
+                             vocab_chunk_size=args.loss_vocab_chunk_size)
+
+
+def quant_config_of(args) -> QuantConfig | None:
+    """The student's weight quantizer; None for --bits 16 (full precision)."""
+    if args.bits == 16:
+        return None
+    try:
+        return QuantConfig(bits=args.bits, method=args.quant_method, granularity=args.granularity,
+                           group_size=args.group_size, init_scale=args.init_scale)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def read_run_args(run_dir) -> argparse.Namespace:
+    """A run's options: its args.json over the parser's defaults (older runs may lack options
+    added since)."""
+    args = build_parser().parse_args([])
+    vars(args).update(json.loads((Path(run_dir) / "args.json").read_text()))
+    return args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,10 +185,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_steps = DEFAULT_MAX_STEPS
     if args.bits == 16 and args.quant_method is not None:
         parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full precision")
-    if args.token_scale is not None and args.kd != "tsld":
+    if args.token_scale is not None and Objective.from_kd(args.kd).soft != "tsld":
         parser.error(f"--token_scale weighs the TSLD term; it needs --kd tsld, not --kd {args.kd}")
     args.token_scale = args.token_scale or "confidence"
-    if args.from_scratch and args.kd != "gt" and args.teacher is None:
+    try:
+        objective = objective_of(args)
+    except ValueError as e:
+        parser.error(f"--kd {args.kd}: {e}")
+    if args.from_scratch and objective.needs_teacher and args.teacher is None:
         parser.error("--from_scratch with distillation needs a separate --teacher "
                      "(a randomly initialised model cannot teach itself)")
     return args

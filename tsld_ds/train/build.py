@@ -1,5 +1,6 @@
-"""Everything a run needs before its first step: checked inputs, the process group, tokenizer and
-data, the teacher's inference engine and the quantized student's training engine."""
+"""Everything a run needs before its first step, top to bottom in `build_run`: checked inputs, the
+process group and seeds, where a resume starts, tokenizer and data, the objective, the teacher's
+inference engine and the quantized student's training engine."""
 import json
 import math
 import os
@@ -15,16 +16,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tsld_ds import extras
+from tsld_ds import gpu_extras
 from tsld_ds.data import (ResumableDistributedSampler, check_tokenizers_match, load_text_splits,
                           tokenize_and_pack)
 from tsld_ds.devices import set_local_device
 from tsld_ds.errors import UsageError
+from tsld_ds.losses import Objective
 from tsld_ds.models import check_model_source, load_causal_lm, load_tokenizer, vocab_size_of
 from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.teacher import TeacherEngine, teacher_ds_config
 from tsld_ds.train import checkpoint as ckpt
-from tsld_ds.train.args import loss_chunks
+from tsld_ds.train import universal
+from tsld_ds.train.args import objective_of, quant_config_of
 from tsld_ds.train.schedule import lr_lambda
 from tsld_ds.train.student import DistillationStudent
 
@@ -36,6 +39,7 @@ class Run:
     student_model: object          # the HF model inside the engine (quantized in place)
     teacher: TeacherEngine | None
     tokenizer: object
+    objective: Objective
     quant_config: QuantConfig | None
     train_blocks: object
     val_blocks: object
@@ -43,6 +47,7 @@ class Run:
     micro_batch: int
     accumulation: int
     total_steps: int
+    resume_from: Path | None       # the checkpoint to continue from (--resume)
 
 
 def read_ds_config(path: str) -> dict:
@@ -61,18 +66,21 @@ def read_ds_config(path: str) -> dict:
     return config
 
 
-def check_inputs(args) -> None:
-    """Everything that can be checked before processes start talking to each other."""
-    extras.check_options(args)
+def check_inputs(args) -> Path | None:
+    """Everything that can be checked before processes start talking to each other; returns the
+    checkpoint that --resume names."""
+    gpu_extras.check_options(args)
     check_model_source(args.model, "--model")
     if args.teacher:
         check_model_source(args.teacher, "--teacher")
     if args.tokenizer:
         check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
-    if args.resume is None and not args.overwrite_output_dir and \
-            ckpt.latest_checkpoint(args.output_dir) is not None:
+    if args.resume is not None:
+        return ckpt.resolve_resume(args.resume, args.output_dir)
+    if not args.overwrite_output_dir and ckpt.latest_checkpoint(args.output_dir) is not None:
         raise UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume "
                          "latest to continue it or --overwrite_output_dir to start over")
+    return None
 
 
 def init_distributed(timeout_s: float) -> None:
@@ -101,6 +109,7 @@ def _unlink_shm_allreduce_buffer() -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """The one place a run seeds Python's, NumPy's and torch's generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -132,30 +141,22 @@ def load_blocks(args, tokenizer):
     return blocks
 
 
-def quant_config_of(args) -> QuantConfig | None:
-    if args.bits == 16:
-        return None
-    try:
-        return QuantConfig(bits=args.bits, method=args.quant_method, granularity=args.granularity,
-                           group_size=args.group_size, init_scale=args.init_scale)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def build_run(args) -> Run:
     """Checks the inputs, starts the process group and builds both engines."""
     ds_config = read_ds_config(args.ds_config)
     teacher_config = read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None
-    check_inputs(args)
+    resume_from = check_inputs(args)
+    objective = objective_of(args)
     quant_config = quant_config_of(args)
     init_distributed(args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     seed_everything(args.seed)
+    if resume_from is not None:  # at another world size: its universal form, converted once
+        universal.prepare_resume(resume_from, ds_config)
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     teacher_name = args.teacher or args.model
-    uses_teacher = args.kd != "gt"
-    if uses_teacher:
+    if objective.needs_teacher:
         try:
             check_tokenizers_match(tokenizer, load_tokenizer(args.tokenizer or teacher_name))
         except ValueError as e:
@@ -164,15 +165,15 @@ def build_run(args) -> Run:
     train_blocks, val_blocks = load_blocks(args, tokenizer)
 
     # The teacher loads first: with `--teacher` defaulting to `--model` it must see the weights
-    # before the student's surgery.
-    attn = "eager" if args.kd == "l2l" else args.attn_implementation
+    # before the student's surgery. The layer term needs attention maps: eager attention.
+    attn = "eager" if objective.layers else args.attn_implementation
     teacher = None
-    if uses_teacher:
+    if objective.needs_teacher:
         teacher_model = load_causal_lm(teacher_name, teacher_ds_config(ds_config, teacher_config),
                                        attn_implementation=attn, what="--teacher")
     student_model = load_causal_lm(args.model, ds_config, from_scratch=args.from_scratch,
                                    attn_implementation=attn, what="--model")
-    if uses_teacher:
+    if objective.needs_teacher:
         if vocab_size_of(teacher_model) != vocab_size_of(student_model):
             raise UsageError(f"teacher '{teacher_name}' predicts {vocab_size_of(teacher_model)} "
                              f"tokens but student '{args.model}' {vocab_size_of(student_model)}: "
@@ -180,9 +181,7 @@ def build_run(args) -> Run:
         teacher = TeacherEngine(teacher_model, teacher_ds_config(ds_config, teacher_config))
     if quant_config is not None:
         quantize_model(student_model, quant_config)
-    student = DistillationStudent(student_model, kd=args.kd, temperature=args.kd_temperature,
-                                  token_scale=args.token_scale, loss_impl=args.loss_impl,
-                                  chunks=loss_chunks(args))
+    student = DistillationStudent(student_model, objective)
 
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     accumulation = ds_config.get("gradient_accumulation_steps", 1)
@@ -198,7 +197,7 @@ def build_run(args) -> Run:
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = None
     if args.optimizer == "adamw_8bit":
-        optimizer = extras.adamw_8bit(trainable, ds_config, args.lr)
+        optimizer = gpu_extras.adamw_8bit(trainable, ds_config, args.lr)
         ds_config.pop("optimizer", None)
         ds_config["zero_allow_untested_optimizer"] = True
     else:
@@ -207,8 +206,11 @@ def build_run(args) -> Run:
         model=student, model_parameters=trainable, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(args.lr_schedule, args.warmup_steps, total_steps)))
+    # Dropout differs across ranks, the data order does not; a resume restores the saved state.
+    seed_everything(args.seed + rank)
 
     return Run(engine=engine, scheduler=scheduler, student_model=student_model, teacher=teacher,
-               tokenizer=tokenizer, quant_config=quant_config, train_blocks=train_blocks,
-               val_blocks=val_blocks, sampler=sampler, micro_batch=micro_batch,
-               accumulation=accumulation, total_steps=total_steps)
+               tokenizer=tokenizer, objective=objective, quant_config=quant_config,
+               train_blocks=train_blocks, val_blocks=val_blocks, sampler=sampler,
+               micro_batch=micro_batch, accumulation=accumulation, total_steps=total_steps,
+               resume_from=resume_from)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from tsld_ds.errors import UsageError
-from tsld_ds.train import fault_injection
+from tsld_ds.train.hooks import TrainHooks
 
 LATEST = "latest"
 _TMP_SUFFIX = ".tmp"
@@ -49,7 +49,8 @@ def _set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
-def save_checkpoint(engine, output_dir, step: int, client_state: dict) -> Path:
+def save_checkpoint(engine, output_dir, step: int, client_state: dict,
+                    hooks: TrainHooks) -> Path:
     """Writes checkpoints/step_N atomically on every rank; returns its final path."""
     root = checkpoint_dir(output_dir)
     tag = tag_for_step(step)
@@ -61,7 +62,7 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict) -> Path:
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), root / tmp_tag / f"rng_state_rank{rank}.pt")
-    fault_injection.kill_in_save(step)
+    hooks.checkpoint_files_written(step)
     dist.barrier()  # every rank's files are complete
     if rank == 0:
         # An older save of this step (a run resumed from an earlier checkpoint) may be what
@@ -84,12 +85,13 @@ class CheckpointSaver:
     """Saves one run's checkpoints, each step at most once: a stop right after a periodic save,
     or a finished run resumed, keeps the checkpoint already on disk instead of writing it again."""
 
-    def __init__(self, engine, output_dir, saved_step: int | None = None):
+    def __init__(self, engine, output_dir, saved_step: int | None, hooks: TrainHooks):
         self.engine, self.output_dir, self.saved_step = engine, output_dir, saved_step
+        self.hooks = hooks
 
     def save(self, step: int, client_state: dict) -> Path:
         if step != self.saved_step:
-            save_checkpoint(self.engine, self.output_dir, step, client_state)
+            save_checkpoint(self.engine, self.output_dir, step, client_state, self.hooks)
             self.saved_step = step
         return checkpoint_dir(self.output_dir) / tag_for_step(step)
 

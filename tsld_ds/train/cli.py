@@ -15,11 +15,12 @@ import torch.distributed as dist
 from tsld_ds.errors import UsageError
 from tsld_ds.train.args import parse_args
 from tsld_ds.train.checkpoint import latest_checkpoint
+from tsld_ds.train.hooks import TrainHooks
 from tsld_ds.train.nonfinite import NonFiniteLoss
 from tsld_ds.train.signals import StopSignals
 
 
-def main(argv=None) -> int:
+def main(argv=None, hooks: TrainHooks | None = None) -> int:
     args = parse_args(argv)
     stop = StopSignals()  # before the slow imports: a notice that comes during set-up counts too
     # torch.distributed deprecation notices raised from inside DeepSpeed, once per collective.
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     from tsld_ds.train.loop import train  # heavy imports after --help and option errors
 
     try:
-        train(args, stop)
+        train(args, stop, hooks)
         dist.barrier()  # rank 0 may still be writing the export: nobody tears down before it
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -49,14 +50,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def run() -> None:
+def run(hooks: TrainHooks | None = None) -> None:
     """Entry point of launch/train.py and `tsld-train`: `main()`, then exit at once.
 
     Every file is closed and the process group destroyed by then. A normal interpreter exit
     would go on to destroy DeepSpeed's and gloo's C++ objects while their threads may still
     run, which now and then aborts a rank that is done ("terminate called without an active
     exception", exit -6) and turns a finished run into a failed one."""
-    code = main()
+    code = main(hooks=hooks)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,8 +1,9 @@
 """One QAT run, top to bottom.
 
-build both engines -> perplexity before -> optimizer steps (each: per micro-batch, teacher outputs
--> student forward with the loss -> backward -> engine step; then metrics, periodic eval and
-checkpoints) -> perplexity after, final checkpoint, Hugging Face export, summary.
+build both engines (`build.py`) -> perplexity before -> optimizer steps (each: per micro-batch,
+`micro_step`: teacher outputs -> student forward with the loss -> backward -> engine step; then
+metrics, periodic eval and checkpoints) -> perplexity after, final checkpoint, Hugging Face
+export, summary.
 
 A stop signal (SIGUSR1/SIGTERM: preemption, time limit) ends the run after the current step with a
 checkpoint; a NaN/inf loss skips the batch on every rank, and too many in a row stop the run, also
@@ -16,23 +17,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tsld_ds.data import make_dataloader
+from tsld_ds.data import EpochBatches
 from tsld_ds.devices import pins_memory, to_device
-from tsld_ds.export import export_hf
+from tsld_ds.evaluation.perplexity import perplexity, summed_nll
 from tsld_ds.train import checkpoint as ckpt
-from tsld_ds.train import fault_injection
 from tsld_ds.train import universal
-from tsld_ds.train.args import loss_chunks
 from tsld_ds.train.build import Run, build_run
-from tsld_ds.train.evaluate import perplexity
-from tsld_ds.train.metrics import MetricsLog, format_summary
+from tsld_ds.train.export import export_hf
+from tsld_ds.train.hooks import TrainHooks
+from tsld_ds.train.metrics import MetricsLog, RunSummary
 from tsld_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
 from tsld_ds.train.signals import StopSignals
-from tsld_ds.train.student import summed_nll
 
 
-def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int, *, want_logits: bool,
-               want_layers: bool) -> dict | None:
+def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int,
+               hooks: TrainHooks) -> dict | None:
     """One micro-batch: teacher outputs -> student forward and loss -> backward -> engine step
     (DeepSpeed applies the optimizer at the gradient-accumulation boundary). Returns the loss
     terms (detached, on the engine's device), or None when the loss is NaN/inf on some rank: then
@@ -42,9 +41,11 @@ def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int, *, w
     if run.teacher is None:
         losses = run.engine(input_ids, labels)
     else:
-        with run.teacher.outputs(input_ids, want_logits=want_logits, want_layers=want_layers) as t:
-            losses = run.engine(input_ids, labels, t)
-    losses = fault_injection.poison_losses(losses)
+        objective = run.objective
+        with run.teacher.outputs(input_ids, want_logits=objective.teacher_logits,
+                                 want_layers=objective.layers) as teacher:
+            losses = run.engine(input_ids, labels, teacher)
+    losses = hooks.loss_terms(losses)
     if not nonfinite.all_finite(losses, step):
         return None
     run.engine.backward(losses["loss"])
@@ -66,7 +67,9 @@ def student_perplexity(run: Run, args) -> float:
 def teacher_perplexity(run: Run, args) -> float:
     def nll(input_ids, labels):
         with run.teacher.outputs(input_ids) as t:
-            return summed_nll(t.hidden, t.weight, t.bias, labels, loss_chunks(args))
+            return summed_nll(t.hidden, t.weight, t.bias, labels,
+                              chunk_size=run.objective.chunk_size,
+                              vocab_chunk_size=run.objective.vocab_chunk_size)
 
     return perplexity(nll, run.val_blocks, run.micro_batch, device=run.engine.device,
                       max_blocks=args.eval_max_blocks)
@@ -92,7 +95,8 @@ class StepWindow:
         return dict(zip(self.sums, values.tolist()))
 
 
-def train(args, stop: StopSignals) -> dict:
+def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummary:
+    hooks = hooks or TrainHooks()
     wall_start = time.time()
     run = build_run(args)
     engine, sampler = run.engine, run.sampler
@@ -100,14 +104,10 @@ def train(args, stop: StopSignals) -> dict:
     is_main = rank == 0
 
     step = 0
-    if args.resume:
-        resume_from = ckpt.resolve_resume(args.resume, args.output_dir)
-        state = universal.load_checkpoint(engine, resume_from)  # at any world size
+    if run.resume_from is not None:
+        state = universal.load_checkpoint(engine, run.resume_from)  # at any world size
         step = state["step"]
         sampler.load_state_dict(state["sampler"])
-    else:
-        torch.manual_seed(args.seed + rank)  # dropout differs across ranks, data order does not
-    epoch, consumed = sampler.state_dict()["epoch"], sampler.state_dict()["consumed"]
     if is_main:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "args.json").write_text(json.dumps(vars(args), indent=2))
@@ -116,26 +116,25 @@ def train(args, stop: StopSignals) -> dict:
     dist.barrier()
     log = MetricsLog(args.output_dir, enabled=is_main)
 
-    summary = {"world_size": world, "kd": args.kd, "bits": args.bits,
-               "quantization": run.quant_config.to_dict() if run.quant_config else None}
+    summary = RunSummary(world_size=world, kd=args.kd, bits=args.bits,
+                         quantization=run.quant_config.to_dict() if run.quant_config else None)
     if run.teacher is not None:
-        summary.update(run.teacher.partitioning())
-        summary["teacher_ppl"] = teacher_perplexity(run, args)
+        summary.teacher_numel, summary.teacher_numel_this_rank = run.teacher.partitioning()
+        summary.teacher_ppl = teacher_perplexity(run, args)
     if step == 0:
-        summary["student_ppl_before"] = student_perplexity(run, args)
-        log.log(0, eval_ppl=summary["student_ppl_before"], teacher_ppl=summary.get("teacher_ppl"))
+        summary.student_ppl_before = student_perplexity(run, args)
+        log.log(0, eval_ppl=summary.student_ppl_before, teacher_ppl=summary.teacher_ppl)
 
-    loader = make_dataloader(run.train_blocks, run.micro_batch, sampler,
-                             pin_memory=pins_memory(engine.device))
-    batches = iter(loader)
-    want_logits = args.loss_impl == "naive" or args.kd == "l2l"
-    want_layers = args.kd == "l2l"
+    batches = EpochBatches(run.train_blocks, run.micro_batch, sampler,
+                           pin_memory=pins_memory(engine.device))
     tokens_per_micro_step = run.micro_batch * args.block_size * world
     progress = tqdm(total=run.total_steps, initial=step, disable=not is_main,
                     desc="QAT" if run.quant_config else "train", dynamic_ncols=True)
     window = StepWindow()
     nonfinite = NonFiniteGuard(args.max_nonfinite_batches)
-    saver = ckpt.CheckpointSaver(engine, args.output_dir, saved_step=step if args.resume else None)
+    saver = ckpt.CheckpointSaver(engine, args.output_dir,
+                                 saved_step=step if run.resume_from is not None else None,
+                                 hooks=hooks)
     stopping = None  # the stop signal all ranks agreed on
     train_seconds, train_tokens = 0.0, 0
     engine.train()
@@ -145,19 +144,11 @@ def train(args, stop: StopSignals) -> dict:
         for _ in range(run.accumulation):
             terms = None
             while terms is None:  # a batch with a NaN/inf loss on any rank is dropped on all ranks
+                batch = next(batches)
                 try:
-                    batch = next(batches)
-                except StopIteration:  # next epoch: a new seeded order
-                    epoch, consumed = epoch + 1, 0
-                    sampler.set_epoch(epoch)
-                    batches = iter(loader)
-                    batch = next(batches)
-                consumed += run.micro_batch
-                try:
-                    terms = micro_step(run, batch, nonfinite, step + 1, want_logits=want_logits,
-                                       want_layers=want_layers)
+                    terms = micro_step(run, batch, nonfinite, step + 1, hooks)
                 except NonFiniteLoss:  # stop, with the weights of the last good step saved
-                    saver.save(step, _client_state(step, epoch, consumed))
+                    saver.save(step, _client_state(step, sampler))
                     raise
             window.add(terms)
         step += 1
@@ -169,7 +160,7 @@ def train(args, stop: StopSignals) -> dict:
 
         if step % args.log_every == 0 or step == run.total_steps or stopping:
             record = window.mean_over_ranks()
-            record.update(lr=lr, grad_norm=_grad_norm(engine), epoch=epoch,
+            record.update(lr=lr, grad_norm=_grad_norm(engine), epoch=sampler.epoch,
                           tokens_per_s=tokens_per_micro_step * window.micro_steps / window.seconds)
             log.log(step, **record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
@@ -183,36 +174,37 @@ def train(args, stop: StopSignals) -> dict:
             log.log(step, eval_ppl=ppl)
             progress.write(f"step {step}: validation perplexity {ppl:.3f}")
         if args.save_every and step % args.save_every == 0 and step < run.total_steps:
-            saver.save(step, _client_state(step, epoch, consumed))
+            saver.save(step, _client_state(step, sampler))
     progress.close()
+    summary.steps = step
     if stopping:
-        path = saver.save(step, _client_state(step, epoch, consumed))
+        summary.stopped_by = stopping
+        summary.checkpoint = str(saver.save(step, _client_state(step, sampler)))
         if is_main:
             print(f"stopped on {stopping} after step {step} of {run.total_steps}; checkpoint "
-                  f"{path}; continue with --resume latest", flush=True)
+                  f"{summary.checkpoint}; continue with --resume latest", flush=True)
         log.close()
-        return {"stopped_by": stopping, "steps": step, "checkpoint": str(path)}
+        return summary
 
-    summary["student_ppl_after"] = student_perplexity(run, args)
-    log.log(step, eval_ppl=summary["student_ppl_after"])
-    summary["checkpoint"] = str(saver.save(step, _client_state(step, epoch, consumed)))
+    summary.student_ppl_after = student_perplexity(run, args)
+    log.log(step, eval_ppl=summary.student_ppl_after)
+    summary.checkpoint = str(saver.save(step, _client_state(step, sampler)))
     if not args.no_export:
-        summary["hf_model"] = str(export_hf(engine, run.student_model, run.tokenizer,
-                                            Path(args.output_dir) / "hf", dtype=args.export_dtype))
-    summary.update(steps=step, tokens_per_s=train_tokens / max(train_seconds, 1e-9),
-                   wall_time_s=time.time() - wall_start,
-                   metrics=str(Path(args.output_dir) / "metrics.jsonl"))
+        summary.hf_model = str(export_hf(run.student_model, run.tokenizer,
+                                         Path(args.output_dir) / "hf", dtype=args.export_dtype))
+    summary.tokens_per_s = train_tokens / max(train_seconds, 1e-9)
+    summary.wall_time_s = time.time() - wall_start
+    summary.metrics = str(Path(args.output_dir) / "metrics.jsonl")
     if is_main:
-        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(format_summary(summary))
+        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary.as_json(),
+                                                                       indent=2))
+        print(summary.format())
     log.close()
     return summary
 
 
-def _client_state(step: int, epoch: int, consumed: int) -> dict:
-    # The loop's own count of samples taken, not the sampler's, which a prefetching loader
-    # would run ahead of.
-    return {"step": step, "sampler": {"epoch": epoch, "consumed": consumed}}
+def _client_state(step: int, sampler) -> dict:
+    return {"step": step, "sampler": sampler.state_dict()}
 
 
 def _grad_norm(engine) -> float | None:

@@ -1,7 +1,10 @@
-"""Run logs on rank 0: one JSON line per logging step, TensorBoard when it is installed."""
+"""Run logs on rank 0: one JSON line per logging step, TensorBoard when it is installed; and the
+run's summary."""
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 
 class MetricsLog:
@@ -37,22 +40,51 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def format_summary(s: dict) -> str:
-    def ppl(key):
-        return f"{s[key]:.3f}" if s.get(key) is not None else "n/a"
+@dataclass
+class RunSummary:
+    """What `train()` returns. A completed run also writes it to OUTPUT_DIR/summary.json (the
+    fields that are set) and prints `format()`; a run stopped by a signal has `stopped_by` and no
+    summary.json, which is what tells launch/slurm/train.sbatch to requeue it."""
 
-    bits = "full precision" if s["bits"] == 16 else \
-        f"{s['bits']}-bit {s['quantization']['method']} per {s['quantization']['granularity']}"
-    stage = "training" if s["bits"] == 16 else "QAT"
-    lines = [
-        "", "=" * 64, f"tsld-ds run summary ({bits}, --kd {s['kd']}, {s['world_size']} rank(s))",
-        f"  {'teacher perplexity':<36}{ppl('teacher_ppl')}",
-        f"  {'student perplexity before ' + stage:<36}{ppl('student_ppl_before')}",
-        f"  {'student perplexity after ' + stage:<36}{ppl('student_ppl_after')}",
-        f"  steps {s['steps']}, {s['tokens_per_s']:.0f} tokens/s, wall time {s['wall_time_s']:.0f} s",
-        f"  checkpoint   {s['checkpoint']}",
-    ]
-    if s.get("hf_model"):
-        lines.append(f"  HF model     {s['hf_model']}")
-    lines += [f"  metrics      {s['metrics']}", "=" * 64]
-    return "\n".join(lines)
+    world_size: int
+    kd: str
+    bits: int
+    quantization: Optional[dict]
+    teacher_numel: Optional[int] = None
+    teacher_numel_this_rank: Optional[int] = None
+    teacher_ppl: Optional[float] = None
+    student_ppl_before: Optional[float] = None
+    student_ppl_after: Optional[float] = None
+    checkpoint: Optional[str] = None
+    hf_model: Optional[str] = None
+    steps: int = 0
+    tokens_per_s: Optional[float] = None
+    wall_time_s: Optional[float] = None
+    metrics: Optional[str] = None
+    stopped_by: Optional[str] = None   # the stop signal's name
+
+    def as_json(self) -> dict:
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+    def format(self) -> str:
+        def ppl(value):
+            return f"{value:.3f}" if value is not None else "n/a"
+
+        bits = "full precision" if self.bits == 16 else (
+            f"{self.bits}-bit {self.quantization['method']} per "
+            f"{self.quantization['granularity']}")
+        stage = "training" if self.bits == 16 else "QAT"
+        lines = [
+            "", "=" * 64,
+            f"tsld-ds run summary ({bits}, --kd {self.kd}, {self.world_size} rank(s))",
+            f"  {'teacher perplexity':<36}{ppl(self.teacher_ppl)}",
+            f"  {'student perplexity before ' + stage:<36}{ppl(self.student_ppl_before)}",
+            f"  {'student perplexity after ' + stage:<36}{ppl(self.student_ppl_after)}",
+            f"  steps {self.steps}, {self.tokens_per_s:.0f} tokens/s, wall time "
+            f"{self.wall_time_s:.0f} s",
+            f"  checkpoint   {self.checkpoint}",
+        ]
+        if self.hf_model:
+            lines.append(f"  HF model     {self.hf_model}")
+        lines += [f"  metrics      {self.metrics}", "=" * 64]
+        return "\n".join(lines)

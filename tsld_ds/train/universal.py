@@ -2,8 +2,9 @@
 
 A ZeRO checkpoint is partitioned for the world size that wrote it. When `--resume` finds another
 one, rank 0 converts the checkpoint with `deepspeed.checkpoint.ds_to_universal` into
-`checkpoints/step_N_universal/` (once; later resumes reuse it), every rank loads that with the
-engine's universal loader, and the data position is translated:
+`checkpoints/step_N_universal/` (once; later resumes reuse it) before the engine is built, the
+DeepSpeed config's `checkpoint.load_universal` makes every rank's engine load that, and the data
+position is translated:
 
 - exact: model weights, fp32 master weights, Adam moments and step count, the lr schedule, the
   step number, and the data position whenever the samples consumed in the epoch (per-rank count
@@ -83,22 +84,25 @@ def translate_sampler(state: dict, saved_world: int, world: int) -> dict:
     return {"epoch": state["epoch"], "consumed": state["consumed"] * saved_world // world}
 
 
-def load_checkpoint(engine, path: Path) -> dict:
-    """`checkpoint.load_checkpoint`, also from a checkpoint written at another world size."""
+def prepare_resume(path: Path, ds_config: dict) -> None:
+    """Before the engine exists: when `path` was written at another world size, rank 0 converts
+    it (once) and `ds_config` is set to load universal checkpoints. Collective."""
     saved, world = saved_world_size(path), dist.get_world_size()
     if saved == world:
-        return ckpt.load_checkpoint(engine, path)
+        return
     if dist.get_rank() == 0:
         print(f"checkpoint {path} was written by {saved} ranks, resuming on {world}: converting "
               f"it to a universal checkpoint in {universal_path(path)}", file=sys.stderr)
         convert_to_universal(path)
     dist.barrier()
-    # The engine reads this setting (the config's checkpoint.load_universal) when it loads.
-    engine._config.load_universal_checkpoint = True
-    try:
-        state = ckpt.load_checkpoint(engine, universal_path(path))
-    finally:
-        engine._config.load_universal_checkpoint = False
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """`checkpoint.load_checkpoint` of a resume `prepare_resume` prepared, at any world size,
+    with the data position translated to this one."""
+    saved, world = saved_world_size(path), dist.get_world_size()
+    state = ckpt.load_checkpoint(engine, universal_path(path) if saved != world else path)
     state["sampler"] = translate_sampler(state["sampler"], saved, world)
     return state
 

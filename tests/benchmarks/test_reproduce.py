@@ -1,0 +1,75 @@
+"""benchmarks/reproduce.py: the run grid, and a two-run reproduction end to end on a tiny model."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+from helpers import REPO, write_ds_config
+
+SCRIPT = REPO / "benchmarks" / "reproduce.py"
+
+
+def reproduce(*args, timeout=900):  # generous: CI machines may be shared
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # Its own session, so that a timeout also stops the DeepSpeed launcher and ranks it started.
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
+    return stdout
+
+
+def option_pairs(command):
+    """{option: value} of a launch/train.py command line (flags map to True)."""
+    words = command[command.index(str(REPO / "launch" / "train.py")) + 1:]
+    pairs = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            following = words[i + 1] if i + 1 < len(words) else "--"
+            pairs[word] = True if following.startswith("--") else following
+    return pairs
+
+
+def test_dry_run_gives_every_run_the_same_budget_and_ablations_one_flag():
+    lines = reproduce("--dry_run", "--steps", 7, "--seeds", 1, 2).splitlines()
+    commands = {}
+    for line in lines:
+        options = option_pairs(shlex.split(line))
+        commands[options["--output_dir"]] = options
+    assert len(commands) == len(lines) == 2 * 18  # 18 runs, 2 seeds, each its own directory
+    assert all(o["--max_steps"] == "7" and o["--lr"] == "0.0001" for o in commands.values())
+    reference = commands["runs/reproduce/w2-tsld/seed-1"]
+    for name in ("uniform", "inverse", "t1", "t5", "t20", "tensor", "pact", "absmean"):
+        ablation = commands[f"runs/reproduce/w2-tsld-{name}/seed-1"]
+        changed = {k for k in reference.keys() | ablation.keys()
+                   if reference.get(k) != ablation.get(k) and k != "--output_dir"}
+        assert len(changed) == 1, (name, changed)
+
+
+def test_two_runs_end_to_end_and_resume(tiny_teacher_dir, small_corpus_dir, tmp_path):
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    args = ["--model", tiny_teacher_dir, "--dataset", small_corpus_dir, "--block_size", 32,
+            "--ds_config", write_ds_config(tmp_path / "ds.json"), "--steps", 2,
+            "--eval_every", 1, "--eval_max_blocks", 4, "--confidence_blocks", 8,
+            "--only", "w2-gt", "w2-tsld", "--output_root", root, "--docs_dir", docs]
+    out = reproduce(*args)
+    assert "[1/2] w2-gt seed 42: val PPL" in out and "[2/2] w2-tsld seed 42: val PPL" in out
+    page = (docs / "results.md").read_text()
+    rows = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ")]
+    assert rows == ["run", "teacher", "ptq-w2", "w2-gt", "w2-tsld"]
+    assert "python " + str(SCRIPT) in page and "Machine" in page
+    for png in ("val_ppl_main-w2.png", "token_scale.png"):
+        assert (docs / "img" / png).read_bytes().startswith(b"\x89PNG")
+
+    # Hand-written findings survive a rerun, which trains nothing: both runs are finished.
+    (docs / "results.md").write_text(page.replace("_No findings written yet", "Kept. _x"))
+    out = reproduce(*args)
+    assert out.count("(finished before)") == 2 and "0 trained" in out
+    assert "Kept. _x" in (docs / "results.md").read_text()

@@ -1,0 +1,218 @@
+"""launch/convert.py on real 2-rank ZeRO-3 runs: hf (perplexity equal to training's, loads with
+stock transformers), packed (same logits, size), gguf (TQ2_0 round trip, llama.cpp if installed)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import REPO, run_train, train_args, write_ds_config
+
+from tsld_ds.convert.cli import convert, main as convert_main
+
+SUBPROCESS_ENV = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_script(script: str, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / script), *map(str, args)],
+                          cwd=REPO, env={**os.environ, **SUBPROCESS_ENV}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def json_output(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON report a script prints last (DeepSpeed may log to stdout before it)."""
+    return json.loads(proc.stdout[proc.stdout.index("{\n"):])
+
+
+# Run in a fresh interpreter: stock transformers only, tsld_ds never imported.
+LOAD_WITH_STOCK_TRANSFORMERS = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+distinct = {}
+for name, module in model.named_modules():
+    if isinstance(module, (torch.nn.Linear, Conv1D)):
+        rows = module.weight.detach().t() if isinstance(module, Conv1D) else module.weight.detach()
+        distinct[name] = max(len(torch.unique(row)) for row in rows)  # per output channel
+tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+print(json.dumps({"tsld_ds_imported": "tsld_ds" in sys.modules, "distinct": distinct,
+                  "tied": tied}))
+"""
+
+@pytest.mark.parametrize("run_fixture,quantized_linears", [("llama256_run", 14), ("gpt2_run", 8)])
+def test_hf_perplexity_equals_training_eval(run_fixture, quantized_linears, request,
+                                            small_corpus_dir, tmp_path):
+    run = request.getfixturevalue(run_fixture)
+    out = tmp_path / "hf"
+    summary = convert(run, out)
+    assert summary["format"] == "hf" and summary["quantized_linears"] == quantized_linears
+    assert summary["distinct_values"] == {"per": "row", "max": 3, "limit": 3, "check": "pass",
+                                          "failing": []}
+
+    report = json_output(run_script("eval.py", "--model", out, "--dataset", small_corpus_dir,
+                                    "--block_size", 32, "--max_blocks", 8, "--batch_size", 2))
+    trained = json.loads((run / "summary.json").read_text())["student_ppl_after"]
+    assert report["kind"] == "hf"
+    assert report["perplexity"]["value"] == pytest.approx(trained, rel=1e-4)
+
+    loaded = json.loads(subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_STOCK_TRANSFORMERS, str(out)], capture_output=True,
+        text=True, check=True).stdout)
+    assert not loaded["tsld_ds_imported"]
+    quantized = [d for n, d in loaded["distinct"].items() if ".h." in n or ".layers." in n]
+    assert len(quantized) == quantized_linears and max(quantized) <= 3
+    assert loaded["distinct"]["lm_head"] > 3  # full precision stays full precision
+    assert loaded["tied"] == (run_fixture == "gpt2_run")  # GPT-2 ties its embeddings
+    with safe_open(out / "model.safetensors", "pt") as stored:  # and a tied weight is stored once
+        assert ("lm_head.weight" in stored.keys()) == (not loaded["tied"])
+
+
+def test_hf_conversion_equals_the_live_export(llama256_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "hf"
+    convert(llama256_run, out)
+    ours = load_file(out / "model.safetensors")
+    live = load_file(llama256_run / "hf" / "model.safetensors")
+    assert ours.keys() == live.keys()
+    for name in ours:
+        assert torch.equal(ours[name], live[name]), name
+
+
+def test_zero2_checkpoint_converts_like_the_live_export(tiny_llama_dir, small_corpus_dir,
+                                                        tmp_path):
+    from safetensors.torch import load_file
+
+    ds = write_ds_config(tmp_path / "ds.json", zero_optimization={"stage": 2})
+    run = tmp_path / "run"
+    run_train(train_args(tiny_llama_dir, small_corpus_dir, run, ds, kd="gt", eval_max_blocks=8,
+                         max_steps=2))
+    summary = convert(run, tmp_path / "hf")
+    assert summary["distinct_values"]["check"] == "pass" and summary["quantized_linears"] == 14
+    ours = load_file(tmp_path / "hf" / "model.safetensors")
+    live = load_file(run / "hf" / "model.safetensors")
+    assert ours.keys() == live.keys()
+    for name in ours:
+        assert torch.equal(ours[name], live[name]), name
+
+
+def test_packed_gives_hf_logits_in_fewer_bytes(llama256_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tsld_ds import load_packed
+    from tsld_ds.packed.linear import PackedTernaryLinear
+
+    summary = convert(llama256_run, tmp_path / "packed", "packed")
+    convert(llama256_run, tmp_path / "hf", "hf")
+    assert summary["compression_vs_bf16"] >= 7.0
+    assert summary["distinct_values"]["check"] == "pass"
+    packed = load_packed(tmp_path / "packed")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert isinstance(packed.model.layers[0].mlp.down_proj, PackedTernaryLinear)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == ["lm_head"]
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 2
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    ct.QuantizationConfig.model_validate(config)  # a valid compressed-tensors config
+
+
+def test_gguf_tq2_0_tensors_give_back_the_hf_weights(llama256_run, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from tsld_ds.convert.gguf_file import rope_rows_to_ggml
+
+    summary = convert(llama256_run, tmp_path / "model.gguf", "gguf")
+    convert(llama256_run, tmp_path / "hf", "hf")
+    assert summary["distinct_values"]["check"] == "pass" and summary["compression_vs_bf16"] > 7
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    config = hf.config
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    ternary = 0
+    for name, weight in hf.state_dict().items():
+        tensor = tensors[names.get_name(name, try_suffixes=(".weight",))]
+        values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+        expected = weight.float()
+        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+        projection = name.rsplit(".", 2)[-2]
+        if projection in heads:
+            expected = rope_rows_to_ggml(expected, heads[projection])
+        if tensor.tensor_type == gguf.GGMLQuantizationType.TQ2_0:
+            ternary += 1
+            # Exact codes; alpha rounded to fp16 (relative error <= 2^-11).
+            torch.testing.assert_close(values, expected, rtol=2**-11, atol=0)
+        else:
+            torch.testing.assert_close(values, expected, rtol=1e-3, atol=1e-4)
+    assert ternary == 14
+    fields = reader.fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert len(fields["tokenizer.ggml.tokens"].data) == config.vocab_size
+
+
+@pytest.mark.slow
+def test_llama_cpp_next_token_logits_match_pytorch(llama256_run, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    convert(llama256_run, tmp_path / "model.gguf", "gguf")
+    convert(llama256_run, tmp_path / "hf", "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = [1, 200, 31, 900, 45, 77, 1500, 12]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=64, logits_all=True,
+                          verbose=False, n_threads=1)
+    llm.eval(ids)
+    ours = np.asarray(llm.scores[len(ids) - 1])
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0, -1].numpy()
+    assert ours.argmax() == theirs.argmax()
+    assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
+
+
+def test_gguf_refuses_rows_that_are_not_256_blocks(builtin_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_llama_config
+    from tsld_ds.convert.gguf_file import check_supported
+    from tsld_ds.errors import UsageError
+    from tsld_ds.quant import QuantConfig, quantize_model
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_llama_config(len(builtin_tokenizer)))
+    cfg = QuantConfig(bits=2)
+    quantize_model(model, cfg)
+    with pytest.raises(UsageError, match="blocks of 256 weights"):
+        check_supported(model, cfg, builtin_tokenizer)
+    with pytest.raises(UsageError, match="4-bit weights"):
+        check_supported(model, QuantConfig(bits=4), builtin_tokenizer)
+
+
+def test_refusals_are_one_clear_line(tmp_path, capsys, gpt2_run, llama256_dir):
+    cases = [
+        (["--checkpoint", tmp_path / "nowhere"], "does not exist"),
+        (["--checkpoint", llama256_dir], "not a tsld-ds run directory nor a DeepSpeed checkpoint"),
+        (["--checkpoint", gpt2_run, "--format", "gguf"], "supports LLaMA-architecture models"),
+    ]
+    for argv, message in cases:
+        assert convert_main([*map(str, argv), "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    Path(tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert convert_main(["--checkpoint", str(gpt2_run), "--output", str(tmp_path / "taken")]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -1,0 +1,174 @@
+"""Plain helpers the tests share (pytest.ini puts tests/ on the path): tiny models from configs,
+small real-text data, DeepSpeed configs, and a runner for `launch/train.py` under the DeepSpeed
+launcher with real processes. Fixtures built from them are in conftest.py."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO / "launch" / "train.py"
+# launch/train.py with fault-injecting hooks (tests/drivers/train_with_faults.py).
+FAULTS_SCRIPT = REPO / "tests" / "drivers" / "train_with_faults.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def save_tiny_model(path: Path, config, tokenizer, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_small_corpus(path: Path) -> Path:
+    """The first few thousand verses of the built-in corpus as train/validation text files."""
+    from tsld_ds.data import builtin_corpus_dir
+
+    src = Path(builtin_corpus_dir())
+    path.mkdir(parents=True, exist_ok=True)
+    train = (src / "train.txt").read_text().splitlines()[:1500]
+    val = (src / "validation.txt").read_text().splitlines()[:300]
+    (path / "train.txt").write_text("\n".join(train) + "\n")
+    (path / "validation.txt").write_text("\n".join(val) + "\n")
+    return path
+
+
+def write_ds_config(path: Path, *, exact_resume: bool = False, **overrides) -> Path:
+    """ds_configs/zero3.json at micro-batch 2. `exact_resume`: torch's AdamW instead of
+    DeepSpeed's CPU FusedAdam, whose C++ state keeps beta^t as a running product and recomputes it
+    with pow() after a checkpoint load; the resumed bias correction then differs from the
+    uninterrupted run's in its last bit, which Adam amplifies (seen: 2e-5 relative in the loss 55
+    steps on). torch's AdamW computes beta^t from the step every time, so a resume is bit-exact
+    and the resume tests assert exact equality. (DeepSpeed's CUDA FusedAdam uses pow() too.)"""
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 2
+    if exact_resume:
+        config["optimizer"]["params"]["torch_adam"] = True
+    config.update(overrides)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def train_args(model_dir, corpus_dir, output_dir, ds_config, **options) -> list:
+    """launch/train.py's options for a short test run: 32-token blocks, lr 3e-3, every step
+    logged, evaluation only before and after, seed 7. `options` (name=value, True for a flag)
+    add to or override them."""
+    values = {"model": model_dir, "dataset": corpus_dir, "ds_config": ds_config,
+              "output_dir": output_dir, "block_size": 32, "lr": 3e-3, "log_every": 1,
+              "eval_every": 0, "eval_max_blocks": 16, "seed": 7, **options}
+    argv = []
+    for name, value in values.items():
+        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return argv
+
+
+def gt_args(model_dir, corpus_dir, output_dir, ds_config, **options) -> list:
+    """Fast runs of the model alone: set-up dominates, so no teacher, tiny eval, no export."""
+    return train_args(model_dir, corpus_dir, output_dir, ds_config,
+                      **{"kd": "gt", "eval_max_blocks": 4, "no_export": True, **options})
+
+
+def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True,
+              script: Path = TRAIN_SCRIPT):
+    """`deepspeed --num_gpus N SCRIPT ARGS` (or plain python for ranks=0); SCRIPT defaults to
+    launch/train.py."""
+    port = free_port()
+    if ranks:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(port), str(script), *map(str, args)]
+    else:
+        cmd = [sys.executable, str(script), *map(str, args)]
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr ---\n{proc.stderr[-6000:]}")
+    if ranks:  # DeepSpeed's CPU allreduce buffers are unlinked once every rank has mapped them
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    return proc
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+# --- loss inputs (tests/losses/) ---------------------------------------------------------------
+
+def make_loss_inputs(batch, length, vocab, hidden, *, device, dtype, bias, teacher_form,
+                     scale=1.0, seed=0):
+    """Student hidden/lm_head, labels with an ignored run and (B > 1) an all-ignored sequence, and
+    the teacher as logits or as hidden states + lm_head (of a different width), on `device`
+    (drawn on the CPU, so every device gets the same numbers)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        drawn = torch.randn(*shape, generator=gen, dtype=torch.float64, device="cpu")
+        return (drawn * std).to(device=device, dtype=dtype)
+
+    labels = torch.randint(0, vocab, (batch, length), generator=gen, device="cpu").to(device)
+    labels[0, 1:3] = -100
+    if batch > 1:
+        labels[-1] = -100
+    inputs = dict(
+        student_hidden=randn(batch, length, hidden, std=scale).requires_grad_(),
+        lm_head_weight=randn(vocab, hidden).requires_grad_(),
+        lm_head_bias=randn(vocab).requires_grad_() if bias else None,
+        labels=labels,
+    )
+    teacher = dict(
+        teacher_hidden=randn(batch, length, hidden + 2, std=scale),
+        teacher_weight=randn(vocab, hidden + 2),
+        teacher_bias=randn(vocab) if bias else None,
+    )
+    if teacher_form == "logits":
+        teacher = dict(teacher_logits=teacher_logits_of(teacher))
+    return {**inputs, **teacher}
+
+
+def teacher_logits_of(inputs):
+    import torch.nn.functional as F
+
+    if "teacher_logits" in inputs:
+        return inputs["teacher_logits"]
+    return F.linear(inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"])
+
+
+def student_inputs(inputs):
+    return inputs["student_hidden"], inputs["lm_head_weight"], inputs["labels"]
+
+
+def teacher_of(inputs):
+    from tsld_ds.losses import TeacherOutput
+
+    return TeacherOutput(logits=inputs.get("teacher_logits"), hidden=inputs.get("teacher_hidden"),
+                         weight=inputs.get("teacher_weight"), bias=inputs.get("teacher_bias"))

@@ -79,7 +79,7 @@ setup(
     ],
     extras_require={
         # compressed-tensors: interop checks of the packed format; matplotlib: test_reproduce
-        # setuptools >= 70.1 builds wheels itself (tests/test_kernel_sources.py builds one)
+        # setuptools >= 70.1 builds wheels itself (tests/ops/test_kernel_sources.py builds one)
         "test": ["pytest", "compressed-tensors", "matplotlib", "setuptools>=70.1"],
         "results": ["matplotlib"],  # benchmarks/reproduce.py's plots
         "gpu": ["flash-attn", "bitsandbytes", "ninja"],

@@ -115,9 +115,10 @@ def llama256_run(tmp_path_factory, llama256_dir, small_corpus_dir):
 
 @pytest.fixture(scope="session")
 def gpt2_run(tmp_path_factory, tiny_gpt2_dir, small_corpus_dir):
-    """2 steps of ternary QAT of the tiny GPT-2 on 2 ranks, without the hf/ export."""
+    """2 steps of ternary QAT of the tiny GPT-2 (tied embeddings) on 2 ranks, and the final hf/
+    export."""
     root = tmp_path_factory.mktemp("gpt2-run")
     ds = write_ds_config(root / "ds.json")
     run_train(train_args(tiny_gpt2_dir, small_corpus_dir, root / "run", ds, kd="gt",
-                         eval_max_blocks=8, max_steps=2, no_export=True))
+                         eval_max_blocks=8, max_steps=2))
     return root / "run"

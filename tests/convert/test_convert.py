@@ -75,13 +75,15 @@ def test_hf_perplexity_equals_training_eval(run_fixture, quantized_linears, requ
         assert ("lm_head.weight" in stored.keys()) == (not loaded["tied"])
 
 
-def test_hf_conversion_equals_the_live_export(llama256_run, tmp_path):
+@pytest.mark.parametrize("run_fixture", ["llama256_run", "gpt2_run"])  # untied; tied
+def test_hf_conversion_equals_the_live_export(run_fixture, request, tmp_path):
     from safetensors.torch import load_file
 
+    run = request.getfixturevalue(run_fixture)
     out = tmp_path / "hf"
-    convert(llama256_run, out)
+    convert(run, out)
     ours = load_file(out / "model.safetensors")
-    live = load_file(llama256_run / "hf" / "model.safetensors")
+    live = load_file(run / "hf" / "model.safetensors")
     assert ours.keys() == live.keys()
     for name in ours:
         assert torch.equal(ours[name], live[name]), name

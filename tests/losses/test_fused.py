@@ -104,7 +104,7 @@ PRECISION_IDS = ["{}-B{}L{}V{}H{}c{}v{}".format(str(p[0])[6:], *p[3]) for p in P
 def test_fused_matches_naive(dtype, rtol, atol, case, bias, teacher_form, objective, device):
     batch, length, vocab, hidden, chunk, vocab_chunk = case
     inputs = make_loss_inputs(batch, length, vocab, hidden, device=device, dtype=dtype, bias=bias,
-                         teacher_form=teacher_form)
+                              teacher_form=teacher_form)
     assert_matches_naive(objective, inputs, chunk, rtol, atol, vocab_chunk=vocab_chunk)
 
 
@@ -114,8 +114,8 @@ def test_bf16_inputs_match_float64_reference(objective, vocab_chunk, device):
     # The logits come out of bf16 matmuls (relative rounding 2^-9) and the grads are returned in
     # bf16; everything in between is float32.
     inputs = make_loss_inputs(4, 16, 300, 32, device=device,
-                         dtype=torch.bfloat16, bias=True, teacher_form="logits",
-                         scale=0.3)
+                              dtype=torch.bfloat16, bias=True, teacher_form="logits",
+                              scale=0.3)
     value, _ = assert_matches_naive(objective, inputs, 24, rtol=1e-3, atol=0,
                                     grad_atol_fraction=2e-2, vocab_chunk=vocab_chunk)
     assert value.dtype == torch.float32
@@ -126,8 +126,8 @@ def test_bf16_inputs_match_float64_reference(objective, vocab_chunk, device):
 def test_large_logits_stay_finite_and_exact(teacher_form, vocab_chunk, device):
     # |z| ~ 1e4: an exp without max-shifting or any -inf masking would overflow or give NaN.
     inputs = make_loss_inputs(2, 9, 50, 8, device=device,
-                         dtype=torch.float32, bias=False, teacher_form=teacher_form,
-                         scale=3e3)
+                              dtype=torch.float32, bias=False, teacher_form=teacher_form,
+                              scale=3e3)
     assert teacher_logits_of(inputs).abs().max() > 1e4
     value, grads = assert_matches_naive("tsld", inputs, 4, rtol=1e-5, atol=0,
                                         grad_atol_fraction=1e-5, vocab_chunk=vocab_chunk)
@@ -137,7 +137,7 @@ def test_large_logits_stay_finite_and_exact(teacher_form, vocab_chunk, device):
 @pytest.mark.parametrize("objective", ["tsld", "logit_gt"])
 def test_backward_scales_by_grad_output(objective, device):
     inputs = make_loss_inputs(3, 7, 37, 11, device=device,
-                         dtype=torch.float64, bias=True, teacher_form="hidden")
+                              dtype=torch.float64, bias=True, teacher_form="hidden")
     _, grads = value_and_grads(fused_objective(objective, inputs, 8), inputs)
     for factor in (3.0, -0.5):
         _, scaled = value_and_grads(factor * fused_objective(objective, inputs, 8), inputs)
@@ -147,7 +147,7 @@ def test_backward_scales_by_grad_output(objective, device):
 
 def test_gradients_match_finite_differences(device):
     inputs = make_loss_inputs(2, 6, 19, 5, device=device,
-                         dtype=torch.float64, bias=True, teacher_form="logits")
+                              dtype=torch.float64, bias=True, teacher_form="logits")
     _, grads = value_and_grads(fused_objective("tsld", inputs, 4), inputs)
     gen = torch.Generator().manual_seed(3)
     directions = {k: torch.randn(inputs[k].shape, generator=gen, dtype=torch.float64,
@@ -166,7 +166,7 @@ def test_gradients_match_finite_differences(device):
 
 def test_backward_runs_once(device):
     inputs = make_loss_inputs(2, 5, 13, 6, device=device,
-                         dtype=torch.float64, bias=False, teacher_form="logits")
+                              dtype=torch.float64, bias=False, teacher_form="logits")
     loss = fused_objective("tsld", inputs, 4)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
@@ -175,7 +175,7 @@ def test_backward_runs_once(device):
 
 def test_no_grad_gives_the_same_value(device):
     inputs = make_loss_inputs(3, 7, 37, 11, device=device,
-                         dtype=torch.float64, bias=True, teacher_form="hidden")
+                              dtype=torch.float64, bias=True, teacher_form="hidden")
     with_grad = fused_objective("tsld", inputs, 8)
     with torch.no_grad():
         without = fused_objective("tsld", inputs, 8)
@@ -185,7 +185,7 @@ def test_no_grad_gives_the_same_value(device):
 
 def test_non_contiguous_hidden_and_all_ignored(device):
     inputs = make_loss_inputs(3, 7, 37, 11, device=device,
-                         dtype=torch.float64, bias=False, teacher_form="logits")
+                              dtype=torch.float64, bias=False, teacher_form="logits")
     base = inputs["student_hidden"].detach().transpose(0, 1).contiguous().requires_grad_()
     inputs["student_hidden"] = base.transpose(0, 1)  # a non-contiguous view
     assert_matches_naive("tsld", inputs, 8, rtol=1e-10, atol=1e-14)
@@ -197,7 +197,7 @@ def test_non_contiguous_hidden_and_all_ignored(device):
 
 def test_teacher_must_be_given_once_with_matching_vocab(device):
     inputs = make_loss_inputs(2, 5, 13, 6, device=device,
-                         dtype=torch.float32, bias=False, teacher_form="hidden")
+                              dtype=torch.float32, bias=False, teacher_form="hidden")
     student = (inputs["student_hidden"], inputs["lm_head_weight"], inputs["labels"])
     logits = teacher_logits_of(inputs)
     with pytest.raises(ValueError, match="teacher"):
@@ -248,8 +248,8 @@ def test_fused_never_allocates_token_by_vocab_tensors(teacher_form, device):
     batch, length, vocab, hidden, chunk = 4, 64, 1000, 24, 16
     tokens = batch * length
     inputs = make_loss_inputs(batch, length, vocab, hidden, device=device,
-                         dtype=torch.float32, bias=True,
-                         teacher_form=teacher_form)
+                              dtype=torch.float32, bias=True,
+                              teacher_form=teacher_form)
 
     def largest_allocated_and_saved(impl):
         saved = [0]
@@ -275,8 +275,8 @@ def test_vocab_blocks_bound_the_buffers(teacher_form, device):
     # bring the buffers down to [chunk, vocab_chunk].
     batch, length, vocab, hidden, chunk, vocab_chunk = 2, 64, 1000, 24, 48, 100
     inputs = make_loss_inputs(batch, length, vocab, hidden, device=device,
-                         dtype=torch.float32, bias=True,
-                         teacher_form=teacher_form)
+                              dtype=torch.float32, bias=True,
+                              teacher_form=teacher_form)
 
     def largest_allocated(vocab_chunk_size):
         with LargestAllocation() as mode:

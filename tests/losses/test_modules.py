@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_loss_inputs, student_inputs, teacher_logits_of, teacher_of
+from helpers import (REPO, make_loss_inputs, student_inputs, teacher_logits_of, teacher_of,
+                     tiny_llama_config)
 from tsld_ds.losses import (
     FusedLinearCrossEntropyLoss,
     FusedLinearLogitKDLoss,
     FusedLinearTSLDLoss,
-    TeacherOutput,
     gt_loss,
     logit_kd_loss,
     tsld_loss,
@@ -56,10 +56,17 @@ def test_each_module_equals_its_reference(name, device):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
 
 
-def test_the_readme_example_trains_a_student_in_a_plain_loop(builtin_tokenizer):
-    from transformers import AutoModelForCausalLM
+def readme_example() -> str:
+    """The code block of the README's section on the fused losses in another training loop."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Using the fused losses in another training loop"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
-    from helpers import tiny_llama_config
+
+def test_the_readme_example_trains_a_student_in_a_plain_loop(builtin_tokenizer):
+    """The README's code, as written there, run as the step of a plain loop: its loss equals the
+    reference on full logits, and five AdamW steps lower it."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = tiny_llama_config(len(builtin_tokenizer))
@@ -68,23 +75,21 @@ def test_the_readme_example_trains_a_student_in_a_plain_loop(builtin_tokenizer):
     ids = torch.randint(0, config.vocab_size, (2, 16), device="cpu")
     labels = ids.clone()
     labels[:, :4] = -100  # a prompt that is not scored
-    loss_fn = FusedLinearTSLDLoss(with_gt=True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    step = compile(readme_example(), "README.md", "exec")
     losses = []
     for _ in range(5):
+        scope = {"torch": torch, "student": student, "teacher": teacher, "ids": ids,
+                 "labels": labels}
+        exec(step, scope)  # defines loss and runs its backward
         with torch.no_grad():
-            teacher_hidden = teacher.model(input_ids=ids).last_hidden_state
-        student_hidden = student.model(input_ids=ids).last_hidden_state
-        loss = loss_fn(student_hidden, student.lm_head.weight, labels,
-                       TeacherOutput(hidden=teacher_hidden, weight=teacher.lm_head.weight))
-        with torch.no_grad():
-            expected = reference("tsld+gt", student.lm_head(student_hidden),
-                                 teacher.lm_head(teacher_hidden), labels)
-        torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
-        loss.backward()
+            expected = reference("tsld+gt", student.lm_head(scope["student_hidden"]),
+                                 teacher.lm_head(scope["teacher_hidden"]), labels)
+        torch.testing.assert_close(scope["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
+        assert all(p.grad is not None for p in student.parameters())
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(loss.item())
+        losses.append(scope["loss"].item())
     assert losses[-1] < losses[0]
 
 

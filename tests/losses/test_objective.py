@@ -55,8 +55,8 @@ def test_token_scale_fused_as_naive(token_scale, device):
 def test_what_the_teacher_hands_over_follows_the_objective():
     assert not Objective.from_kd("gt").needs_teacher
     fused, naive = Objective.from_kd("tsld"), Objective.from_kd("tsld", impl="naive")
-    assert fused.needs_teacher and not fused.teacher_logits and naive.teacher_logits
-    assert Objective.from_kd("l2l").teacher_logits and Objective.from_kd("l2l").layers
+    assert fused.needs_teacher and not fused.wants_teacher_logits and naive.wants_teacher_logits
+    assert Objective.from_kd("l2l").wants_teacher_logits and Objective.from_kd("l2l").layers
 
 
 @pytest.mark.parametrize("kd,options,message", [

@@ -52,7 +52,8 @@ def fused_linear_loss(student_hidden: Tensor, lm_head_weight: Tensor, labels: Te
                       lm_head_bias: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """The logit terms of `objective` (its soft term and ground-truth CE; docs/method.md §2) as
     {"loss": differentiable total, term: detached value, ...}, equal to the reference losses on
-    `student_hidden @ lm_head_weight.T (+ lm_head_bias)`.
+    `student_hidden @ lm_head_weight.T (+ lm_head_bias)`. Its layer term and its `impl` are the
+    caller's (`Objective.__call__` adds the one and chooses this function by the other).
 
     student_hidden [B, L, H] (unshifted), labels [B, L]; the teacher as in `TeacherOutput`.
     Gradients reach student_hidden, lm_head_weight and lm_head_bias.
@@ -105,7 +106,7 @@ def fused_linear_loss(student_hidden: Tensor, lm_head_weight: Tensor, labels: Te
     return terms
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _RowLoss:
     """What the chunk engine sums: Σ_n soft_coef[n]·softCE_n + hard_coef[n]·CE_n over the token
     rows `rows` of the flattened hidden states, scored on `targets`. A missing coefficient drops
@@ -241,9 +242,9 @@ class _ChunkedLinearLoss:
         return stats
 
     def _push_gradients(self, rows: "_ChunkRows", stats: "_RowStatistics") -> None:
-        """d/dz [a·softCE + b·CE] = (a + b)·p^S - a·p^T - b·onehot(y) for every vocabulary block,
-        pushed through the lm_head: from the first sweep's buffers when there is one block,
-        else by a second sweep."""
+        """d/dz [a·softCE + b·CE] = (a + b)·p^S - a·p^T - b·onehot(y) for every vocabulary
+        block, pushed through the lm_head: from the first sweep's buffers when there is one
+        block, else by a second sweep."""
         soft_c = rows.soft_coef if rows.soft_coef is not None else 0
         hard_c = rows.hard_coef if rows.hard_coef is not None else 0
         student_factor = ((soft_c + hard_c) / stats.student.sum)[:, None]

@@ -30,7 +30,7 @@ LOSS_IMPLS = ("fused", "naive")
 SOFT_TERMS = ("logit", "tsld")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TeacherOutput:
     """The frozen teacher's side of one micro-batch: its `logits` [B, L, V], or its final
     `hidden` states [B, L, H_t] with its lm_head (`weight` [V, H_t], `bias`), from which the fused
@@ -126,7 +126,7 @@ class Objective:
         return self.soft is not None
 
     @property
-    def teacher_logits(self) -> bool:
+    def wants_teacher_logits(self) -> bool:
         """Whether the teacher hands over full logits rather than its hidden states and lm_head
         (the fused path): for the naive path, and with the layer term, whose teacher keeps every
         block's activations anyway (the memory-hungry comparison it is)."""
@@ -142,8 +142,6 @@ class Objective:
         student_hidden [B, L, H] are the student's final hidden states (after the final norm) and
         lm_head_weight/bias its lm_head; labels [B, L] unshifted. The layer term takes every
         block's hidden states (and attention maps) of student and teacher."""
-        if self.needs_teacher and teacher is None:
-            raise ValueError(f"the {self.soft} term needs the teacher's output")
         if self.impl == "fused":
             terms = fused_linear_loss(student_hidden, lm_head_weight, labels, self, teacher,
                                       lm_head_bias=lm_head_bias)
@@ -161,6 +159,8 @@ class Objective:
     def _reference_terms(self, logits: Tensor, labels: Tensor,
                          teacher: Optional[TeacherOutput]) -> Dict[str, Tensor]:
         """The logit terms by the reference losses on full [B, L, V] logits (`impl="naive"`)."""
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"the {self.soft} term needs the teacher's output")
         ignore = self.ignore_index
         terms = {}
         if self.hard:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tsld_ds.data import BUILTIN_DATASET
 from tsld_ds.errors import UsageError
-from tsld_ds.losses import KD_CHOICES, TOKEN_SCALES, Objective
+from tsld_ds.losses import KD_CHOICES, LOSS_IMPLS, TOKEN_SCALES, Objective
 from tsld_ds.models import BUILTIN_MODEL
 from tsld_ds.quant import QuantConfig
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "softmax(CE/tau) over each sequence); ablations: uniform (1/tokens, logit "
                       "KD with TSLD's per-sequence sum), inverse (softmax(-CE/tau): confident "
                       "tokens up-weighted)")
-    loss.add_argument("--loss_impl", default="fused", choices=("fused", "naive"),
+    loss.add_argument("--loss_impl", default="fused", choices=LOSS_IMPLS,
                       help="fused: chunked over tokens and vocabulary with the lm_head, never "
                       "materialising [tokens, vocab] logits; naive: the full-logit reference")
     loss.add_argument("--loss_chunk_size", type=int, default=None,
@@ -188,10 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.token_scale is not None and Objective.from_kd(args.kd).soft != "tsld":
         parser.error(f"--token_scale weighs the TSLD term; it needs --kd tsld, not --kd {args.kd}")
     args.token_scale = args.token_scale or "confidence"
-    try:
-        objective = objective_of(args)
-    except ValueError as e:
-        parser.error(f"--kd {args.kd}: {e}")
+    objective = objective_of(args)  # what could refuse it, argparse and the checks above have
     if args.from_scratch and objective.needs_teacher and args.teacher is None:
         parser.error("--from_scratch with distillation needs a separate --teacher "
                      "(a randomly initialised model cannot teach itself)")

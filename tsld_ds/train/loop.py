@@ -42,7 +42,7 @@ def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int,
         losses = run.engine(input_ids, labels)
     else:
         objective = run.objective
-        with run.teacher.outputs(input_ids, want_logits=objective.teacher_logits,
+        with run.teacher.outputs(input_ids, want_logits=objective.wants_teacher_logits,
                                  want_layers=objective.layers) as teacher:
             losses = run.engine(input_ids, labels, teacher)
     losses = hooks.loss_terms(losses)

@@ -2,7 +2,7 @@
 run's summary."""
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -64,7 +64,10 @@ class RunSummary:
     stopped_by: Optional[str] = None   # the stop signal's name
 
     def as_json(self) -> dict:
-        return {name: value for name, value in asdict(self).items() if value is not None}
+        """Every field that is set, and the four that always are (`quantization` is null for a
+        full-precision run)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None or f.default is MISSING}
 
     def format(self) -> str:
         def ppl(value):

@@ -1,6 +1,7 @@
 """Plain helpers the tests share (pytest.ini puts tests/ on the path): tiny models from configs,
 small real-text data, DeepSpeed configs, and a runner for `launch/train.py` under the DeepSpeed
 launcher with real processes. Fixtures built from them are in conftest.py."""
+import contextlib
 import json
 import os
 import socket
@@ -89,20 +90,28 @@ def gt_args(model_dir, corpus_dir, output_dir, ds_config, **options) -> list:
                       **{"kd": "gt", "eval_max_blocks": 4, "no_export": True, **options})
 
 
-def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True,
-              script: Path = TRAIN_SCRIPT):
-    """`deepspeed --num_gpus N SCRIPT ARGS` (or plain python for ranks=0); SCRIPT defaults to
-    launch/train.py."""
-    port = free_port()
+def train_command(args, *, ranks: int = 2, script: Path = TRAIN_SCRIPT,
+                  port: int | None = None) -> tuple[list, dict]:
+    """(argv, environment) of `deepspeed --num_gpus N SCRIPT ARGS` (plain python for ranks=0);
+    SCRIPT defaults to launch/train.py."""
+    port = port or free_port()
     if ranks:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(port), str(script), *map(str, args)]
     else:
         cmd = [sys.executable, str(script), *map(str, args)]
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return cmd, env
+
+
+def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True,
+              script: Path = TRAIN_SCRIPT, port: int | None = None):
+    """Runs `train_command` to its end; fails the test on a non-zero exit when `check`."""
+    port = port or free_port()
+    cmd, full_env = train_command(args, ranks=ranks, script=script, port=port)
+    proc = subprocess.run(cmd, cwd=REPO, env={**full_env, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n"
@@ -110,6 +119,32 @@ def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True,
     if ranks:  # DeepSpeed's CPU allreduce buffers are unlinked once every rank has mapped them
         assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
+
+
+def tree_digest(path: Path) -> dict:
+    """{relative file path: SHA-256} of everything under `path`: equal before and after means
+    nothing there was lost or changed."""
+    import hashlib
+
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(Path(path).rglob("*")) if f.is_file()}
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A tmpfs of `size` (e.g. "8m") mounted at `path` for the block: a disk that fills up.
+    Skips the test where mounting is not allowed (it needs root)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (root needed): {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

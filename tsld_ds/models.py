@@ -7,6 +7,7 @@ copy of the model.
 import contextlib
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,29 @@ def check_model_source(name_or_path: str, what: str, marker: str = "config.json"
     # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
     if name_or_path.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path):
         raise UsageError(f"{what} path '{name_or_path}' does not exist")
+
+
+def check_block_size(name_or_path: str, block_size: int, *, warn: bool = True) -> None:
+    """Refuse a --block_size beyond a model's learned position embeddings (they have no row for
+    it: an IndexError deep in the forward); with rotary positions, warn (they extend, but the
+    model was not trained that long). Reads the config only; a config that cannot be read is
+    left for the model's loading to report."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or block_size <= positions:
+        return
+    rotary = any("rope" in key or "rotary" in key for key in config.to_dict())
+    if not rotary:
+        raise UsageError(f"--block_size {block_size} is longer than the {positions} positions "
+                         f"'{name_or_path}' has learned embeddings for; use --block_size "
+                         f"{positions} or less")
+    if warn:
+        print(f"warning: --block_size {block_size} is longer than the {positions} positions "
+              f"'{name_or_path}' was trained on (rotary positions extend, untrained)",
+              file=sys.stderr)
 
 
 def torch_dtype_of(ds_config: dict) -> torch.dtype:

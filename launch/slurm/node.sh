@@ -58,4 +58,11 @@ launcher=$!
 trap 'kill -USR1 -- "-$launcher" 2> /dev/null || true' USR1 TERM
 # A trapped signal interrupts `wait`; wait again until the launcher has exited, then take its status.
 while kill -0 "$launcher" 2> /dev/null; do wait "$launcher" || true; done
-wait "$launcher"
+status=0
+wait "$launcher" || status=$?
+# launch/train.py exits 75 when it stopped on a signal with a checkpoint (tsld_ds/errors.py). To
+# srun that is a failing task, and --kill-on-bad-exit would kill the other nodes' tasks while they
+# finish the same clean exit; a stopped run is a task that succeeded: train.sbatch tells it from a
+# completed one by OUTPUT_DIR/summary.json.
+if (( status == 75 )); then status=0; fi
+exit "$status"

@@ -1,7 +1,9 @@
 """launch/convert.py on real 2-rank ZeRO-3 runs: hf (perplexity equal to training's, loads with
-stock transformers), packed (same logits, size), gguf (TQ2_0 round trip, llama.cpp if installed)."""
+stock transformers), packed (same logits, size), gguf (TQ2_0 round trip, llama.cpp if installed);
+and that a conversion never harms the run it reads nor an output it replaces."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import REPO, run_train, train_args, write_ds_config
-
+from helpers import REPO, run_train, train_args, tree_digest, write_ds_config
 from tsld_ds.convert.cli import convert, main as convert_main
 
 SUBPROCESS_ENV = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -218,3 +219,47 @@ def test_refusals_are_one_clear_line(tmp_path, capsys, gpt2_run, llama256_dir):
     (tmp_path / "taken" / "file").write_text("x")
     assert convert_main(["--checkpoint", str(gpt2_run), "--output", str(tmp_path / "taken")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_output_in_or_around_the_run_is_refused_and_the_run_kept(gpt2_run, capsys):
+    before = tree_digest(gpt2_run)
+    for output in (gpt2_run, gpt2_run / "hf", gpt2_run / "checkpoints" / "out", gpt2_run.parent):
+        assert convert_main(["--checkpoint", str(gpt2_run), "--output", str(output),
+                             "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "is, holds or lies inside the run being converted" in err, err
+    assert tree_digest(gpt2_run) == before
+
+
+def test_overwrite_replaces_the_output_only_once_the_new_one_is_complete(gpt2_run, tmp_path,
+                                                                         monkeypatch):
+    import tsld_ds.convert.writers as writers
+
+    out = tmp_path / "hf"
+    convert(gpt2_run, out)
+    before = tree_digest(out)
+    real_write_hf = writers.write_hf
+
+    def write_then_fail(model, tensors, tokenizer, out_dir, *rest):
+        real_write_hf(model, tensors, tokenizer, out_dir, *rest)  # a complete directory...
+        raise OSError("disk full")  # ...then the conversion fails
+
+    monkeypatch.setattr(writers, "write_hf", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert(gpt2_run, out, overwrite=True)
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary siblings left
+    monkeypatch.setattr(writers, "write_hf", real_write_hf)
+    convert(gpt2_run, out, dtype="bf16", overwrite=True)
+    assert tree_digest(out) != before and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_conversion_uses_the_checkpoints_own_options(gpt2_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(gpt2_run, run)
+    args = json.loads((run / "args.json").read_text())
+    args.update(bits=4, quant_method="minmax")  # a later run's args.json, say
+    (run / "args.json").write_text(json.dumps(args))
+    summary = convert(run, tmp_path / "hf")
+    assert summary["quantization"]["bits"] == 2 and summary["quantization"]["method"] == "twn"
+    assert summary["distinct_values"]["check"] == "pass"

@@ -2,6 +2,7 @@
 single-process perplexity, and clear errors."""
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -38,6 +39,12 @@ def test_perplexity_runs_without_a_process_group():
 
     assert perplexity(nll, Blocks(), 2, device="cpu") == pytest.approx(4.0)
     assert perplexity(nll, Blocks(), 2, device="cpu", max_blocks=3) == pytest.approx(4.0)
+
+    def diverged(input_ids, labels):  # a model whose loss overflowed exp(): 1000 nats a token
+        valid = (labels[:, 1:] != -100).sum()
+        return torch.tensor(1000.0) * valid, valid
+
+    assert perplexity(diverged, Blocks(), 2, device="cpu") == math.inf
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval installed")

@@ -1,7 +1,15 @@
-"""Bad input gets one clear message and a non-zero exit before anything is written."""
+"""Bad input gets one clear message and exit code 2 before any model loads and before anything
+is written."""
+import socket
+import subprocess
 
-from helpers import run_train, save_tiny_model, tiny_llama_config, write_ds_config
+import pytest
 
+from helpers import (run_train, save_tiny_model, small_filesystem, tiny_llama_config,
+                     write_ds_config)
+from tsld_ds.errors import EXIT_CODES, EXIT_USAGE
+from tsld_ds.models import check_block_size
+from tsld_ds.train.cli import main as train_main
 
 
 def assert_refused(proc, *fragments):
@@ -63,14 +71,27 @@ def test_existing_run_is_not_overwritten(tiny_llama_dir, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000005"]
 
 
-def test_help_lists_every_option_with_default():
+def test_help_lists_every_option_with_its_true_default_once_and_the_exit_codes():
     proc = run_train(["--help"], ranks=0)
     for option in ("--model", "--teacher", "--dataset", "--dataset_config", "--block_size",
                    "--bits", "--quant_method", "--granularity", "--group_size", "--kd",
                    "--kd_temperature", "--lr", "--epochs", "--max_steps", "--eval_every",
-                   "--save_every", "--output_dir", "--resume", "--seed", "--ds_config"):
+                   "--save_every", "--keep_checkpoints", "--output_dir", "--resume", "--seed",
+                   "--ds_config"):
         assert option in proc.stdout
-    assert "default:" in proc.stdout
+    entries = {}  # option -> its help text, from the "  --option" line to the next one
+    for line in proc.stdout.split("exit codes:")[0].splitlines():
+        if line.startswith("  --"):
+            option = line.split()[0]
+            entries[option] = line
+        elif line.startswith(" " * 8) and entries:
+            entries[option] += " " + line.strip()
+    assert all(entry.count("(default") <= 1 for entry in entries.values()), \
+        [e for e in entries.values() if e.count("(default") > 1]
+    assert "(default: 300 when --epochs is not given" in " ".join(entries["--max_steps"].split())
+    assert "(default: None)" not in proc.stdout
+    codes = proc.stdout.split("exit codes:")[1]
+    assert all(f"  {code} " in codes for code in EXIT_CODES)
 
 
 def test_gpu_options_without_the_gpu_extra_name_it(tiny_llama_dir, small_corpus_dir, tmp_path):
@@ -86,3 +107,90 @@ def test_token_scale_needs_tsld(tmp_path):
     proc = run_train(["--kd", "logit", "--token_scale", "uniform", "--output_dir", tmp_path / "out"],
                      ranks=0, check=False)
     assert proc.returncode == 2 and "--token_scale weighs the TSLD term" in proc.stderr
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--log_every", "0", "--log_every must be positive, got 0"),
+    ("--lr", "-1", "--lr must be positive, got -1.0"),
+    ("--kd_temperature", "0", "--kd_temperature must be positive, got 0.0"),
+    ("--save_every", "-1", "--save_every must be 0 or more, got -1"),
+    ("--keep_checkpoints", "0", "--keep_checkpoints must be positive, got 0"),
+    ("--group_size", "64", "only meaningful with granularity='group'"),
+])
+def test_options_out_of_range(option, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([option, value, "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"train_batch_size": 16}, "train_batch_size 16 is not train_micro_batch_size_per_gpu 2 x "
+                               "gradient_accumulation_steps 1 x 1 rank(s) = 2"),
+    ({"optimizer": {"type": "Adamm", "params": {}}}, "unknown optimizer type 'Adamm'"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be a whole number"),
+])
+def test_deepspeed_config_that_cannot_work(config, message, tmp_path):
+    proc = run_train(["--ds_config", write_ds_config(tmp_path / "ds.json", **config),
+                      "--output_dir", tmp_path / "out"], ranks=0, check=False)
+    assert proc.returncode == EXIT_USAGE
+    assert_refused(proc, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_cannot_be_written(tiny_llama_dir, small_corpus_dir, tmp_path):
+    args = ["--model", tiny_llama_dir, "--dataset", small_corpus_dir,
+            "--ds_config", write_ds_config(tmp_path / "ds.json")]
+    (tmp_path / "a_file").write_text("not a directory")
+    proc = run_train([*args, "--output_dir", tmp_path / "a_file" / "run"], ranks=0, check=False)
+    assert proc.returncode == EXIT_USAGE
+    assert_refused(proc, "a_file is a file, not a directory")
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        proc = run_train([*args, "--output_dir", disk / "run"], ranks=0, check=False)
+    assert proc.returncode == EXIT_USAGE
+    assert_refused(proc, "cannot be written: Read-only file system")
+
+
+def test_binary_file_named_txt_names_the_byte(tiny_llama_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    text = b"In the beginning.\n\n"
+    (data / "train.txt").write_bytes(text + bytes(range(128, 256)) * 8)
+    proc = run_train(["--model", tiny_llama_dir, "--dataset", data / "train.txt",
+                      "--ds_config", write_ds_config(tmp_path / "ds.json"),
+                      "--output_dir", tmp_path / "out"], ranks=0, check=False)
+    assert proc.returncode == EXIT_USAGE
+    assert_refused(proc, f"{data / 'train.txt'} is not UTF-8 text: byte {len(text)} (0x80)")
+
+
+@pytest.mark.parametrize("dataset", ["my_corpus", "data/my_corpus", "./my_corpus", "a/b/c"])
+def test_missing_dataset_path_of_any_shape(dataset, tiny_llama_dir, tmp_path):
+    proc = run_train(["--model", tiny_llama_dir, "--dataset", dataset,
+                      "--ds_config", write_ds_config(tmp_path / "ds.json"),
+                      "--output_dir", tmp_path / "out"], ranks=0, check=False)
+    assert proc.returncode == EXIT_USAGE
+    assert_refused(proc, f"--dataset {dataset}: dataset")
+    assert "does not exist" in proc.stderr or "not a local path" in proc.stderr
+
+
+def test_block_size_beyond_the_models_positions(tiny_gpt2_dir, tiny_llama_dir, tmp_path, capsys):
+    proc = run_train(["--model", tiny_gpt2_dir, "--block_size", 256,
+                      "--output_dir", tmp_path / "out"], ranks=0, check=False)
+    assert proc.returncode == EXIT_USAGE
+    assert_refused(proc, "--block_size 256 is longer than the 128 positions", "--block_size 128")
+    check_block_size(str(tiny_llama_dir), 256)  # rotary positions: a warning
+    assert "warning: --block_size 256 is longer than the 128 positions" in capsys.readouterr().err
+
+
+def test_busy_master_port_is_named(tiny_llama_dir, small_corpus_dir, tmp_path):
+    with socket.socket() as other_run:
+        other_run.bind(("127.0.0.1", 0))
+        other_run.listen()
+        port = other_run.getsockname()[1]
+        proc = run_train(["--model", tiny_llama_dir, "--dataset", small_corpus_dir,
+                          "--ds_config", write_ds_config(tmp_path / "ds.json"),
+                          "--output_dir", tmp_path / "out"], check=False, port=port)
+    assert proc.returncode == EXIT_USAGE
+    assert_refused(proc, f"the master port {port} is in use by another process")

@@ -1,7 +1,9 @@
 """`launch/convert.py` / `tsld-convert`: a training run's checkpoint -> a Hugging Face directory
 (fake-quant `hf` or `packed`) or a GGUF file, with a JSON summary on stdout."""
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -39,19 +41,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written floating tensors (hf, packed); default: the "
                    "training dtype. gguf always writes F16 matrices and F32 norms")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --output instead of refusing")
+                   help="replace an existing --output: the new output is written beside it and "
+                   "swapped in only once complete, so a failed conversion leaves the old one")
     return p
 
 
-def output_path(output: str, fmt: str, overwrite: bool) -> Path:
+def output_path(output: str, fmt: str, overwrite: bool, run_dir: Path) -> Path:
+    """The path to write, checked: not the run being read nor anything inside it or around it,
+    and not an existing output unless `overwrite`."""
     path = Path(output).expanduser()
     if fmt == "gguf" and path.suffix != ".gguf":
         path = path / "model.gguf"
-    if path.exists() and (path.is_file() or any(path.iterdir())):
-        if not overwrite:
-            raise UsageError(f"--output '{path}' already exists; pass --overwrite to replace it")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    target, run = path.resolve(), run_dir.resolve()
+    if target == run or run in target.parents or target in run.parents:
+        raise UsageError(f"--output '{path}' is, holds or lies inside the run being converted "
+                         f"({run_dir}); write it beside the run, e.g. --output {run_dir}-{fmt}")
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not overwrite:
+        raise UsageError(f"--output '{path}' already exists; pass --overwrite to replace it")
     return path
+
+
+@contextlib.contextmanager
+def written_beside(path: Path):
+    """Yields a temporary sibling of `path` to write; when the block completes, the sibling
+    takes `path`'s place (an existing `path` is removed only then). If the block fails, the
+    sibling is removed and `path` is as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old.exists():
+            os.replace(old, path)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
@@ -62,8 +100,10 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     from tsld_ds.convert.source import (STUDENT_PREFIX, consolidated_weights, find_checkpoint,
                                         run_tokenizer, student_skeleton)
     from tsld_ds.convert.writers import write_hf, write_packed
+    from tsld_ds.train.checkpoint import verify
 
     source = find_checkpoint(checkpoint)
+    out = output_path(output, fmt, overwrite, source.path.parent.parent)
     model = student_skeleton(source.args)
     tokenizer = run_tokenizer(source.args)
     cfg = next((m.cfg for _, m in quantized_modules(model)), None)
@@ -72,7 +112,7 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
                          "precision (--bits 16): use --format hf")
     if fmt == "gguf":
         gguf_file.check_supported(model, cfg, tokenizer)
-    out = output_path(output, fmt, overwrite)
+    verify(source.path)
     weights = consolidated_weights(source)
     check_names(model, weights, STUDENT_PREFIX, source.path)
     tensors = fake_quant_tensors(model, weights, STUDENT_PREFIX,
@@ -80,12 +120,13 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     report = Report(format=fmt, output=out, checkpoint=source.path, step=source.step,
                     quantization=cfg.to_dict() if cfg else None)
     torch_dtype = DTYPES[dtype] if dtype else None
-    if fmt == "hf":
-        write_hf(model, tensors, tokenizer, out, torch_dtype, report)
-    elif fmt == "packed":
-        write_packed(model, tensors, tokenizer, out, torch_dtype, report)
-    else:
-        gguf_file.write_gguf(model, tensors, tokenizer, out, report)
+    with written_beside(out) as tmp:
+        if fmt == "hf":
+            write_hf(model, tensors, tokenizer, tmp, torch_dtype, report)
+        elif fmt == "packed":
+            write_packed(model, tensors, tokenizer, tmp, torch_dtype, report)
+        else:
+            gguf_file.write_gguf(model, tensors, tokenizer, tmp, report)
     return report.as_dict()
 
 

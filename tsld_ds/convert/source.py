@@ -59,8 +59,10 @@ def find_checkpoint(path) -> TrainedCheckpoint:
     if not (run_dir / "args.json").is_file():
         raise UsageError(f"checkpoint '{path}' has no args.json in its run directory '{run_dir}': "
                          "the student's layout cannot be rebuilt")
-    return TrainedCheckpoint(path=path, args=read_run_args(run_dir),
-                             header=model_states_header(path))
+    args = read_run_args(run_dir)
+    # The checkpoint's own options, where it records them: args.json is the latest run's.
+    vars(args).update({k: v for k, v in (ckpt.saved_options(path) or {}).items() if v is not None})
+    return TrainedCheckpoint(path=path, args=args, header=model_states_header(path))
 
 
 def consolidated_weights(checkpoint: TrainedCheckpoint) -> dict:

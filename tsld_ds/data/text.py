@@ -7,9 +7,12 @@ In .txt files documents are separated by blank lines (a file without one is one 
 
 from __future__ import annotations
 
+import codecs
 import os
+import re
 from pathlib import Path
 
+import datasets.config
 from datasets import Dataset, DatasetDict, Value, load_dataset
 from datasets.data_files import DataFilesDict, get_data_patterns
 
@@ -18,7 +21,8 @@ from tsld_ds.data.builtin import BUILTIN_DATASET, builtin_corpus_dir
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".json", ".jsonl")
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES
-_PATH_PREFIXES = ("/", "./", "../", "~")
+# A hub dataset is "name" or "org/name"; anything else that is not on disk is a mistyped path.
+_HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 def load_text_splits(
@@ -56,9 +60,17 @@ def _load_raw_splits(dataset: str, dataset_config: str | None) -> DatasetDict:
         return _load_directory(path)
     if path.is_file():
         return _load_files({"train": [str(path)]})
-    if dataset.startswith(_PATH_PREFIXES) or path.suffix in SUPPORTED_SUFFIXES:
+    if not _HUB_NAME.fullmatch(dataset) or dataset.startswith((".", "~")) or \
+            path.suffix in SUPPORTED_SUFFIXES:
         raise FileNotFoundError(f"dataset path {dataset!r} does not exist")
-    return load_dataset(dataset, dataset_config)
+    if datasets.config.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"dataset {dataset!r} is not a local path, and the Hugging Face "
+                                "hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
+    try:
+        return load_dataset(dataset, dataset_config)
+    except ConnectionError as e:  # the hub out of reach; a hub error names the dataset itself
+        raise FileNotFoundError(f"dataset {dataset!r} is not a local path, and the Hugging Face "
+                                f"hub could not be reached: {e}") from None
 
 
 def _load_builtin(name: str) -> DatasetDict:
@@ -100,12 +112,33 @@ def _load_files(data_files: dict[str, list[str]]) -> DatasetDict:
     if empty:
         raise ValueError(f"data files {empty} are empty")
     if suffixes <= set(TEXT_SUFFIXES):
+        for file in files:
+            _check_utf8(Path(file))
         splits = load_dataset("text", data_files=data_files, sample_by="paragraph")
         # Paragraph splitting leaves the file's final newline (and extra blank lines) on the edges.
         return splits.map(lambda batch: {"text": [t.strip("\n") for t in batch["text"]]}, batched=True)
     if suffixes <= set(JSON_SUFFIXES):
         return load_dataset("json", data_files=data_files)
     raise ValueError(f"data files mix .txt and .json/.jsonl: {files}; keep one format")
+
+
+def _check_utf8(file: Path) -> None:
+    """A text file that is not UTF-8 (a binary file named .txt) is named with the offset of its
+    first bad byte, rather than failing inside the datasets library."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{file} is not UTF-8 text: byte {offset + e.start} "
+                                 f"(0x{block[e.start]:02x}) cannot be decoded") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text: it ends inside a character") from None
 
 
 def _text_column(split: Dataset, text_column: str | None, name: str) -> str:

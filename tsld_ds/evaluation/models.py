@@ -33,7 +33,8 @@ def load_eval_model(name_or_path: str, dtype: torch.dtype, device="cpu") -> Eval
         kind, path = "run", path / "hf"
         if not path.is_dir():
             raise UsageError(f"run '{name_or_path}' has no exported model in {path}; write one "
-                             f"with: tsld-convert --checkpoint {name_or_path} --output {path}")
+                             f"with: tsld-convert --checkpoint {name_or_path} --output "
+                             f"{str(name_or_path).rstrip('/')}-hf, and evaluate that")
     check_model_source(str(path) if path.exists() else name_or_path, "model")
     if read_quantization_config(path) is not None:
         model, kind = load_packed(path, device=device, dtype=dtype), "packed"

@@ -18,6 +18,7 @@ from tsld_ds.losses import FusedLinearCrossEntropyLoss
 from tsld_ds.models import check_plain_lm_head, model_body
 
 IGNORE_INDEX = -100
+_LARGEST_EXP = math.log(1.7e308)  # math.exp of more overflows a float
 
 
 @torch.no_grad()
@@ -42,7 +43,8 @@ def perplexity(nll_fn, blocks, batch_size: int, *, device, max_blocks: int | Non
         totals += torch.stack([nll.detach().double(), count.detach().double()])
     if distributed:
         dist.all_reduce(totals)
-    return math.exp(totals[0].item() / totals[1].item())
+    mean_nll = totals[0].item() / totals[1].item()
+    return math.exp(mean_nll) if mean_nll < _LARGEST_EXP else math.inf  # diverged: no overflow
 
 
 def summed_nll(hidden, weight, bias, labels, *, chunk_size: int | None = None,

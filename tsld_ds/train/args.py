@@ -1,14 +1,15 @@
 """Command-line options of `launch/train.py`.
 
 Batch size, precision, gradient accumulation and clipping come from the DeepSpeed config; every
-other knob of a run is an option here, with its default shown in `--help`.
+other knob of a run is an option here, with its default shown in `--help`. Everything that can be
+checked without the models is checked in `parse_args`.
 """
 import argparse
 import json
 from pathlib import Path
 
 from tsld_ds.data import BUILTIN_DATASET
-from tsld_ds.errors import UsageError
+from tsld_ds.errors import UsageError, exit_code_table
 from tsld_ds.losses import KD_CHOICES, LOSS_IMPLS, TOKEN_SCALES, Objective
 from tsld_ds.models import BUILTIN_MODEL
 from tsld_ds.quant import QuantConfig
@@ -24,117 +25,145 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantization-aware training of a causal LM with token-scaled logit "
         "distillation (TSLD) on a DeepSpeed ZeRO-3 engine. Run it under the DeepSpeed launcher: "
         "`deepspeed launch/train.py --ds_config ds_configs/zero3.json [options]`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="exit codes:\n" + exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = p.add_argument_group("model")
     model.add_argument("--model", default=BUILTIN_MODEL,
                        help="student: a Hugging Face model name or a local model directory "
                        "(default: the built-in tiny LLaMA pretrained on the built-in corpus)")
     model.add_argument("--teacher", default=None,
-                       help="frozen full-precision teacher (name or directory); default: --model")
+                       help="frozen full-precision teacher, a name or directory (default: "
+                       "--model)")
     model.add_argument("--tokenizer", default=None,
-                       help="tokenizer name or directory; default: the student's")
+                       help="tokenizer name or directory (default: the student's)")
     model.add_argument("--from_scratch", action="store_true",
                        help="initialise the student randomly from --model's config instead of "
                        "loading its weights (pretraining, e.g. the built-in teacher)")
     model.add_argument("--attn_implementation", default=None,
                        choices=("eager", "sdpa", "flash_attention_2"),
-                       help="attention kernel of student and teacher; default: transformers' "
-                       "choice (eager is forced for --kd l2l, which needs attention scores)")
+                       help="attention kernel of student and teacher (default: transformers' "
+                       "choice; eager is forced for --kd l2l, which needs attention scores)")
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default=BUILTIN_DATASET,
                       help="a Hugging Face dataset name, a local directory, or a .txt/.jsonl/.json "
                       "file (default: the built-in King James Bible corpus)")
     data.add_argument("--dataset_config", default=None,
-                      help="the dataset's configuration name (e.g. wikitext-2-raw-v1)")
+                      help="the dataset's configuration name, e.g. wikitext-2-raw-v1")
     data.add_argument("--text_column", default=None,
-                      help="column holding the text; default: 'text' or the only string column")
+                      help="column holding the text (default: 'text', else the only string "
+                      "column)")
     data.add_argument("--block_size", type=int, default=128,
-                      help="tokens per training sequence (the paper uses 512)")
+                      help="tokens per training sequence, at most the model's positions; the "
+                      "paper uses 512 (default: %(default)s)")
 
     quant = p.add_argument_group("quantization")
     quant.add_argument("--bits", type=int, default=2, choices=BITS_CHOICES,
                        help="weight bits of the student's transformer-block Linears; 16 trains "
-                       "in full precision (the paper's FP stage that makes a teacher)")
+                       "in full precision, the paper's FP stage that makes a teacher (default: "
+                       "%(default)s)")
     quant.add_argument("--quant_method", default=None, choices=QUANT_METHODS,
-                       help="weight quantizer; default: twn for 2 bits, minmax for 4 and 8")
+                       help="weight quantizer (default: twn for 2 bits, minmax for 4 and 8)")
     quant.add_argument("--granularity", default="channel", choices=("channel", "tensor", "group"),
-                       help="one scale per output channel, per tensor, or per group of columns")
-    quant.add_argument("--group_size", type=int, default=-1,
-                       help="input columns per scale group (with --granularity group)")
+                       help="one scale per output channel, per tensor, or per group of "
+                       "--group_size input columns (default: %(default)s)")
+    quant.add_argument("--group_size", type=int, default=None,
+                       help="input columns per scale group; needed by --granularity group and "
+                       "used by it only")
     quant.add_argument("--init_scale", type=float, default=0.7,
-                       help="initial learned clip scale of --quant_method pact")
+                       help="initial learned clip scale of --quant_method pact (default: "
+                       "%(default)s)")
 
     loss = p.add_argument_group("distillation")
     loss.add_argument("--kd", default="tsld", choices=KD_CHOICES,
                       help="training objective: gt (cross-entropy only), logit (teacher soft CE), "
                       "logit_gt, l2l (logit + layer-to-layer MSE), tsld (gt + token-scaled logit "
-                      "distillation, the paper's method)")
+                      "distillation, the paper's method) (default: %(default)s)")
     loss.add_argument("--kd_temperature", type=float, default=10.0,
-                      help="temperature tau of the token-scale softmax over teacher CE")
+                      help="temperature tau of the token-scale softmax over teacher CE "
+                      "(default: %(default)s)")
     loss.add_argument("--token_scale", default=None, choices=TOKEN_SCALES,
-                      help="token weights of --kd tsld (default: confidence, the paper's "
-                      "softmax(CE/tau) over each sequence); ablations: uniform (1/tokens, logit "
-                      "KD with TSLD's per-sequence sum), inverse (softmax(-CE/tau): confident "
-                      "tokens up-weighted)")
+                      help="token weights of --kd tsld: confidence, the paper's softmax(CE/tau) "
+                      "over each sequence (default); ablations: uniform (1/tokens, logit KD with "
+                      "TSLD's per-sequence sum), inverse (softmax(-CE/tau): confident tokens "
+                      "up-weighted)")
     loss.add_argument("--loss_impl", default="fused", choices=LOSS_IMPLS,
                       help="fused: chunked over tokens and vocabulary with the lm_head, never "
-                      "materialising [tokens, vocab] logits; naive: the full-logit reference")
+                      "materialising [tokens, vocab] logits; naive: the full-logit reference "
+                      "(default: %(default)s)")
     loss.add_argument("--loss_chunk_size", type=int, default=None,
-                      help="tokens per chunk of the fused loss; default chosen from vocab and "
-                      "hidden size")
+                      help="tokens per chunk of the fused loss (default: chosen from the "
+                      "vocabulary and hidden sizes)")
     loss.add_argument("--loss_vocab_chunk_size", type=int, default=None,
-                      help="vocabulary entries per block of the fused loss (online "
-                      "log-sum-exp, one extra lm_head matmul); default: the whole vocabulary")
+                      help="vocabulary entries per block of the fused loss: an online "
+                      "log-sum-exp and one extra lm_head matmul (default: the whole vocabulary)")
 
     train = p.add_argument_group("training")
     train.add_argument("--ds_config", default="ds_configs/zero3.json",
-                       help="DeepSpeed config of the student (batch, precision, optimizer, ZeRO)")
+                       help="DeepSpeed config of the student: batch, precision, optimizer, ZeRO "
+                       "(default: %(default)s)")
     train.add_argument("--teacher_ds_config", default=None,
-                       help="DeepSpeed config of the teacher's inference engine; default: derived "
-                       "from --ds_config (ZeRO-3, same precision and micro-batch, no optimizer)")
-    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+                       help="DeepSpeed config of the teacher's inference engine (default: "
+                       "derived from --ds_config: ZeRO-3, same precision and micro-batch, no "
+                       "optimizer)")
+    train.add_argument("--lr", type=float, default=1e-4,
+                       help="peak learning rate (default: %(default)s)")
     train.add_argument("--optimizer", default="deepspeed", choices=("deepspeed", "adamw_8bit"),
                        help="deepspeed: the DeepSpeed config's optimizer; adamw_8bit: "
-                       "bitsandbytes' 8-bit AdamW (GPU extra), with the config's betas/eps/decay")
+                       "bitsandbytes' 8-bit AdamW (GPU extra), with the config's betas/eps/decay "
+                       "(default: %(default)s)")
     train.add_argument("--lr_schedule", default="linear", choices=("linear", "cosine", "constant"),
-                       help="decay after warm-up")
-    train.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps")
+                       help="decay after warm-up, to 0 at the last of the run's steps (default: "
+                       "%(default)s)")
+    train.add_argument("--warmup_steps", type=int, default=0,
+                       help="linear warm-up steps (default: %(default)s)")
     train.add_argument("--epochs", type=float, default=None,
                        help="passes over the training blocks")
     train.add_argument("--max_steps", type=int, default=None,
-                       help="optimizer steps to run; overrides --epochs. With neither option a "
-                       f"run takes {DEFAULT_MAX_STEPS} steps (a few minutes for the built-in "
-                       "model on 2 CPU cores)")
+                       help="optimizer steps to run; overrides --epochs (default: "
+                       f"{DEFAULT_MAX_STEPS} when --epochs is not given, a few minutes for the "
+                       "built-in model on 2 CPU cores)")
     train.add_argument("--dist_timeout", type=float, default=1800,
                        help="seconds a collective may wait for the other ranks before the run "
-                       "fails (a dead rank then stops the others instead of hanging them)")
+                       "fails, so that a dead rank stops the others instead of hanging them "
+                       "(default: %(default)s)")
     train.add_argument("--max_nonfinite_batches", type=int, default=5,
                        help="a micro-batch whose loss is NaN/inf on any rank is skipped on every "
                        "rank (no backward, no update); after this many in a row the run saves a "
-                       "checkpoint and stops, naming the bad loss terms (1: stop at the first)")
-    train.add_argument("--seed", type=int, default=42, help="seed of initialisation and data order")
+                       "checkpoint and stops, naming the bad loss terms; 1 stops at the first "
+                       "(default: %(default)s)")
+    train.add_argument("--seed", type=int, default=42,
+                       help="seed of initialisation and data order (default: %(default)s)")
 
     out = p.add_argument_group("evaluation, logging and checkpoints")
     out.add_argument("--eval_every", type=int, default=100,
-                     help="validation perplexity every N steps (0: only before and after)")
+                     help="validation perplexity every N steps; 0: only before and after "
+                     "(default: %(default)s)")
     out.add_argument("--eval_max_blocks", type=int, default=None,
                      help="evaluate on at most this many validation blocks (default: all)")
-    out.add_argument("--log_every", type=int, default=10, help="metrics line every N steps")
+    out.add_argument("--log_every", type=int, default=10,
+                     help="metrics line every N steps (default: %(default)s)")
     out.add_argument("--save_every", type=int, default=0,
-                     help="checkpoint every N steps (0: only at the end)")
+                     help="checkpoint every N steps; 0: only at the end (default: %(default)s)")
+    out.add_argument("--keep_checkpoints", type=int, default=None,
+                     help="keep the newest N checkpoints, deleting older ones once a new one is "
+                     "complete; the one `latest` names is never deleted (default: keep all)")
     out.add_argument("--output_dir", default="runs/default",
-                     help="checkpoints, metrics.jsonl, summary.json and the final HF model")
+                     help="checkpoints, metrics.jsonl, summary.json and the final HF model "
+                     "(default: %(default)s)")
     out.add_argument("--overwrite_output_dir", action="store_true",
-                     help="allow writing into an --output_dir that already holds a run")
+                     help="start a new run in an --output_dir that holds one: its checkpoints, "
+                     "metrics, summary and hf/ are deleted when the new run starts training")
     out.add_argument("--resume", default=None,
-                     help="checkpoint to resume from: a checkpoint directory or 'latest' "
-                     "(the newest complete checkpoint in --output_dir)")
+                     help="checkpoint to resume from: a checkpoint directory, or 'latest' (the "
+                     "newest complete checkpoint in --output_dir). The options that define the "
+                     "model, quantizer and objective must be the checkpoint's; a different "
+                     "--max_steps or --epochs continues on the new schedule from the saved step")
     out.add_argument("--no_export", action="store_true",
                      help="skip writing the final Hugging Face model to OUTPUT_DIR/hf")
     out.add_argument("--export_dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                     help="dtype of the final Hugging Face model; default: the training dtype")
+                     help="dtype of the final Hugging Face model (default: the training dtype)")
     # Set by the DeepSpeed launcher; the environment's LOCAL_RANK is what we use.
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
@@ -153,8 +182,9 @@ def quant_config_of(args) -> QuantConfig | None:
     if args.bits == 16:
         return None
     try:
+        group_size = -1 if args.group_size is None else args.group_size  # QuantConfig's "none"
         return QuantConfig(bits=args.bits, method=args.quant_method, granularity=args.granularity,
-                           group_size=args.group_size, init_scale=args.init_scale)
+                           group_size=group_size, init_scale=args.init_scale)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -167,20 +197,25 @@ def read_run_args(run_dir) -> argparse.Namespace:
     return args
 
 
+# Options that must be positive, and those that may also be 0 (None means "not given").
+_POSITIVE = ("block_size", "max_steps", "epochs", "lr", "kd_temperature", "init_scale",
+             "loss_chunk_size", "loss_vocab_chunk_size", "dist_timeout", "max_nonfinite_batches",
+             "eval_max_blocks", "log_every", "keep_checkpoints", "group_size")
+_NOT_NEGATIVE = ("warmup_steps", "eval_every", "save_every")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in _POSITIVE:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name} must be positive, got {value}")
+    for name in _NOT_NEGATIVE:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.block_size < 2:
         parser.error("--block_size must be at least 2 (one input and one next token)")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error("--max_steps must be positive")
-    if args.epochs is not None and args.epochs <= 0:
-        parser.error("--epochs must be positive")
-    for name in ("loss_chunk_size", "loss_vocab_chunk_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive")
-    if args.max_nonfinite_batches < 1:
-        parser.error("--max_nonfinite_batches must be at least 1")
     if args.max_steps is None and args.epochs is None:
         args.max_steps = DEFAULT_MAX_STEPS
     if args.bits == 16 and args.quant_method is not None:
@@ -192,4 +227,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.from_scratch and objective.needs_teacher and args.teacher is None:
         parser.error("--from_scratch with distillation needs a separate --teacher "
                      "(a randomly initialised model cannot teach itself)")
+    try:
+        quant_config_of(args)
+    except UsageError as e:
+        parser.error(str(e))
     return args
+
+
+# The options a checkpoint is bound to: they define the model, its quantizer and the objective.
+# `--resume` and launch/convert.py hold a checkpoint to the values it was written with.
+DEFINING_OPTIONS = ("model", "teacher", "tokenizer", "bits", "quant_method", "granularity",
+                    "group_size", "init_scale", "kd", "kd_temperature", "token_scale")
+
+
+def defining_options(args) -> dict:
+    """`args`' values of DEFINING_OPTIONS, resolved: local paths absolute, the teacher and
+    tokenizer that default to --model, the quantizer's own defaults (None at --bits 16)."""
+    def where(name_or_path):
+        path = Path(name_or_path).expanduser()
+        return str(path.resolve()) if path.exists() else name_or_path
+
+    quant = quant_config_of(args)
+    options = {"model": where(args.model), "teacher": where(args.teacher or args.model),
+               "tokenizer": where(args.tokenizer or args.model), "bits": args.bits,
+               "kd": args.kd, "kd_temperature": args.kd_temperature,
+               "token_scale": args.token_scale}
+    quant_fields = quant.to_dict() if quant is not None else {}
+    options.update(quant_method=quant_fields.get("method"),
+                   granularity=quant_fields.get("granularity"),
+                   group_size=quant_fields.get("group_size"),
+                   init_scale=quant_fields.get("init_scale") if quant_fields.get("method") == "pact"
+                   else None)
+    return options
+
+
+def differing_options(saved: dict, args) -> list[str]:
+    """'--NAME SAVED (checkpoint) vs NOW' for each defining option `args` changes."""
+    now = defining_options(args)
+    return [f"--{name} {saved.get(name)} (checkpoint) vs {now[name]}" for name in DEFINING_OPTIONS
+            if saved.get(name) != now[name]]

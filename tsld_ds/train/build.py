@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import timedelta
@@ -15,6 +16,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
 from tsld_ds import gpu_extras
 from tsld_ds.data import (ResumableDistributedSampler, check_tokenizers_match, load_text_splits,
@@ -22,7 +24,8 @@ from tsld_ds.data import (ResumableDistributedSampler, check_tokenizers_match, l
 from tsld_ds.devices import set_local_device
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import Objective
-from tsld_ds.models import check_model_source, load_causal_lm, load_tokenizer, vocab_size_of
+from tsld_ds.models import (check_block_size, check_model_source, load_causal_lm, load_tokenizer,
+                            vocab_size_of)
 from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.teacher import TeacherEngine, teacher_ds_config
 from tsld_ds.train import checkpoint as ckpt
@@ -36,6 +39,7 @@ from tsld_ds.train.student import DistillationStudent
 class Run:
     engine: object                 # DeepSpeed engine around DistillationStudent
     scheduler: object
+    lr_multiplier: object          # step -> the scheduler's multiplier of the peak rate
     student_model: object          # the HF model inside the engine (quantized in place)
     teacher: TeacherEngine | None
     tokenizer: object
@@ -51,6 +55,9 @@ class Run:
 
 
 def read_ds_config(path: str) -> dict:
+    """The DeepSpeed config at `path`, checked: its batch sizes agree with this world size
+    (gradient_accumulation_steps is derived from train_batch_size when only that is given) and
+    its optimizer is one DeepSpeed can build."""
     try:
         with open(path) as f:
             config = json.load(f)
@@ -60,27 +67,75 @@ def read_ds_config(path: str) -> dict:
         raise UsageError(f"DeepSpeed config '{path}' is not valid JSON: {e}") from None
     if not isinstance(config, dict) or "train_micro_batch_size_per_gpu" not in config:
         raise UsageError(f"DeepSpeed config '{path}' must set train_micro_batch_size_per_gpu")
+    _check_batch_sizes(config, path, int(os.environ.get("WORLD_SIZE", 1)))
+    optimizer = config.get("optimizer", {}).get("type")
+    if optimizer is not None and optimizer.lower() not in DEEPSPEED_OPTIMIZERS and \
+            getattr(torch.optim, optimizer, None) is None:
+        raise UsageError(f"DeepSpeed config '{path}': unknown optimizer type '{optimizer}'; "
+                         f"DeepSpeed builds {', '.join(DEEPSPEED_OPTIMIZERS)} or a torch.optim "
+                         "class by its name (e.g. AdamW, SGD)")
     if config.get("zero_optimization", {}).get("stage", 0) != 3:
         print(f"warning: {path} is not ZeRO stage 3; parameters will not be partitioned",
               file=sys.stderr)
     return config
 
 
+def _check_batch_sizes(config: dict, path: str, world: int) -> None:
+    micro = config["train_micro_batch_size_per_gpu"]
+    accumulation = config.get("gradient_accumulation_steps")
+    for name, value in (("train_micro_batch_size_per_gpu", micro),
+                        ("gradient_accumulation_steps", accumulation)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise UsageError(f"DeepSpeed config '{path}': {name} must be a whole number >= 1, "
+                             f"got {value!r}")
+    total = config.get("train_batch_size")
+    if total is None:
+        return
+    if accumulation is None and isinstance(total, int) and total % (micro * world) == 0:
+        config["gradient_accumulation_steps"] = total // (micro * world)
+    elif total != micro * (accumulation or 1) * world:
+        raise UsageError(
+            f"DeepSpeed config '{path}': train_batch_size {total} is not "
+            f"train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
+            f"{accumulation or 1} x {world} rank(s) = {micro * (accumulation or 1) * world}; "
+            "drop train_batch_size or make the three agree")
+
+
 def check_inputs(args) -> Path | None:
-    """Everything that can be checked before processes start talking to each other; returns the
-    checkpoint that --resume names."""
+    """Everything that can be checked before processes start talking to each other and before
+    any model loads; returns the checkpoint that --resume names."""
     gpu_extras.check_options(args)
     check_model_source(args.model, "--model")
     if args.teacher:
         check_model_source(args.teacher, "--teacher")
     if args.tokenizer:
         check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
+    for name in {args.model, args.teacher or args.model}:
+        check_block_size(name, args.block_size, warn=os.environ.get("RANK", "0") == "0")
+    check_writable_dir(args.output_dir)
     if args.resume is not None:
-        return ckpt.resolve_resume(args.resume, args.output_dir)
+        path = ckpt.resolve_resume(args.resume, args.output_dir)
+        ckpt.check_options(path, args)
+        return path
     if not args.overwrite_output_dir and ckpt.latest_checkpoint(args.output_dir) is not None:
         raise UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume "
                          "latest to continue it or --overwrite_output_dir to start over")
     return None
+
+
+def check_writable_dir(path) -> None:
+    """`path` is a directory that can be written, or can be created: a file is made and removed
+    in it or in its nearest existing parent, and nothing is left behind."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {path}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"--output_dir {path} cannot be written: {e.strerror or e} "
+                         f"({existing})") from None
 
 
 def init_distributed(timeout_s: float) -> None:
@@ -92,9 +147,23 @@ def init_distributed(timeout_s: float) -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
+    elif os.environ["RANK"] == "0":
+        _check_master_port_free(int(os.environ["MASTER_PORT"]))
     set_local_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     _unlink_shm_allreduce_buffer()
+
+
+def _check_master_port_free(port: int) -> None:
+    """Rank 0 serves the rendezvous on MASTER_PORT: another process listening there (another
+    run) would otherwise look like a lost rank."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous store binds
+        try:
+            s.bind(("", port))
+        except OSError:
+            raise UsageError(f"the master port {port} is in use by another process (another "
+                             "run?); pick a free one with the launcher's --master_port") from None
 
 
 def _unlink_shm_allreduce_buffer() -> None:
@@ -151,7 +220,8 @@ def build_run(args) -> Run:
     init_distributed(args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     seed_everything(args.seed)
-    if resume_from is not None:  # at another world size: its universal form, converted once
+    if resume_from is not None:  # intact; at another world size, its universal form
+        ckpt.verify(resume_from)
         universal.prepare_resume(resume_from, ds_config)
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -202,14 +272,15 @@ def build_run(args) -> Run:
         ds_config["zero_allow_untested_optimizer"] = True
     else:
         ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"]["lr"] = args.lr
+    lr_multiplier = lr_lambda(args.lr_schedule, args.warmup_steps, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=student, model_parameters=trainable, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(args.lr_schedule, args.warmup_steps, total_steps)))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier))
     # Dropout differs across ranks, the data order does not; a resume restores the saved state.
     seed_everything(args.seed + rank)
 
-    return Run(engine=engine, scheduler=scheduler, student_model=student_model, teacher=teacher,
+    return Run(engine=engine, scheduler=scheduler, lr_multiplier=lr_multiplier,
+               student_model=student_model, teacher=teacher,
                tokenizer=tokenizer, objective=objective, quant_config=quant_config,
                train_blocks=train_blocks, val_blocks=val_blocks, sampler=sampler,
                micro_batch=micro_batch, accumulation=accumulation, total_steps=total_steps,

@@ -1,10 +1,5 @@
 """`launch/train.py` / `tsld-train`: parse options, run, and turn bad input and faults into one
-clear line.
-
-Exit codes: 0 the run completed, or stopped on SIGUSR1/SIGTERM with a checkpoint (continue with
-`--resume latest`); 1 it failed: lost contact with another rank, or too many NaN/inf losses in a
-row (a checkpoint of the last good step is saved first); 2 bad options or input.
-"""
+clear line and an exit code of the table in tsld_ds.errors (also in `--help`)."""
 import os
 import re
 import sys
@@ -12,7 +7,8 @@ import warnings
 
 import torch.distributed as dist
 
-from tsld_ds.errors import UsageError
+from tsld_ds.errors import (EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, RunFailed,
+                            UsageError)
 from tsld_ds.train.args import parse_args
 from tsld_ds.train.checkpoint import latest_checkpoint
 from tsld_ds.train.hooks import TrainHooks
@@ -28,26 +24,31 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
     from tsld_ds.train.loop import train  # heavy imports after --help and option errors
 
     try:
-        train(args, stop, hooks)
+        summary = train(args, stop, hooks)
         dist.barrier()  # rank 0 may still be writing the export: nobody tears down before it
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # Every rank of a node checks the same input and refuses it alike: one line per node.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except NonFiniteLoss as e:
         if dist.get_rank() == 0:  # every rank stopped at the same batch with the same message
             print(f"error: {e}. {_last_good_checkpoint(args)}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except RuntimeError as e:
         if not _is_collective_failure(e):
             raise
         print(f"error: rank {os.environ.get('RANK', 0)} lost contact with the other ranks (one "
               f"died, hung longer than --dist_timeout {args.dist_timeout:g} s, or never started): "
               f"{_first_sentence(e)}. {_last_good_checkpoint(args)}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return EXIT_STOPPED if summary.stopped_by else EXIT_COMPLETED
 
 
 def run(hooks: TrainHooks | None = None) -> None:

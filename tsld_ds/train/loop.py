@@ -10,6 +10,7 @@ checkpoint; a NaN/inf loss skips the batch on every rank, and too many in a row 
 with a checkpoint.
 """
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tsld_ds.devices import pins_memory, to_device
 from tsld_ds.evaluation.perplexity import perplexity, summed_nll
 from tsld_ds.train import checkpoint as ckpt
 from tsld_ds.train import universal
+from tsld_ds.train.args import defining_options
 from tsld_ds.train.build import Run, build_run
 from tsld_ds.train.export import export_hf
 from tsld_ds.train.hooks import TrainHooks
@@ -103,18 +105,25 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
 
+    output_dir = Path(args.output_dir)
+    needed_bytes = ckpt.checkpoint_bytes(engine)
+    ckpt.check_room(output_dir, needed_bytes)
     step = 0
     if run.resume_from is not None:
         state = universal.load_checkpoint(engine, run.resume_from)  # at any world size
         step = state["step"]
         sampler.load_state_dict(state["sampler"])
+        _follow_schedule(run)
     if is_main:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "args.json").write_text(json.dumps(vars(args), indent=2))
+        if run.resume_from is None and args.overwrite_output_dir:
+            _clear_previous_run(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
         # Written when the run completes: launch/slurm/train.sbatch requeues the job until then.
-        (Path(args.output_dir) / "summary.json").unlink(missing_ok=True)
+        (output_dir / "summary.json").unlink(missing_ok=True)
     dist.barrier()
-    log = MetricsLog(args.output_dir, enabled=is_main)
+    log = MetricsLog(output_dir, enabled=is_main,
+                     resumed_step=step if run.resume_from is not None else None)
 
     summary = RunSummary(world_size=world, kd=args.kd, bits=args.bits,
                          quantization=run.quant_config.to_dict() if run.quant_config else None)
@@ -134,13 +143,14 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
     nonfinite = NonFiniteGuard(args.max_nonfinite_batches)
     saver = ckpt.CheckpointSaver(engine, args.output_dir,
                                  saved_step=step if run.resume_from is not None else None,
-                                 hooks=hooks)
+                                 options=defining_options(args), needed_bytes=needed_bytes,
+                                 keep=args.keep_checkpoints, hooks=hooks)
     stopping = None  # the stop signal all ranks agreed on
     train_seconds, train_tokens = 0.0, 0
     engine.train()
     while step < run.total_steps:
         started = time.time()
-        lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+        lr = engine.get_lr()[0]  # the rate this step uses
         for _ in range(run.accumulation):
             terms = None
             while terms is None:  # a batch with a NaN/inf loss on any rank is dropped on all ranks
@@ -201,6 +211,28 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
         print(summary.format())
     log.close()
     return summary
+
+
+def _follow_schedule(run: Run) -> None:
+    """After a resume: the learning rate of this run's schedule at the saved step. The same as
+    the checkpoint's when --max_steps is the same; with another length of run the schedule goes
+    on from the saved step (a linear decay then reaches 0 at the new last step)."""
+    multiplier = run.lr_multiplier(run.scheduler.last_epoch)
+    for group, base in zip(run.engine.optimizer.param_groups, run.scheduler.base_lrs):
+        group["lr"] = base * multiplier
+
+
+# What a run writes into its --output_dir; --overwrite_output_dir removes a previous run's.
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "summary.json", "hf", "args.json")
+
+
+def _clear_previous_run(output_dir: Path) -> None:
+    for name in _RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _client_state(step: int, sampler) -> dict:

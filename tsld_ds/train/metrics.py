@@ -1,6 +1,7 @@
 """Run logs on rank 0: one JSON line per logging step, TensorBoard when it is installed; and the
 run's summary."""
 import json
+import os
 import time
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -8,7 +9,10 @@ from typing import Optional
 
 
 class MetricsLog:
-    def __init__(self, output_dir, enabled: bool):
+    """metrics.jsonl (and TensorBoard) of a run. A resumed run first drops the records of the
+    steps after its checkpoint, which it is about to log again: each step is logged once."""
+
+    def __init__(self, output_dir, enabled: bool, resumed_step: int | None = None):
         self.enabled = enabled
         self.file = None
         self.tensorboard = None
@@ -16,6 +20,12 @@ class MetricsLog:
             return
         path = Path(output_dir)
         self.path = path / "metrics.jsonl"
+        if resumed_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
         self.file = open(self.path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter

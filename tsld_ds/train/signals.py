@@ -1,14 +1,19 @@
-"""Preemption and time limits: SIGUSR1 (SLURM's notice before the time limit, `--signal=USR1@120`)
-and SIGTERM (preemption, scancel, the DeepSpeed launcher's shutdown) ask a run to stop cleanly.
+"""Stopping a run without losing it: SIGUSR1 (SLURM's notice before the time limit,
+`--signal=USR1@120`), SIGTERM (preemption, scancel, the DeepSpeed launcher's shutdown) and SIGINT
+(Ctrl-C) ask a run to stop cleanly.
 
 The handler only records the signal. Once per step every rank asks `agreed()`, so all ranks stop
 after the same step even when the signal reached only some of them; the loop then saves a
-checkpoint and the process exits 0. Repeats are ignored: a second signal while the checkpoint is
-being written must not cut it short.
+checkpoint and the process exits with EXIT_STOPPED (tsld_ds.errors). Repeats are ignored: a second signal while the
+checkpoint is being written must not cut it short. Only a second Ctrl-C aborts at once.
 """
+import os
 import signal
+import sys
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+from tsld_ds.errors import EXIT_ABORTED
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
@@ -23,6 +28,13 @@ class StopSignals:
     def _record(self, signum, frame) -> None:
         if not self.received:
             self.received = signum
+            if signum == signal.SIGINT and os.environ.get("LOCAL_RANK", "0") == "0":
+                print("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to abort "
+                      "at once)", file=sys.stderr, flush=True)
+        elif signum == signal.SIGINT == self.received:
+            print("second Ctrl-C: aborting without a checkpoint of the current step",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_ABORTED)
 
     def agreed(self, device) -> str | None:
         """Collective: the name of the stop signal any rank has received, or None."""

@@ -30,7 +30,6 @@ import torch.distributed as dist
 from tsld_ds.errors import UsageError
 from tsld_ds.train import checkpoint as ckpt
 
-UNIVERSAL_SUFFIX = "_universal"
 _COMPLETE = "universal_complete"
 MODEL_STATES = "*model_states.pt"
 
@@ -56,7 +55,7 @@ def saved_world_size(path: Path) -> int:
 
 
 def universal_path(path: Path) -> Path:
-    return Path(path).parent / (Path(path).name + UNIVERSAL_SUFFIX)
+    return Path(path).parent / (Path(path).name + ckpt.UNIVERSAL_SUFFIX)
 
 
 def convert_to_universal(path: Path) -> Path:

@@ -1,0 +1,203 @@
+"""Checkpoints on real 2-rank runs: each records its defining options and a manifest; damaged or
+foreign ones are refused with the newest intact one named; old ones are pruned; a full disk or a
+Ctrl-C loses nothing; a resume logs each step once and follows its own schedule."""
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import (REPO, gt_args, read_metrics, run_train, small_filesystem, step_losses,
+                     train_command, tree_digest, write_ds_config)
+from tsld_ds.errors import EXIT_ABORTED, EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE
+from tsld_ds.train.checkpoint import (MANIFEST_FILE, OPTIONS_FILE, format_bytes,
+                                     latest_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, tiny_llama_dir, small_corpus_dir):
+    """4 steps of the tiny LLaMA, a checkpoint after every step, the newest 2 kept."""
+    root = tmp_path_factory.mktemp("saved-run")
+    ds = write_ds_config(root / "ds.json", exact_resume=True)
+    args = gt_args(tiny_llama_dir, small_corpus_dir, root / "run", ds, max_steps=4, save_every=1,
+                   keep_checkpoints=2)
+    run_train(args)
+    return root / "run", args
+
+
+def copy_of(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def moved(args, run, copy):
+    return [str(copy) if a == str(run) else a for a in args]
+
+
+def test_checkpoints_record_options_and_manifest_and_keep_the_newest(saved_run):
+    run, _ = saved_run
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000003", "step_0000004"]
+    assert latest_checkpoint(run) == checkpoints / "step_0000004"
+    for checkpoint in checkpoints.glob("step_*"):
+        options = json.loads((checkpoint / OPTIONS_FILE).read_text())
+        assert options["bits"] == 2 and options["quant_method"] == "twn" and options["kd"] == "gt"
+        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+        on_disk = {p.name for p in checkpoint.iterdir()} - {OPTIONS_FILE, MANIFEST_FILE}
+        assert set(manifest) == on_disk and any("optim_states" in name for name in manifest)
+        assert all(manifest[name]["bytes"] == (checkpoint / name).stat().st_size
+                   for name in manifest)
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--bits", "4"], "--bits 2 (checkpoint) vs 4; --quant_method twn (checkpoint) vs minmax"),
+    (["--kd", "logit_gt"], "--kd gt (checkpoint) vs logit_gt"),
+])
+def test_resume_with_other_defining_options_is_refused(change, message, saved_run):
+    run, args = saved_run
+    before = tree_digest(run)
+    proc = run_train([*args, "--max_steps", 6, "--resume", "latest", *change], ranks=0,
+                     check=False)
+    assert proc.returncode == EXIT_USAGE, proc.stderr[-2000:]
+    assert "the checkpoint was written with other options: " + message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tree_digest(run) == before
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_damaged_checkpoint_is_named_with_the_newest_intact_one(damage, saved_run, tmp_path):
+    run, args = saved_run
+    run = copy_of(run, tmp_path)
+    victim = run / "checkpoints" / "step_0000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if damage == "random bytes":
+        with open(victim, "r+b") as f:
+            f.seek(2000)
+            f.write(os.urandom(4096))
+        what = "contents changed since it was written (SHA-256 differs)"
+    else:
+        os.truncate(victim, victim.stat().st_size // 2)
+        what = "truncated or overwritten"
+    before = tree_digest(run)
+    proc = run_train([*moved(args, saved_run[0], run), "--resume", "latest"], check=False)
+    assert proc.returncode == EXIT_USAGE, proc.stderr[-2000:]
+    expected = (f"checkpoint {run}/checkpoints/step_0000004 is damaged: {victim.name}: ")
+    assert expected in proc.stderr and what in proc.stderr, proc.stderr[-2000:]
+    assert f"the newest intact checkpoint is {run}/checkpoints/step_0000003" in proc.stderr
+    assert tree_digest(run) == before
+    convert = subprocess.run([sys.executable, str(REPO / "launch" / "convert.py"),
+                              "--checkpoint", str(run), "--output", str(tmp_path / "hf")],
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == EXIT_USAGE and expected in convert.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_resume_with_more_steps_follows_the_new_schedule_and_logs_each_step_once(saved_run,
+                                                                                   tmp_path):
+    run, args = saved_run
+    run = copy_of(run, tmp_path)
+    run_train([*moved(args, saved_run[0], run), "--max_steps", 6, "--resume", "latest"])
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
+    assert sorted(lrs) == list(range(1, 7))  # each step once
+    assert lrs[5] == pytest.approx(3e-3 * (1 - 4 / 6))  # the linear decay of a 6-step run
+    assert lrs[4] == pytest.approx(3e-3 * (1 - 3 / 4))  # the first run's own
+
+
+def test_overwrite_output_dir_starts_afresh(saved_run, tmp_path):
+    run, args = saved_run
+    run = copy_of(run, tmp_path)
+    run_train([*moved(args, saved_run[0], run), "--max_steps", 1, "--overwrite_output_dir"])
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001"]
+    assert sorted(step_losses(run)) == [1]
+    assert [r["step"] for r in read_metrics(run)] == [0, 1, 1]  # before, step 1, after
+
+
+def adam_checkpoint_size(model_dir) -> str:
+    """fp32 master weights and Adam's two moments: 12 bytes a parameter of the model."""
+    from safetensors import safe_open
+
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        numel = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return format_bytes(12 * numel)
+
+
+def test_full_disk_keeps_the_last_good_checkpoint(tiny_llama_dir, small_corpus_dir, tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json")
+    with small_filesystem(tmp_path / "disk", "8m") as disk:
+        out = disk / "run"
+        args = gt_args(tiny_llama_dir, small_corpus_dir, out, ds, max_steps=6, save_every=1)
+        proc = run_train(args, check=False)
+        assert proc.returncode == EXIT_FAILED, proc.stderr[-3000:]
+        latest = latest_checkpoint(out)
+        assert latest is not None and (latest / MANIFEST_FILE).is_file()
+        failed = int(latest.name.split("_")[1]) + 1
+        assert f"checkpoint step_{failed:07d} could not be written: {out}/checkpoints is out " \
+               "of space" in proc.stderr, proc.stderr[-3000:]
+        assert f"`latest` still names {latest.name}" in proc.stderr
+        assert f"a checkpoint needs about {adam_checkpoint_size(tiny_llama_dir)}" in proc.stderr
+        assert not list((out / "checkpoints").glob("*.tmp"))  # no debris
+    with small_filesystem(tmp_path / "small", "2m") as small:
+        proc = run_train(gt_args(tiny_llama_dir, small_corpus_dir, small / "run", ds), ranks=0,
+                         check=False)
+        assert proc.returncode == EXIT_USAGE
+        assert f"--output_dir {small}/run has" in proc.stderr
+        assert "one checkpoint of this run needs about " \
+               f"{adam_checkpoint_size(tiny_llama_dir)}" in proc.stderr
+
+
+def start(args, ranks, tmp_path):
+    cmd, env = train_command(args, ranks=ranks)
+    log = open(tmp_path / "log.txt", "w+")
+    # Its own process group: a Ctrl-C in a terminal reaches every process of the foreground one.
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True), log
+
+
+def wait_for_step(out, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not (out / "metrics.jsonl").is_file() or len(step_losses(out)) < step:
+        assert proc.poll() is None and time.time() < deadline, "no step logged in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_ctrl_c_finishes_the_step_and_saves(ranks, tiny_llama_dir, small_corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    args = gt_args(tiny_llama_dir, small_corpus_dir, out, write_ds_config(tmp_path / "ds.json"),
+                   max_steps=1000)
+    proc, log = start(args, ranks, tmp_path)
+    wait_for_step(out, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout=120)
+    log.seek(0)
+    text = log.read()
+    stopped = int(latest_checkpoint(out).name.split("_")[1])
+    assert f"stopped on SIGINT after step {stopped} of 1000" in text, text[-3000:]
+    # No traceback through our code (DeepSpeed's own runner may print its KeyboardInterrupt).
+    assert not re.search(r'File ".*(tsld_ds/|launch/train\.py)', text), text[-3000:]
+    assert sorted(step_losses(out)) == list(range(1, stopped + 1))
+    if ranks == 0:  # DeepSpeed's launcher, itself interrupted, ends in its own way
+        assert code == EXIT_STOPPED
+
+
+def test_second_ctrl_c_aborts_at_once(tiny_llama_dir, small_corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    args = gt_args(tiny_llama_dir, small_corpus_dir, out, write_ds_config(tmp_path / "ds.json"),
+                   max_steps=1000)
+    proc, log = start(args, 0, tmp_path)
+    wait_for_step(out, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    deadline = time.time() + 60
+    while "Ctrl-C: stopping after this step" not in (tmp_path / "log.txt").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == EXIT_ABORTED
+    log.seek(0)
+    assert "second Ctrl-C: aborting without a checkpoint" in log.read()

@@ -53,7 +53,7 @@ done > "$hostfile"
 launcher=$!
 
 # SLURM's notice before the time limit (USR1) and preemption or scancel (TERM) both reach the
-# ranks as USR1: finish the step, save a checkpoint, exit 0. (Passed on as TERM, DeepSpeed's
+# ranks as USR1: finish the step, save a checkpoint, exit 75. (Passed on as TERM, DeepSpeed's
 # launcher would kill the ranks 30 s later, checkpoint written or not.)
 trap 'kill -USR1 -- "-$launcher" 2> /dev/null || true' USR1 TERM
 # A trapped signal interrupts `wait`; wait again until the launcher has exited, then take its status.

@@ -219,6 +219,10 @@ def test_refusals_are_one_clear_line(tmp_path, capsys, gpt2_run, llama256_dir):
     (tmp_path / "taken" / "file").write_text("x")
     assert convert_main(["--checkpoint", str(gpt2_run), "--output", str(tmp_path / "taken")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert convert_main(["--checkpoint", str(gpt2_run), "--output", str(tmp_path / "taken"),
+                         "--overwrite"]) == 2  # not an earlier output: never replaced
+    assert "is a directory that is not a model" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "file").read_text() == "x"
 
 
 def test_output_in_or_around_the_run_is_refused_and_the_run_kept(gpt2_run, capsys):

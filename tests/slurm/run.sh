@@ -7,7 +7,7 @@
 #              is complete (summary.json, a checkpoint of the last step, every step's loss logged)
 #              and was not requeued.
 #   usr1       `scancel --signal=USR1` once step 3 is logged (what --signal=USR1@120 sends before
-#              the time limit): the ranks checkpoint and exit 0, train.sbatch requeues the job,
+#              the time limit): the ranks checkpoint and exit 75 (node.sh: success), train.sbatch requeues the job,
 #              the restart resumes with --resume latest and completes.
 #   preempt    a job in a higher-priority partition preempts the run once step 3 is logged: SLURM
 #              sends SIGTERM (SIGKILL KillWait=30 s later) and requeues the job itself; the ranks

@@ -50,8 +50,9 @@ def test_checkpoints_record_options_and_manifest_and_keep_the_newest(saved_run):
         options = json.loads((checkpoint / OPTIONS_FILE).read_text())
         assert options["bits"] == 2 and options["quant_method"] == "twn" and options["kd"] == "gt"
         manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
-        on_disk = {p.name for p in checkpoint.iterdir()} - {OPTIONS_FILE, MANIFEST_FILE}
-        assert set(manifest) == on_disk and any("optim_states" in name for name in manifest)
+        on_disk = {p.name for p in checkpoint.iterdir()} - {MANIFEST_FILE}
+        assert set(manifest) == on_disk and OPTIONS_FILE in manifest
+        assert any("optim_states" in name for name in manifest)
         assert all(manifest[name]["bytes"] == (checkpoint / name).stat().st_size
                    for name in manifest)
 
@@ -60,14 +61,39 @@ def test_checkpoints_record_options_and_manifest_and_keep_the_newest(saved_run):
     (["--bits", "4"], "--bits 2 (checkpoint) vs 4; --quant_method twn (checkpoint) vs minmax"),
     (["--kd", "logit_gt"], "--kd gt (checkpoint) vs logit_gt"),
 ])
-def test_resume_with_other_defining_options_is_refused(change, message, saved_run):
-    run, args = saved_run
+def test_resume_with_other_defining_options_is_refused(change, message, saved_run, tmp_path):
+    run = copy_of(saved_run[0], tmp_path)
+    args = moved(saved_run[1], saved_run[0], run)
     before = tree_digest(run)
     proc = run_train([*args, "--max_steps", 6, "--resume", "latest", *change], ranks=0,
                      check=False)
     assert proc.returncode == EXIT_USAGE, proc.stderr[-2000:]
     assert "the checkpoint was written with other options: " + message in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert tree_digest(run) == before
+
+
+def test_resume_takes_the_same_model_from_another_place(saved_run, tiny_llama_dir, tmp_path):
+    """Models are compared by content: a copy staged elsewhere (node-local storage) is the same
+    model."""
+    run = copy_of(saved_run[0], tmp_path)
+    staged = tmp_path / "staged-model"
+    shutil.copytree(tiny_llama_dir, staged)
+    args = [str(staged) if a == str(tiny_llama_dir) else a
+            for a in moved(saved_run[1], saved_run[0], run)]
+    run_train([*args, "--max_steps", 5, "--resume", "latest"])
+    assert sorted(step_losses(run)) == [1, 2, 3, 4, 5]
+
+
+def test_overwrite_refuses_to_delete_an_input_of_the_new_run(saved_run, tiny_llama_dir,
+                                                             tmp_path):
+    run = copy_of(saved_run[0], tmp_path)
+    shutil.copytree(tiny_llama_dir, run / "hf")  # say, the FP stage's export, as the teacher
+    before = tree_digest(run)
+    proc = run_train([*moved(saved_run[1], saved_run[0], run), "--kd", "logit", "--teacher",
+                      run / "hf", "--overwrite_output_dir"], ranks=0, check=False)
+    assert proc.returncode == EXIT_USAGE
+    assert f"--teacher {run / 'hf'} lies in what --overwrite_output_dir would delete" in proc.stderr
     assert tree_digest(run) == before
 
 
@@ -137,8 +163,8 @@ def test_full_disk_keeps_the_last_good_checkpoint(tiny_llama_dir, small_corpus_d
         latest = latest_checkpoint(out)
         assert latest is not None and (latest / MANIFEST_FILE).is_file()
         failed = int(latest.name.split("_")[1]) + 1
-        assert f"checkpoint step_{failed:07d} could not be written: {out}/checkpoints is out " \
-               "of space" in proc.stderr, proc.stderr[-3000:]
+        assert f"checkpoint step_{failed:07d} could not be written to {out}/checkpoints: no " \
+               "space left or over quota" in proc.stderr, proc.stderr[-3000:]
         assert f"`latest` still names {latest.name}" in proc.stderr
         assert f"a checkpoint needs about {adam_checkpoint_size(tiny_llama_dir)}" in proc.stderr
         assert not list((out / "checkpoints").glob("*.tmp"))  # no debris

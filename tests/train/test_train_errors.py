@@ -109,6 +109,15 @@ def test_token_scale_needs_tsld(tmp_path):
     assert proc.returncode == 2 and "--token_scale weighs the TSLD term" in proc.stderr
 
 
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--resume", "latest", "--overwrite_output_dir", "--output_dir",
+                    str(tmp_path / "out")])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "--resume continues a run and --overwrite_output_dir starts a new one" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("--log_every", "0", "--log_every must be positive, got 0"),
     ("--lr", "-1", "--lr must be positive, got -1.0"),

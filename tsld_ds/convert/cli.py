@@ -56,8 +56,12 @@ def output_path(output: str, fmt: str, overwrite: bool, run_dir: Path) -> Path:
     if target == run or run in target.parents or target in run.parents:
         raise UsageError(f"--output '{path}' is, holds or lies inside the run being converted "
                          f"({run_dir}); write it beside the run, e.g. --output {run_dir}-{fmt}")
-    if path.exists() and (path.is_file() or any(path.iterdir())) and not overwrite:
-        raise UsageError(f"--output '{path}' already exists; pass --overwrite to replace it")
+    if path.exists() and (path.is_file() or any(path.iterdir())):
+        if not overwrite:
+            raise UsageError(f"--output '{path}' already exists; pass --overwrite to replace it")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UsageError(f"--output '{path}' is a directory that is not a model (no "
+                             "config.json): --overwrite replaces only an earlier output")
     return path
 
 
@@ -67,6 +71,13 @@ def written_beside(path: Path):
     takes `path`'s place (an existing `path` is removed only then). If the block fails, the
     sibling is removed and `path` is as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*-*"):  # left by a conversion killed midway
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            if ".old-" in stale.name and not path.exists():  # killed between the two renames
+                os.replace(stale, path)
+            else:
+                _remove(stale)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     try:
@@ -83,6 +94,16 @@ def written_beside(path: Path):
             os.replace(old, path)
         raise
     _remove(old)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -25,6 +25,8 @@ from tsld_ds.train.universal import MODEL_STATES, model_states_header
 
 # The DistillationStudent that the engine trains holds the Hugging Face model as `.model`.
 STUDENT_PREFIX = "model."
+# The run options that rebuild the student's quantized layers.
+QUANTIZER_OPTIONS = ("bits", "quant_method", "granularity", "group_size", "init_scale")
 
 
 @dataclass
@@ -60,8 +62,10 @@ def find_checkpoint(path) -> TrainedCheckpoint:
         raise UsageError(f"checkpoint '{path}' has no args.json in its run directory '{run_dir}': "
                          "the student's layout cannot be rebuilt")
     args = read_run_args(run_dir)
-    # The checkpoint's own options, where it records them: args.json is the latest run's.
-    vars(args).update({k: v for k, v in (ckpt.saved_options(path) or {}).items() if v is not None})
+    # The checkpoint's own quantizer, where it records it: args.json is the latest run's (whose
+    # paths name the same model, or the resume would have refused it).
+    saved = ckpt.saved_options(path) or {}
+    vars(args).update({k: saved[k] for k in QUANTIZER_OPTIONS if saved.get(k) is not None})
     return TrainedCheckpoint(path=path, args=args, header=model_states_header(path))
 
 

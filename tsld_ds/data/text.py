@@ -12,9 +12,9 @@ import os
 import re
 from pathlib import Path
 
-import datasets.config
 from datasets import Dataset, DatasetDict, Value, load_dataset
 from datasets.data_files import DataFilesDict, get_data_patterns
+from datasets.exceptions import DatasetGenerationError
 
 from tsld_ds.data.builtin import BUILTIN_DATASET, builtin_corpus_dir
 
@@ -63,14 +63,12 @@ def _load_raw_splits(dataset: str, dataset_config: str | None) -> DatasetDict:
     if not _HUB_NAME.fullmatch(dataset) or dataset.startswith((".", "~")) or \
             path.suffix in SUPPORTED_SUFFIXES:
         raise FileNotFoundError(f"dataset path {dataset!r} does not exist")
-    if datasets.config.HF_HUB_OFFLINE:
-        raise FileNotFoundError(f"dataset {dataset!r} is not a local path, and the Hugging Face "
-                                "hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
-    try:
+    try:  # from the hub, or offline from its cache
         return load_dataset(dataset, dataset_config)
-    except ConnectionError as e:  # the hub out of reach; a hub error names the dataset itself
-        raise FileNotFoundError(f"dataset {dataset!r} is not a local path, and the Hugging Face "
-                                f"hub could not be reached: {e}") from None
+    except ConnectionError as e:  # not cached and the hub out of reach (or offline)
+        raise FileNotFoundError(f"dataset {dataset!r} is not a local path, nor in the datasets "
+                                f"cache, and the Hugging Face hub could not be reached: {e}") \
+            from None
 
 
 def _load_builtin(name: str) -> DatasetDict:
@@ -112,9 +110,12 @@ def _load_files(data_files: dict[str, list[str]]) -> DatasetDict:
     if empty:
         raise ValueError(f"data files {empty} are empty")
     if suffixes <= set(TEXT_SUFFIXES):
-        for file in files:
-            _check_utf8(Path(file))
-        splits = load_dataset("text", data_files=data_files, sample_by="paragraph")
+        try:
+            splits = load_dataset("text", data_files=data_files, sample_by="paragraph")
+        except DatasetGenerationError:  # a file that is not text: say which, and where
+            for file in files:
+                _check_utf8(Path(file))
+            raise
         # Paragraph splitting leaves the file's final newline (and extra blank lines) on the edges.
         return splits.map(lambda batch: {"text": [t.strip("\n") for t in batch["text"]]}, batched=True)
     if suffixes <= set(JSON_SUFFIXES):
@@ -124,7 +125,7 @@ def _load_files(data_files: dict[str, list[str]]) -> DatasetDict:
 
 def _check_utf8(file: Path) -> None:
     """A text file that is not UTF-8 (a binary file named .txt) is named with the offset of its
-    first bad byte, rather than failing inside the datasets library."""
+    first bad byte. Read only when the datasets library failed, so a good corpus is read once."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(file, "rb") as f:

@@ -44,7 +44,9 @@ def perplexity(nll_fn, blocks, batch_size: int, *, device, max_blocks: int | Non
     if distributed:
         dist.all_reduce(totals)
     mean_nll = totals[0].item() / totals[1].item()
-    return math.exp(mean_nll) if mean_nll < _LARGEST_EXP else math.inf  # diverged: no overflow
+    if math.isnan(mean_nll) or mean_nll < _LARGEST_EXP:
+        return math.exp(mean_nll)
+    return math.inf  # diverged: exp would overflow
 
 
 def summed_nll(hidden, weight, bias, labels, *, chunk_size: int | None = None,

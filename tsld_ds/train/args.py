@@ -5,6 +5,7 @@ other knob of a run is an option here, with its default shown in `--help`. Every
 checked without the models is checked in `parse_args`.
 """
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "bitsandbytes' 8-bit AdamW (GPU extra), with the config's betas/eps/decay "
                        "(default: %(default)s)")
     train.add_argument("--lr_schedule", default="linear", choices=("linear", "cosine", "constant"),
-                       help="decay after warm-up, to 0 at the last of the run's steps (default: "
+                       help="decay after warm-up, to 0 at the end of the run (default: "
                        "%(default)s)")
     train.add_argument("--warmup_steps", type=int, default=0,
                        help="linear warm-up steps (default: %(default)s)")
@@ -218,6 +219,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--block_size must be at least 2 (one input and one next token)")
     if args.max_steps is None and args.epochs is None:
         args.max_steps = DEFAULT_MAX_STEPS
+    if args.resume is not None and args.overwrite_output_dir:
+        parser.error("--resume continues a run and --overwrite_output_dir starts a new one; "
+                     "pass one of them")
     if args.bits == 16 and args.quant_method is not None:
         parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full precision")
     if args.token_scale is not None and Objective.from_kd(args.kd).soft != "tsld":
@@ -235,34 +239,72 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # The options a checkpoint is bound to: they define the model, its quantizer and the objective.
-# `--resume` and launch/convert.py hold a checkpoint to the values it was written with.
+# `--resume` holds a checkpoint to the values it was written with; launch/convert.py rebuilds the
+# student from them. Models and tokenizers are compared by content, not path (a model staged to
+# node-local storage for each job is the same model).
 DEFINING_OPTIONS = ("model", "teacher", "tokenizer", "bits", "quant_method", "granularity",
                     "group_size", "init_scale", "kd", "kd_temperature", "token_scale")
+_BY_CONTENT = {"model": ("config.json", "*.safetensors", "*.bin", "*.index.json"),
+               "teacher": ("config.json", "*.safetensors", "*.bin", "*.index.json"),
+               "tokenizer": ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                             "special_tokens_map.json")}
+
+
+_USED_BY_THE_OBJECTIVE = ("teacher", "kd_temperature", "token_scale")
+
+
+def _fingerprint(name_or_path: str, patterns: tuple) -> str:
+    """A local model or tokenizer directory's identity: SHA-256 over its small files' contents
+    and its weight files' names and sizes; a hub name is its own identity."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return name_or_path
+    digest = hashlib.sha256()
+    for pattern in patterns:
+        for file in sorted(path.glob(pattern)):
+            small = file.suffix in (".json", ".model")
+            digest.update(file.name.encode() + (file.read_bytes() if small
+                                                 else str(file.stat().st_size).encode()))
+    return digest.hexdigest()[:16]
 
 
 def defining_options(args) -> dict:
-    """`args`' values of DEFINING_OPTIONS, resolved: local paths absolute, the teacher and
-    tokenizer that default to --model, the quantizer's own defaults (None at --bits 16)."""
-    def where(name_or_path):
-        path = Path(name_or_path).expanduser()
-        return str(path.resolve()) if path.exists() else name_or_path
-
+    """`args`' values of DEFINING_OPTIONS, resolved: the teacher and tokenizer that default to
+    --model, the quantizer's own defaults (None at --bits 16), None for what the objective does
+    not use; models and tokenizers with their content fingerprints (`NAME_fingerprint`)."""
+    objective = objective_of(args)
     quant = quant_config_of(args)
-    options = {"model": where(args.model), "teacher": where(args.teacher or args.model),
-               "tokenizer": where(args.tokenizer or args.model), "bits": args.bits,
-               "kd": args.kd, "kd_temperature": args.kd_temperature,
-               "token_scale": args.token_scale}
     quant_fields = quant.to_dict() if quant is not None else {}
-    options.update(quant_method=quant_fields.get("method"),
-                   granularity=quant_fields.get("granularity"),
-                   group_size=quant_fields.get("group_size"),
-                   init_scale=quant_fields.get("init_scale") if quant_fields.get("method") == "pact"
-                   else None)
+    tsld = objective.soft == "tsld"
+    options = {
+        "model": args.model,
+        "teacher": (args.teacher or args.model) if objective.needs_teacher else None,
+        "tokenizer": args.tokenizer or args.model,
+        "bits": args.bits, "quant_method": quant_fields.get("method"),
+        "granularity": quant_fields.get("granularity"),
+        "group_size": quant_fields.get("group_size"),
+        "init_scale": quant_fields.get("init_scale") if quant_fields.get("method") == "pact"
+        else None,
+        "kd": args.kd, "kd_temperature": args.kd_temperature if tsld else None,
+        "token_scale": args.token_scale if tsld else None,
+    }
+    for name, patterns in _BY_CONTENT.items():
+        if options[name] is not None:
+            options[f"{name}_fingerprint"] = _fingerprint(options[name], patterns)
     return options
 
 
 def differing_options(saved: dict, args) -> list[str]:
-    """'--NAME SAVED (checkpoint) vs NOW' for each defining option `args` changes."""
+    """'--NAME SAVED (checkpoint) vs NOW' for each defining option `args` changes; models and
+    tokenizers differ when their contents do, wherever they are."""
     now = defining_options(args)
-    return [f"--{name} {saved.get(name)} (checkpoint) vs {now[name]}" for name in DEFINING_OPTIONS
-            if saved.get(name) != now[name]]
+    differing = []
+    for name in DEFINING_OPTIONS:
+        key = f"{name}_fingerprint" if name in _BY_CONTENT and f"{name}_fingerprint" in saved \
+            else name
+        if None in (saved.get(name), now[name]) and name in _USED_BY_THE_OBJECTIVE:
+            continue  # one of the objectives has no such term: --kd says it
+        if saved.get(key) != now.get(key):
+            what = " (another model or tokenizer)" if key != name else ""
+            differing.append(f"--{name} {saved.get(name)} (checkpoint) vs {now[name]}{what}")
+    return differing

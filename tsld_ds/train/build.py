@@ -67,7 +67,7 @@ def read_ds_config(path: str) -> dict:
         raise UsageError(f"DeepSpeed config '{path}' is not valid JSON: {e}") from None
     if not isinstance(config, dict) or "train_micro_batch_size_per_gpu" not in config:
         raise UsageError(f"DeepSpeed config '{path}' must set train_micro_batch_size_per_gpu")
-    _check_batch_sizes(config, path, int(os.environ.get("WORLD_SIZE", 1)))
+    _check_batch_sizes(config, path, _launched_world_size())
     optimizer = config.get("optimizer", {}).get("type")
     if optimizer is not None and optimizer.lower() not in DEEPSPEED_OPTIMIZERS and \
             getattr(torch.optim, optimizer, None) is None:
@@ -78,6 +78,15 @@ def read_ds_config(path: str) -> dict:
         print(f"warning: {path} is not ZeRO stage 3; parameters will not be partitioned",
               file=sys.stderr)
     return config
+
+
+def _launched_world_size() -> int:
+    """The world size the launcher set (DeepSpeed's and torchrun's WORLD_SIZE, Open MPI's, PMI's);
+    1 for a plain `python launch/train.py`."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
 
 
 def _check_batch_sizes(config: dict, path: str, world: int) -> None:
@@ -94,11 +103,16 @@ def _check_batch_sizes(config: dict, path: str, world: int) -> None:
     if accumulation is None and isinstance(total, int) and total % (micro * world) == 0:
         config["gradient_accumulation_steps"] = total // (micro * world)
     elif total != micro * (accumulation or 1) * world:
+        given = accumulation if accumulation is not None else "1 (not set)"
         raise UsageError(
             f"DeepSpeed config '{path}': train_batch_size {total} is not "
-            f"train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
-            f"{accumulation or 1} x {world} rank(s) = {micro * (accumulation or 1) * world}; "
-            "drop train_batch_size or make the three agree")
+            f"train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps {given} x "
+            f"{world} rank(s) = {micro * (accumulation or 1) * world}; drop train_batch_size or "
+            "make the three agree")
+
+
+# What a run writes into its --output_dir; --overwrite_output_dir removes a previous run's.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "summary.json", "hf", "args.json")
 
 
 def check_inputs(args) -> Path | None:
@@ -117,10 +131,26 @@ def check_inputs(args) -> Path | None:
         path = ckpt.resolve_resume(args.resume, args.output_dir)
         ckpt.check_options(path, args)
         return path
-    if not args.overwrite_output_dir and ckpt.latest_checkpoint(args.output_dir) is not None:
+    if args.overwrite_output_dir:
+        _check_inputs_outside_previous_run(args)
+    elif ckpt.latest_checkpoint(args.output_dir) is not None:
         raise UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume "
                          "latest to continue it or --overwrite_output_dir to start over")
     return None
+
+
+def _check_inputs_outside_previous_run(args) -> None:
+    """--overwrite_output_dir deletes the previous run's outputs: none of this run's inputs may
+    be among them (say, the FP stage's hf/ export as --teacher of a QAT run in the same dir)."""
+    doomed = [(Path(args.output_dir) / name).resolve() for name in RUN_OUTPUTS]
+    for option in ("model", "teacher", "tokenizer", "dataset", "ds_config", "teacher_ds_config"):
+        value = getattr(args, option)
+        if value is None or not Path(value).expanduser().exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        if any(path == d or d in path.parents for d in doomed):
+            raise UsageError(f"--{option} {value} lies in what --overwrite_output_dir would delete "
+                             f"from {args.output_dir}; move it, or write the new run elsewhere")
 
 
 def check_writable_dir(path) -> None:
@@ -147,7 +177,8 @@ def init_distributed(timeout_s: float) -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-    elif os.environ["RANK"] == "0":
+    elif os.environ["RANK"] == "0" and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # (under torchrun the agent itself serves the rendezvous on MASTER_PORT)
         _check_master_port_free(int(os.environ["MASTER_PORT"]))
     set_local_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))

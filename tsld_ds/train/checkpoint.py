@@ -34,6 +34,7 @@ OPTIONS_FILE = "run_options.json"
 MANIFEST_FILE = "manifest.json"
 _TMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
+_DELETING_SUFFIX = ".deleting"
 UNIVERSAL_SUFFIX = "_universal"  # tsld_ds.train.universal's conversions, beside their source
 _TAG = re.compile(r"^step_(\d+)$")
 
@@ -65,41 +66,67 @@ def _set_rng_state(state: dict) -> None:
 def save_checkpoint(engine, output_dir, step: int, client_state: dict, *, options: dict,
                     needed_bytes: int, keep: int | None, hooks: TrainHooks) -> Path:
     """Writes checkpoints/step_N atomically on every rank, with the run's defining `options` and
-    the manifest; then deletes checkpoints beyond the newest `keep`. Returns its final path.
-    A write that fails for lack of space removes its partial files and raises RunFailed."""
+    the manifest, synced to disk before `latest` names it; then deletes older checkpoints beyond
+    the newest `keep`. Returns its final path. A write that fails for lack of space (or quota)
+    removes its partial files and raises RunFailed."""
     root = checkpoint_dir(output_dir)
     tag = tag_for_step(step)
     tmp = root / (tag + _TMP_SUFFIX)
-    final = root / tag
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash
+        _sweep_debris(root)
     dist.barrier()
     try:
         engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state,
                                save_latest=False)
         torch.save(_rng_state(), tmp / f"rng_state_rank{rank}.pt")
         hooks.checkpoint_files_written(step)
+        if rank == 0:
+            (tmp / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")
         dist.barrier()  # every rank's files are complete
         manifest = _manifest(tmp)
         if rank == 0:
-            (tmp / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+            _sync_directory(tmp)
     except (OSError, RuntimeError) as e:
-        if not _out_of_space(e, root, needed_bytes):
+        if not _write_failed(e):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunFailed(f"checkpoint {tag} could not be written: {root} is out of space "
-                        f"({format_bytes(shutil.disk_usage(root).free)} free; a checkpoint needs "
-                        f"about {format_bytes(needed_bytes)}). Its partial files were removed; "
-                        f"`latest` still names {_latest_name(root)}. Free some space (or pass "
-                        "--keep_checkpoints) and continue with --resume latest") from None
+        raise RunFailed(f"checkpoint {tag} could not be written to {root}: no space left or over "
+                        f"quota ({format_bytes(shutil.disk_usage(root).free)} free; a checkpoint "
+                        f"needs about {format_bytes(needed_bytes)}). Its partial files were "
+                        f"removed; `latest` still names {_latest_name(root)}. Free some space (or "
+                        "pass --keep_checkpoints) and continue with --resume latest") from None
     if rank == 0:
         _commit(root, tag)
         if keep is not None:
             _prune(root, keep)
     dist.barrier()
-    return final
+    return root / tag
+
+
+def _sweep_debris(root: Path) -> None:
+    """Removes what crashed saves, commits and prunes left (never a committed checkpoint)."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.is_dir() and path.name.endswith((_TMP_SUFFIX, _OLD_SUFFIX, _DELETING_SUFFIX)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_directory(path: Path) -> None:
+    """Makes the names in `path` (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _commit(root: Path, tag: str) -> None:
@@ -112,34 +139,45 @@ def _commit(root: Path, tag: str) -> None:
         os.replace(final, replaced)
     os.replace(root / (tag + _TMP_SUFFIX), final)
     shutil.rmtree(replaced, ignore_errors=True)
-    latest_tmp = root / (LATEST + _TMP_SUFFIX)
-    latest_tmp.write_text(tag + "\n")
-    os.replace(latest_tmp, root / LATEST)
+    _write_synced(root / (LATEST + _TMP_SUFFIX), tag + "\n")
+    os.replace(root / (LATEST + _TMP_SUFFIX), root / LATEST)
+    _sync_directory(root)
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Deletes all but the newest `keep` checkpoints (and their universal conversions); the one
-    `latest` names stays whatever its age."""
-    latest = (root / LATEST).read_text().strip()
-    for old in committed_checkpoints(root)[:-keep]:
-        if old.name != latest:
-            shutil.rmtree(old.parent / (old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
-            shutil.rmtree(old)
+    """Keeps the `keep` newest checkpoints up to the one `latest` names, which is one of them;
+    older ones (and their universal conversions) go. Newer ones than `latest`, left by a run
+    resumed from an earlier checkpoint, are not this run's to delete: it replaces them as it
+    reaches their steps. A checkpoint is renamed before it is deleted, so a kill midway never
+    leaves a half-deleted one that looks complete."""
+    latest = _step_of(root / (root / LATEST).read_text().strip())
+    older = [p for p in committed_checkpoints(root) if _step_of(p) < latest]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
+        shutil.rmtree(old.parent / (old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+        doomed = old.parent / (old.name + _DELETING_SUFFIX)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
+
+
+def _step_of(path: Path) -> int:
+    return int(_TAG.match(path.name).group(1))
 
 
 def committed_checkpoints(root: Path) -> list[Path]:
     """The complete checkpoints under `root` (a checkpoints/ directory), oldest first."""
     found = [p for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)] \
         if root.is_dir() else []
-    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
 
 
-def _out_of_space(error: Exception, root: Path, needed_bytes: int) -> bool:
-    # torch.save reports a full disk only as "[enforce fail at inline_container.cc] unexpected
-    # pos": what is left on the disk tells.
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+def _write_failed(error: Exception) -> bool:
+    """Whether `error` is a write that the disk or the quota refused. torch.save reports that
+    only as its archive writer's "unexpected pos" or "failed writing"."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return shutil.disk_usage(root).free < needed_bytes
+    text = str(error)
+    return any(sign in text for sign in ("unexpected pos", "failed writing", "file write failed",
+                                          "No space left", "Disk quota exceeded"))
 
 
 def format_bytes(size: int) -> str:
@@ -168,11 +206,29 @@ def _latest_name(root: Path) -> str:
     return marker.read_text().strip() if marker.is_file() else "no checkpoint"
 
 
-def _share(items: list) -> list:
-    """This rank's share of `items` (all of them without a process group)."""
+# The rank in a checkpoint file's name (DeepSpeed's zero_pp_rank_R files, our rng_state_rankR):
+# the rank that wrote it hashes it, reading what its own node's page cache holds.
+_WRITER = re.compile(r"(?:zero_pp_rank_|rng_state_rank)(\d+)")
+
+
+def _mine(names: list) -> list:
+    """The files of `names` this rank hashes: those it wrote; rank 0 also the unnumbered ones.
+    All of them without a process group."""
     if not dist.is_initialized():
-        return items
-    return items[dist.get_rank()::dist.get_world_size()]
+        return names
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return [n for n in names
+            if (int(_WRITER.search(n).group(1)) % world if _WRITER.search(n) else 0) == rank]
+
+
+def _listed(directory: Path) -> list:
+    """The names of the files in `directory`: listed by rank 0 alone (one metadata walk, not one
+    per rank on a shared filesystem) and sent to the others."""
+    names = [sorted(p.name for p in directory.iterdir() if p.is_file())] \
+        if not dist.is_initialized() or dist.get_rank() == 0 else [None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names, src=0)
+    return names[0]
 
 
 def _gathered(part: dict) -> dict:
@@ -184,35 +240,39 @@ def _gathered(part: dict) -> dict:
     return {key: value for p in parts for key, value in p.items()}
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, *, sync: bool = False) -> str:
+    """The file's SHA-256; with `sync`, its data is also flushed to the disk."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
 def _manifest(directory: Path) -> dict:
-    """{file: {bytes, sha256}} of every file in `directory`, the ranks hashing a share each."""
-    files = sorted(p.name for p in directory.iterdir() if p.is_file())
-    mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
-            for name in _share(files)}
+    """{file: {bytes, sha256}} of every file in `directory`, each rank hashing (and syncing to
+    disk) the files it wrote."""
+    mine = {name: {"bytes": (directory / name).stat().st_size,
+                   "sha256": _sha256(directory / name, sync=True)}
+            for name in _mine(_listed(directory))}
     return {"files": dict(sorted(_gathered(mine).items()))}
 
 
 def damaged_files(path: Path) -> list[str] | None:
     """What is wrong with the files of the checkpoint at `path` against its manifest ([] when
-    nothing is); None for a checkpoint written before manifests. Collective under a process
-    group: the ranks check a share each."""
+    nothing is); None for a checkpoint written before manifests and defining options were
+    recorded. Collective under a process group: each rank checks the files it wrote."""
     manifest_file = path / MANIFEST_FILE
     if not manifest_file.is_file():
-        return None
+        return [f"{MANIFEST_FILE}: missing"] if (path / OPTIONS_FILE).is_file() else None
     try:
         expected = json.loads(manifest_file.read_text())["files"]
     except (ValueError, KeyError):
         return [f"{MANIFEST_FILE}: not readable"]
     problems = {}
-    for name in _share(sorted(expected)):
+    for name in _mine(sorted(expected)):
         file, want = path / name, expected[name]
         if not file.is_file():
             problems[name] = f"{name}: missing"
@@ -243,7 +303,12 @@ def saved_options(path: Path) -> dict | None:
     """The defining options the checkpoint at `path` was written with (None before they were
     recorded)."""
     file = path / OPTIONS_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError:
+        raise UsageError(f"checkpoint {path}: {OPTIONS_FILE} is damaged (not JSON)") from None
 
 
 def check_options(path: Path, args) -> None:

@@ -24,7 +24,7 @@ from tsld_ds.evaluation.perplexity import perplexity, summed_nll
 from tsld_ds.train import checkpoint as ckpt
 from tsld_ds.train import universal
 from tsld_ds.train.args import defining_options
-from tsld_ds.train.build import Run, build_run
+from tsld_ds.train.build import RUN_OUTPUTS, Run, build_run
 from tsld_ds.train.export import export_hf
 from tsld_ds.train.hooks import TrainHooks
 from tsld_ds.train.metrics import MetricsLog, RunSummary
@@ -113,7 +113,7 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
         state = universal.load_checkpoint(engine, run.resume_from)  # at any world size
         step = state["step"]
         sampler.load_state_dict(state["sampler"])
-        _follow_schedule(run)
+        _follow_schedule(run, args.lr)
     if is_main:
         if run.resume_from is None and args.overwrite_output_dir:
             _clear_previous_run(output_dir)
@@ -213,21 +213,17 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
     return summary
 
 
-def _follow_schedule(run: Run) -> None:
-    """After a resume: the learning rate of this run's schedule at the saved step. The same as
-    the checkpoint's when --max_steps is the same; with another length of run the schedule goes
-    on from the saved step (a linear decay then reaches 0 at the new last step)."""
+def _follow_schedule(run: Run, peak_lr: float) -> None:
+    """After a resume: this run's schedule (its --lr, --max_steps, warm-up and decay) at the
+    saved step, where the checkpoint holds the old run's. The same rate when the options are."""
+    run.scheduler.base_lrs = [peak_lr] * len(run.scheduler.base_lrs)
     multiplier = run.lr_multiplier(run.scheduler.last_epoch)
-    for group, base in zip(run.engine.optimizer.param_groups, run.scheduler.base_lrs):
-        group["lr"] = base * multiplier
-
-
-# What a run writes into its --output_dir; --overwrite_output_dir removes a previous run's.
-_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "summary.json", "hf", "args.json")
+    for group in run.engine.optimizer.param_groups:
+        group["lr"] = peak_lr * multiplier
 
 
 def _clear_previous_run(output_dir: Path) -> None:
-    for name in _RUN_OUTPUTS:
+    for name in RUN_OUTPUTS:
         path = output_dir / name
         if path.is_dir():
             shutil.rmtree(path)

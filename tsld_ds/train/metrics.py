@@ -9,8 +9,9 @@ from typing import Optional
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard) of a run. A resumed run first drops the records of the
-    steps after its checkpoint, which it is about to log again: each step is logged once."""
+    """metrics.jsonl (and TensorBoard) of a run, each step logged once: a resumed run keeps the
+    records up to its checkpoint's step and logs the later ones again; a new run starts both
+    anew (a run that left no checkpoint cannot be continued)."""
 
     def __init__(self, output_dir, enabled: bool, resumed_step: int | None = None):
         self.enabled = enabled
@@ -20,16 +21,18 @@ class MetricsLog:
             return
         path = Path(output_dir)
         self.path = path / "metrics.jsonl"
+        kept = []
         if resumed_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines(keepends=True)
-                    if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+            kept = [line for line in self.path.read_text(errors="replace").splitlines(True)
+                    if _step_of(line) is not None and _step_of(line) <= resumed_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
         self.file = open(self.path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(str(path / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(path / "tensorboard"),
+                                             purge_step=(resumed_step or 0) + 1)
         except ImportError:  # tensorboard is optional
             self.tensorboard = None
 
@@ -48,6 +51,14 @@ class MetricsLog:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _step_of(line: str) -> int | None:
+    """A complete record's step; None for a torn or damaged line (a crash mid-write)."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass

@@ -248,8 +248,7 @@ _BY_CONTENT = {"model": ("config.json", "*.safetensors", "*.bin", "*.index.json"
                "teacher": ("config.json", "*.safetensors", "*.bin", "*.index.json"),
                "tokenizer": ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                              "special_tokens_map.json")}
-
-
+# Compared only when both objectives have them (a different --kd is reported as such).
 _USED_BY_THE_OBJECTIVE = ("teacher", "kd_temperature", "token_scale")
 
 

@@ -51,10 +51,13 @@ def tiny_llama_dir(tmp_path_factory, builtin_tokenizer):
 
 @pytest.fixture(scope="session")
 def llama256_dir(tmp_path_factory, builtin_tokenizer):
-    """A 2-layer LLaMA whose every Linear row is a multiple of 256 long (GGUF TQ2_0 blocks)."""
+    """A 2-layer LLaMA whose every Linear row is a multiple of 256 long (GGUF TQ2_0 blocks),
+    stored in bf16 as the built-in model is (its config says so; training runs it in fp32)."""
+    import torch
+
     path = tmp_path_factory.mktemp("llama256")
     config = tiny_llama_config(len(builtin_tokenizer), hidden_size=256, intermediate_size=512)
-    return save_tiny_model(path, config, builtin_tokenizer)
+    return save_tiny_model(path, config, builtin_tokenizer, dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +113,18 @@ def llama256_run(tmp_path_factory, llama256_dir, small_corpus_dir):
     ds = write_ds_config(root / "ds.json")
     run_train(train_args(llama256_dir, small_corpus_dir, root / "run", ds, kd="gt",
                          eval_max_blocks=8, max_steps=4, save_every=2))
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def llama256_w4_run(tmp_path_factory, llama256_dir, small_corpus_dir):
+    """2 steps of 4-bit min-max QAT in groups of 32 (llama.cpp's Q4_1 blocks) of `llama256_dir`
+    on 2 ranks, with its final checkpoint."""
+    root = tmp_path_factory.mktemp("llama256-w4-run")
+    ds = write_ds_config(root / "ds.json")
+    run_train(train_args(llama256_dir, small_corpus_dir, root / "run", ds, kd="gt", bits=4,
+                         quant_method="minmax", granularity="group", group_size=32,
+                         eval_max_blocks=4, max_steps=2, no_export=True))
     return root / "run"
 
 

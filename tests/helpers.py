@@ -31,13 +31,14 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**fields)
 
 
-def save_tiny_model(path: Path, config, tokenizer, seed: int = 0) -> Path:
+def save_tiny_model(path: Path, config, tokenizer, seed: int = 0, dtype=None) -> Path:
+    """A randomly initialised model of `config`, stored in `dtype` (default float32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
+    model.to(dtype or torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -132,39 +132,138 @@ def test_packed_gives_hf_logits_in_fewer_bytes(llama256_run, tmp_path):
     ct.QuantizationConfig.model_validate(config)  # a valid compressed-tensors config
 
 
-def test_gguf_tq2_0_tensors_give_back_the_hf_weights(llama256_run, tmp_path):
+# Run in a fresh interpreter: stock transformers + compressed-tensors, tsld_ds never imported.
+# compressed-tensors 0.20's load-time path leaves asymmetric zero points packed (an upstream
+# defect: its own compressor writes what tsld-ds writes), so asymmetric 4-bit loads dequantized.
+LOGITS_WITH_STOCK_TRANSFORMERS = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+path, out, dequantize = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+model = AutoModelForCausalLM.from_pretrained(path, **options).eval()
+ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.save({"logits": model(ids).logits, "ids": ids,
+                "tsld_ds_imported": "tsld_ds" in sys.modules}, out)
+"""
+
+
+@pytest.mark.parametrize("run_fixture,bits", [("llama256_run", 2), ("llama256_w4_run", 4)])
+def test_packed_loads_in_stock_transformers_with_the_hf_logits(run_fixture, bits, request,
+                                                               tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = request.getfixturevalue(run_fixture)
+    convert(run, tmp_path / "packed", "packed")
+    convert(run, tmp_path / "hf", "hf")
+    subprocess.run([sys.executable, "-c", LOGITS_WITH_STOCK_TRANSFORMERS, str(tmp_path / "packed"),
+                    str(tmp_path / "out.pt"), "1" if bits == 4 else "0"], check=True,
+                   capture_output=True, env={**os.environ, **SUBPROCESS_ENV})
+    stock = torch.load(tmp_path / "out.pt")
+    assert not stock["tsld_ds_imported"]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock["logits"], hf(stock["ids"]).logits, rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "packed"])
+def test_config_names_the_stored_dtype(fmt, llama256_run, tmp_path):
+    # llama256's own config says bfloat16 (it is stored so); the run trained in fp32.
+    for dtype, stored in ((None, "F32"), ("bf16", "BF16")):
+        out = tmp_path / f"{fmt}-{dtype}"
+        convert(llama256_run, out, fmt, dtype)
+        config = json.loads((out / "config.json").read_text())
+        with safe_open(out / "model.safetensors", "pt") as f:
+            dtypes = {f.get_slice(name).get_dtype() for name in f.keys()} - {"I32", "I64"}
+        assert dtypes == {stored}
+        assert config["dtype"] == {"F32": "float32", "BF16": "bfloat16"}[stored]
+
+
+def gguf_tensors_against_hf(gguf_path, hf_dir) -> dict:
+    """{llama.cpp type name: number of tensors} of a GGUF read with llama.cpp's `gguf` package,
+    after checking that each tensor, dequantized by `gguf.quants`, is the hf output's weight (q/k
+    rows in GGML's rotary order, as llama.cpp's converter permutes them) to the rounding of its
+    fp16 constants."""
     import gguf
     from transformers import AutoModelForCausalLM
 
     from tsld_ds.convert.gguf_file import rope_rows_to_ggml
 
-    summary = convert(llama256_run, tmp_path / "model.gguf", "gguf")
-    convert(llama256_run, tmp_path / "hf", "hf")
-    assert summary["distinct_values"]["check"] == "pass" and summary["compression_vs_bf16"] > 7
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir)
     config = hf.config
-    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(gguf_path)
     tensors = {t.name: t for t in reader.tensors}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    ternary = 0
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    types = {}
     for name, weight in hf.state_dict().items():
         tensor = tensors[names.get_name(name, try_suffixes=(".weight",))]
         values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
         expected = weight.float()
-        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
         projection = name.rsplit(".", 2)[-2]
         if projection in heads:
             expected = rope_rows_to_ggml(expected, heads[projection])
-        if tensor.tensor_type == gguf.GGMLQuantizationType.TQ2_0:
-            ternary += 1
+        kind = tensor.tensor_type
+        types[kind.name] = types.get(kind.name, 0) + 1
+        if kind == gguf.GGMLQuantizationType.TQ2_0:
             # Exact codes; alpha rounded to fp16 (relative error <= 2^-11).
             torch.testing.assert_close(values, expected, rtol=2**-11, atol=0)
+        elif kind == gguf.GGMLQuantizationType.Q4_1:
+            # x = d * c + m with exact codes c in [0, 15]; d and m rounded to fp16 (2^-11 each).
+            blocks = expected.reshape(-1, 32)
+            low, high = blocks.amin(1, keepdim=True), blocks.amax(1, keepdim=True)
+            bound = (low.abs() + high - low) * 2**-11 * 1.01
+            assert ((values.reshape(-1, 32) - blocks).abs() <= bound).all(), name
         else:
             torch.testing.assert_close(values, expected, rtol=1e-3, atol=1e-4)
-    assert ternary == 14
     fields = reader.fields
     assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
     assert len(fields["tokenizer.ggml.tokens"].data) == config.vocab_size
+    return types
+
+
+@pytest.mark.parametrize("run_fixture,quant_type", [("llama256_run", "TQ2_0"),
+                                                    ("llama256_w4_run", "Q4_1")])
+def test_gguf_tensors_give_back_the_hf_weights(run_fixture, quant_type, request, tmp_path):
+    run = request.getfixturevalue(run_fixture)
+    summary = convert(run, tmp_path / "model.gguf", "gguf")
+    convert(run, tmp_path / "hf", "hf")
+    assert summary["distinct_values"]["check"] == "pass"
+    assert summary["compression_vs_bf16"] > (7 if quant_type == "TQ2_0" else 3)
+    types = gguf_tensors_against_hf(tmp_path / "model.gguf", tmp_path / "hf")
+    assert types[quant_type] == 14
+
+
+def test_gguf_tokenizer_tokenizes_as_training_did(llama256_run, builtin_tokenizer, tmp_path):
+    """transformers rebuilds a tokenizer from the GGUF's own vocabulary keys (tokens, scores,
+    types; add_bos/eos_token). It ignores `add_space_prefix` (its SentencePiece builder always
+    prepends), so the test applies that key as llama.cpp does. On real lines of the corpus the
+    result must give the ids training gave them (`tokenize_and_pack`: no special tokens); with the
+    space prefix llama.cpp defaults to, no line would."""
+    import gguf
+    from tokenizers.pre_tokenizers import Metaspace
+    from transformers import AutoTokenizer
+
+    from tsld_ds.data import builtin_corpus_dir
+
+    convert(llama256_run, tmp_path / "model.gguf", "gguf")
+    fields = gguf.GGUFReader(tmp_path / "model.gguf").fields
+    flags = {key: bool(fields[f"tokenizer.ggml.{key}"].parts[-1][0])
+             for key in ("add_space_prefix", "add_bos_token", "add_eos_token")}
+    assert flags == {"add_space_prefix": False, "add_bos_token": False, "add_eos_token": False}
+    lines = (builtin_corpus_dir() / "validation.txt").read_text().splitlines()
+    lines = [line for line in lines if line.strip()][:200]
+    ours = builtin_tokenizer(lines, add_special_tokens=False)["input_ids"]
+    from_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    matches = {}
+    for prefix in (flags["add_space_prefix"], True):
+        from_gguf.backend_tokenizer.pre_tokenizer = Metaspace(
+            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+        theirs = [from_gguf(line)["input_ids"] for line in lines]
+        matches[prefix] = sum(a == b for a, b in zip(theirs, ours))
+    assert matches == {False: 200, True: 0}
 
 
 @pytest.mark.slow
@@ -187,7 +286,7 @@ def test_llama_cpp_next_token_logits_match_pytorch(llama256_run, tmp_path):
     assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
 
 
-def test_gguf_refuses_rows_that_are_not_256_blocks(builtin_tokenizer):
+def test_gguf_refuses_what_its_types_cannot_hold(builtin_tokenizer):
     from transformers import AutoModelForCausalLM
 
     from helpers import tiny_llama_config
@@ -201,8 +300,17 @@ def test_gguf_refuses_rows_that_are_not_256_blocks(builtin_tokenizer):
     quantize_model(model, cfg)
     with pytest.raises(UsageError, match="blocks of 256 weights"):
         check_supported(model, cfg, builtin_tokenizer)
-    with pytest.raises(UsageError, match="4-bit weights"):
-        check_supported(model, QuantConfig(bits=4), builtin_tokenizer)
+    with pytest.raises(UsageError, match="Q4_1 has one step and one minimum per 32 weights of a "
+                       "row: .* this run has --quant_method minmax --granularity channel"):
+        check_supported(model, QuantConfig(bits=4, method="minmax"), builtin_tokenizer)
+    with pytest.raises(UsageError, match="--group_size 64"):
+        check_supported(model, QuantConfig(bits=4, method="minmax", granularity="group",
+                                           group_size=64), builtin_tokenizer)
+    with pytest.raises(UsageError, match="this run has 8-bit weights"):
+        check_supported(model, QuantConfig(bits=8, method="minmax"), builtin_tokenizer)
+    # rows of 32 and 64 weights: whole Q4_1 blocks
+    check_supported(model, QuantConfig(bits=4, method="minmax", granularity="group",
+                                       group_size=32), builtin_tokenizer)
 
 
 def test_refusals_are_one_clear_line(tmp_path, capsys, gpt2_run, llama256_dir):

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(stock transformers, vLLM and lm-eval load it); packed: the same directory "
                    "with compressed-tensors pack-quantized 2/4-bit codes and scales for the "
                    "quantized Linears (load with tsld_ds.load_packed); gguf: llama.cpp file with "
-                   "ternary weights as TQ2_0 (LLaMA architecture, rows a multiple of 256). "
+                   "ternary weights as TQ2_0 (rows a multiple of 256) or 4-bit min-max weights in "
+                   "groups of 32 as Q4_1 (LLaMA architecture). "
                    "Default: hf")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="dtype of the written floating tensors (hf, packed); default: the "
@@ -147,7 +148,7 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
         elif fmt == "packed":
             write_packed(model, tensors, tokenizer, tmp, torch_dtype, report)
         else:
-            gguf_file.write_gguf(model, tensors, tokenizer, tmp, report)
+            gguf_file.write_gguf(model, tensors, tokenizer, cfg, tmp, report)
     return report.as_dict()
 
 

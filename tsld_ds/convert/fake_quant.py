@@ -88,16 +88,19 @@ def cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     return tensor.to(dtype)
 
 
-def save_hf(model, weights: dict, tokenizer, out_dir, *,
-            dtype: Optional[torch.dtype] = None) -> Path:
+def save_hf(model, weights: dict, tokenizer, out_dir) -> Path:
     """`out_dir` with config, generation config, tokenizer and `weights` as safetensors shards.
-    `model` supplies the config and the module layout (it may live on the meta device)."""
+    `model` supplies the config and the module layout (it may live on the meta device); the
+    config's `dtype` is the stored floating tensors' own, so `from_pretrained` loads them as they
+    are (not in the dtype the base model's config happened to name)."""
     out_dir = Path(out_dir)
+    stored = {t.dtype for t in weights.values() if t.is_floating_point()}
+    if len(stored) != 1:
+        raise ValueError(f"floating tensors of one dtype expected, got {sorted(map(str, stored))}")
     model.save_pretrained(out_dir, state_dict=_tied_as_one(model, weights),
                           safe_serialization=True)
-    if dtype is not None:  # save_pretrained records the live parameters' dtype instead
-        model.config.dtype = dtype
-        model.config.save_pretrained(out_dir)
+    model.config.dtype = stored.pop()  # save_pretrained wrote the skeleton's parameters' dtype
+    model.config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)

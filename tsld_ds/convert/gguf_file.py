@@ -1,9 +1,15 @@
-"""GGUF for llama.cpp (docs/method.md §5.3): ternary Linears as TQ2_0, embeddings and output head F16,
-norms F32, hyper-parameters and the SentencePiece-style vocabulary in the metadata.
+"""GGUF for llama.cpp (docs/method.md §5.3): quantized Linears as TQ2_0 (ternary) or Q4_1
+(4-bit), embeddings and output head F16, norms F32, hyper-parameters and the SentencePiece-style
+vocabulary in the metadata.
 
-TQ2_0 keeps one fp16 scale per block of 256 weights along a row and codes trit + 1, so a
-ternary weight with one alpha per row (or per tensor, or per group of a multiple of 256 columns)
-is stored exactly, up to the fp16 rounding of alpha; anything else is refused.
+Each llama.cpp type holds one of the QAT grids exactly, up to the fp16 rounding of its constants;
+anything else is refused before a weight is read:
+- TQ2_0 keeps one fp16 scale per block of 256 weights along a row and codes trit + 1, so a
+  ternary weight with one alpha per row (or per tensor, or per group of a multiple of 256
+  columns) is stored exactly.
+- Q4_1 keeps, per block of 32 weights, an fp16 step d and an fp16 minimum m with x = d * c + m,
+  c in [0, 15]: asymmetric min-max 4-bit weights in groups of 32 (step = scale, minimum =
+  -zero * scale).
 """
 import json
 from pathlib import Path
@@ -12,13 +18,19 @@ from typing import Iterable, Optional
 import gguf
 import torch
 
+from tsld_ds.convert.packed import grid_codes
 from tsld_ds.convert.report import Report
 from tsld_ds.errors import UsageError
 from tsld_ds.quant import QuantConfig, quantized_modules
 
 TQ2_0 = gguf.GGMLQuantizationType.TQ2_0
 TQ2_0_BLOCK = gguf.GGML_QUANT_SIZES[TQ2_0][0]
+Q4_1 = gguf.GGMLQuantizationType.Q4_1
+Q4_1_BLOCK = gguf.GGML_QUANT_SIZES[Q4_1][0]
 ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA}
+# The llama.cpp type, its block and the file type for each supported --bits.
+TYPES = {2: (TQ2_0, TQ2_0_BLOCK, gguf.LlamaFileType.MOSTLY_TQ2_0),
+         4: (Q4_1, Q4_1_BLOCK, gguf.LlamaFileType.MOSTLY_Q4_1)}
 
 
 def check_supported(model, cfg: Optional[QuantConfig], tokenizer) -> None:
@@ -27,17 +39,27 @@ def check_supported(model, cfg: Optional[QuantConfig], tokenizer) -> None:
     if model_type not in ARCHITECTURES:
         raise UsageError(f"--format gguf supports LLaMA-architecture models; this run's model is "
                          f"'{model_type}' (use --format hf or packed)")
-    if cfg is None or cfg.bits != 2:
-        raise UsageError("--format gguf writes ternary (--bits 2) weights as TQ2_0; this run has "
+    if cfg is None or cfg.bits not in TYPES:
+        raise UsageError("--format gguf writes ternary (--bits 2) weights as TQ2_0 and 4-bit "
+                         "min-max weights in groups of 32 as Q4_1; this run has "
                          f"{'no quantized weights' if cfg is None else f'{cfg.bits}-bit weights'} "
                          "(use --format packed)")
-    if cfg.granularity == "group" and cfg.group_size % TQ2_0_BLOCK:
+    if cfg.bits == 2 and cfg.granularity == "group" and cfg.group_size % TQ2_0_BLOCK:
         raise UsageError(f"TQ2_0 has one scale per {TQ2_0_BLOCK} weights of a row; per-group "
                          f"scales of {cfg.group_size} columns do not fit (use --format packed)")
+    if cfg.bits == 4 and (cfg.method != "minmax" or cfg.granularity != "group"
+                          or cfg.group_size != Q4_1_BLOCK):
+        raise UsageError(f"Q4_1 has one step and one minimum per {Q4_1_BLOCK} weights of a row: "
+                         f"it holds --quant_method minmax --granularity group --group_size "
+                         f"{Q4_1_BLOCK} exactly; this run has --quant_method {cfg.method} "
+                         f"--granularity {cfg.granularity}"
+                         + (f" --group_size {cfg.group_size}" if cfg.granularity == "group" else "")
+                         + " (use --format packed)")
+    type_name, block = TYPES[cfg.bits][0].name, TYPES[cfg.bits][1]
     short = [(name, m.in_features) for name, m in quantized_modules(model)
-             if m.in_features % TQ2_0_BLOCK]
+             if m.in_features % block]
     if short:
-        raise UsageError(f"TQ2_0 stores rows in blocks of {TQ2_0_BLOCK} weights; {len(short)} "
+        raise UsageError(f"{type_name} stores rows in blocks of {block} weights; {len(short)} "
                          f"quantized Linears have rows of another length (e.g. {short[0][0]}: "
                          f"{short[0][1]}) (use --format packed)")
     rope = getattr(model.config, "rope_parameters", None) or {}
@@ -57,6 +79,28 @@ def rope_rows_to_ggml(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
+def q4_1_blocks(weight: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """A min-max 4-bit weight [rows, cols] (groups of 32) as Q4_1 blocks: uint8 [rows, cols / 32
+    * 20], each block d (fp16), m (fp16), then 16 bytes holding code j in the low nibble of byte
+    j and code j + 16 in its high nibble."""
+    codes, scale, zero_point = grid_codes(weight, cfg)
+    rows, cols = codes.shape
+    offset = 2 ** (cfg.bits - 1)
+    codes = (codes.to(torch.int32) + offset).to(torch.uint8).reshape(rows, -1, 2, Q4_1_BLOCK // 2)
+    nibbles = codes[:, :, 0] | (codes[:, :, 1] << 4)
+    step = scale.to(torch.float16)
+    minimum = (-(zero_point.to(torch.float32) + offset) * scale).to(torch.float16)
+    constants = torch.stack([step, minimum], -1).view(torch.uint8)  # [rows, blocks, 4]
+    return torch.cat([constants, nibbles], -1).reshape(rows, -1)
+
+
+def _quantized_blocks(data: torch.Tensor, cfg: QuantConfig):
+    """(llama.cpp blocks as numpy uint8, llama.cpp type) of one fake-quant weight."""
+    if cfg.bits == 2:  # gguf's own TQ2_0 quantizer reproduces alpha * trit exactly
+        return gguf.quants.quantize(data.numpy(), TQ2_0), TQ2_0
+    return q4_1_blocks(data, cfg).numpy(), Q4_1
+
+
 def _add_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
@@ -72,13 +116,16 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0)
 
 
 def _add_vocabulary(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     """llama.cpp's SentencePiece vocabulary: pieces with their '▁', byte tokens, control tokens,
     and scores that rank merges. SentencePiece numbers its BPE pieces in merge order, so -id is
-    their score; rows of the embedding past the tokenizer's vocabulary become unused pads."""
+    their score; rows of the embedding past the tokenizer's vocabulary become unused pads.
+
+    llama.cpp then tokenizes as training did: a leading '▁' only where the tokenizer prepends
+    one (`add_space_prefix`), and no BOS or EOS added to a text, since training tokenized each
+    document without special tokens (its blocks separate documents by one EOS)."""
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(tokenizer.all_special_ids)
     tokens, scores, types = [], [], []
@@ -105,10 +152,21 @@ def _add_vocabulary(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None
         token_id = getattr(tokenizer, f"{name}_token_id")
         if token_id is not None:
             getattr(writer, f"add_{name}_token_id")(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    writer.add_add_space_prefix(prepends_space(tokenizer))
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
 
 
-def write_gguf(model, tensors: Iterable, tokenizer, out_file: Path, report: Report) -> None:
+def prepends_space(tokenizer) -> bool:
+    """Whether the tokenizer reads a text's first word as if a space preceded it (SentencePiece's
+    `add_dummy_prefix`; a Metaspace with prepend_scheme 'first'/'always', or a Prepend
+    normalizer, in `tokenizers`)."""
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))
+    return pieces[0].startswith("▁") or pieces[0] == "<0x20>"
+
+
+def write_gguf(model, tensors: Iterable, tokenizer, cfg: QuantConfig, out_file: Path,
+               report: Report) -> None:
     config = model.config
     arch = ARCHITECTURES[config.model_type]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
@@ -116,6 +174,7 @@ def write_gguf(model, tensors: Iterable, tokenizer, out_file: Path, report: Repo
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(Path(getattr(config, "_name_or_path", "") or out_file.stem).name)
     _add_hyperparameters(writer, config)
+    writer.add_file_type(TYPES[cfg.bits][2])
     _add_vocabulary(writer, tokenizer, config.vocab_size)
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for name, tensor, module in tensors:
@@ -129,9 +188,9 @@ def write_gguf(model, tensors: Iterable, tokenizer, out_file: Path, report: Repo
         if projection in heads:
             data = rope_rows_to_ggml(data, heads[projection])
         if module is not None:
-            blocks = gguf.quants.quantize(data.numpy(), TQ2_0)
-            writer.add_tensor(gguf_name, blocks, raw_dtype=TQ2_0)
-            stored = torch.from_numpy(gguf.quants.dequantize(blocks, TQ2_0))
+            blocks, quant_type = _quantized_blocks(data, module.cfg)
+            writer.add_tensor(gguf_name, blocks, raw_dtype=quant_type)
+            stored = torch.from_numpy(gguf.quants.dequantize(blocks, quant_type))
             report.add_quantized(name, stored, module.cfg, blocks.nbytes)
         elif data.dim() == 1:
             writer.add_tensor(gguf_name, data.numpy())  # norms: F32

@@ -53,8 +53,10 @@ def _grid(segment: Tensor, bits: int, symmetric_grid: bool) -> tuple[Tensor, Ten
     return step, levels
 
 
-def pack_fake_quant(weight: Tensor, cfg: QuantConfig) -> PackedWeight:
-    """A fake-quantized weight [out_features, in_features] as packed codes and scales."""
+def grid_codes(weight: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """A fake-quantized weight [out_features, in_features] as signed codes (int8, same shape),
+    scales [out_features, G] and, for min-max weights, signed zero points [out_features, G]
+    (`tsld_ds.packed.format`): weight == (codes - zero_point) * scale up to float round-off."""
     weight = weight.float()
     rows, cols = weight.shape
     group = packed_group_size(cfg)
@@ -83,7 +85,14 @@ def pack_fake_quant(weight: Tensor, cfg: QuantConfig) -> PackedWeight:
     if cfg.granularity == "tensor":
         scale = scale.expand(rows, 1)
         zero_point = None if zero_point is None else zero_point.expand(rows, 1)
-    return pack_weight(codes, scale.contiguous(), cfg.bits, zero_point=zero_point, group_size=group)
+    return codes, scale.contiguous(), zero_point
+
+
+def pack_fake_quant(weight: Tensor, cfg: QuantConfig) -> PackedWeight:
+    """A fake-quantized weight [out_features, in_features] as packed codes and scales."""
+    codes, scale, zero_point = grid_codes(weight, cfg)
+    return pack_weight(codes, scale, cfg.bits, zero_point=zero_point,
+                       group_size=packed_group_size(cfg))
 
 
 def quantization_config(model, cfg: QuantConfig) -> dict:

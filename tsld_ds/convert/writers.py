@@ -27,7 +27,7 @@ def write_hf(model, tensors: Iterable, tokenizer, out_dir: Path,
             stored = weights[name]
             report.add_quantized(name, _rows(stored, module), module.cfg,
                                  stored.numel() * stored.element_size())
-    save_hf(model, weights, tokenizer, out_dir, dtype=dtype)
+    save_hf(model, weights, tokenizer, out_dir)
     report.tensors = count_safetensors(out_dir)
 
 
@@ -45,7 +45,7 @@ def write_packed(model, tensors: Iterable, tokenizer, out_dir: Path,
         weights.update({prefix + key: value for key, value in packed.state_dict().items()})
         report.add_quantized(name, packed.dequantize(), cfg, packed.nbytes())
     model.config.quantization_config = quantization_config(model, cfg)
-    save_hf(model, weights, tokenizer, out_dir, dtype=dtype)
+    save_hf(model, weights, tokenizer, out_dir)
     report.tensors = count_safetensors(out_dir)
 
 

@@ -46,6 +46,6 @@ def export_hf(model, tokenizer, out_dir, *, dtype: str | None = None) -> Path:
     if dist.get_rank() == 0:
         torch_dtype = DTYPES[dtype] if dtype is not None else None
         save_hf(model, fake_quant_state_dict(model, state, dtype=torch_dtype), tokenizer,
-                out_dir, dtype=torch_dtype)
+                out_dir)
     dist.barrier()
     return out_dir

@@ -52,6 +52,30 @@ def test_token_scale_fused_as_naive(token_scale, device):
     torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_instruction_rows_scale_tokens_over_each_response_alone(impl, device):
+    """An instruction row (prompt and padding labelled -100) gives each term exactly what its
+    response alone gives: TSLD's softmax over positions sees only the response's tokens."""
+    inputs = make_loss_inputs(2, 12, 37, 11, device=device, dtype=torch.float64, bias=False,
+                              teacher_form="logits")
+    labels = inputs["labels"].clone()
+    starts, ends = [3, 5], [9, 12]  # response labels at [start, end); the rest prompt or pad
+    objective = Objective.from_kd("tsld", impl=impl, chunk_size=5)
+    whole, alone = [], []
+    for b, (start, end) in enumerate(zip(starts, ends)):
+        row = torch.full_like(labels[b], -100)
+        row[start:end] = labels[b, start:end]
+        sliced = slice(start - 1, end)  # position n predicts label n + 1
+        hidden = inputs["student_hidden"][b:b + 1]
+        teacher = TeacherOutput(logits=inputs["teacher_logits"][b:b + 1])
+        whole.append(objective(hidden, inputs["lm_head_weight"], row[None], teacher))
+        alone.append(objective(hidden[:, sliced], inputs["lm_head_weight"], row[None, sliced],
+                               TeacherOutput(logits=teacher.logits[:, sliced])))
+    for name in ("gt", "tsld"):
+        for w, a in zip(whole, alone):
+            torch.testing.assert_close(w[name], a[name], rtol=1e-12, atol=1e-14)
+
+
 def test_what_the_teacher_hands_over_follows_the_objective():
     assert not Objective.from_kd("gt").needs_teacher
     fused, naive = Objective.from_kd("tsld"), Objective.from_kd("tsld", impl="naive")

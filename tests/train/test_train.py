@@ -146,3 +146,23 @@ def test_exported_student_is_ternary_and_loads_with_stock_transformers(tiny_teac
             assert distinct <= 3, name
         elif weight.dim() == 2:
             assert distinct > 3, name  # embeddings and lm_head stay full precision
+
+
+def test_instruction_data_trains_and_evaluates_on_responses(tiny_teacher_dir, tmp_path):
+    """The shipped prompt/response examples (one per row, response-only labels) on 2 ranks with
+    TSLD: the log counts the cut examples, and launch/eval.py scores the same response tokens."""
+    from helpers import REPO
+    from tsld_ds.evaluation.cli import main as eval_main
+
+    shipped = REPO / "tsld_ds" / "assets" / "kjv-instructions"
+    out = tmp_path / "run"
+    proc = run_train(train_args(tiny_teacher_dir, shipped, out, write_ds_config(tmp_path / "ds.json"),
+                                kd="tsld", max_length=40, max_steps=3, eval_max_blocks=8))
+    assert (f"{shipped} train: 4000 prompt/response examples, one per row of 40 tokens; "
+            in proc.stdout)
+    assert "truncated to --block_size" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["student_ppl_after"])
+    assert eval_main(["--model", str(out), "--output", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["perplexity"]["value"] == pytest.approx(summary["student_ppl_after"], rel=1e-4)

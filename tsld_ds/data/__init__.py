@@ -1,10 +1,13 @@
-"""Data: corpora as document splits, packing into token blocks, resumable sharded loading."""
+"""Data: corpora as document splits or instruction examples, the rows a run trains on (packed
+blocks or one example per row), resumable sharded loading."""
 
 from tsld_ds.data.builtin import BUILTIN_DATASET, builtin_corpus_dir, builtin_tokenizer_path
 from tsld_ds.data.loader import EpochBatches, collate_blocks, make_dataloader
+from tsld_ds.data.instructions import instruction_rows
 from tsld_ds.data.packing import tokenize_and_pack
+from tsld_ds.data.rows import dataset_rows
 from tsld_ds.data.sampler import ResumableDistributedSampler
-from tsld_ds.data.text import load_text_splits
+from tsld_ds.data.text import load_splits, load_text_splits
 from tsld_ds.data.tokenizers import check_tokenizers_match
 
 __all__ = [
@@ -15,6 +18,9 @@ __all__ = [
     "builtin_tokenizer_path",
     "check_tokenizers_match",
     "collate_blocks",
+    "dataset_rows",
+    "instruction_rows",
+    "load_splits",
     "load_text_splits",
     "make_dataloader",
     "tokenize_and_pack",

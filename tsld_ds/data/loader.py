@@ -10,23 +10,27 @@ from tsld_ds.data.sampler import ResumableDistributedSampler
 
 
 def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack packed rows into {"input_ids", "labels"}, both LongTensor [B, L]; labels are the
-    inputs themselves, the model or loss shifts them."""
+    """Stack rows into {"input_ids", "labels"}, both LongTensor [B, L], unshifted (the loss
+    shifts them). Packed text rows are labelled with their inputs; instruction rows bring their
+    own labels (-100 on prompts and padding)."""
     input_ids = torch.stack([row["input_ids"] for row in rows]).long()
+    if "labels" in rows[0]:
+        return {"input_ids": input_ids, "labels": torch.stack([row["labels"] for row in rows]).long()}
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
 def make_dataloader(dataset: Dataset, batch_size: int, sampler: ResumableDistributedSampler, *,
                     pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over a packed dataset (column "input_ids") in `sampler`'s order, in full
-    batches (an epoch's incomplete last batch is dropped).
+    """A DataLoader over rows (column "input_ids", and "labels" when the rows have their own) in
+    `sampler`'s order, in full batches (an epoch's incomplete last batch is dropped).
 
     It runs in the calling process on purpose: rows are already tokenized, so fetching is cheap,
     and without worker prefetching the sampler has handed out exactly the samples the caller has
     received, which is what makes `sampler.state_dict()` an exact resume point.
     """
     return DataLoader(
-        dataset.with_format("torch", columns=["input_ids"]),
+        dataset.with_format("torch", columns=[c for c in ("input_ids", "labels")
+                                              if c in dataset.column_names]),
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate_blocks,

@@ -1,8 +1,9 @@
-"""Load a text corpus as train and validation splits of documents, one "text" column each.
+"""Load a dataset as train and validation splits: documents of text (one "text" column each),
+or instruction examples (`prompt`/`response` or `messages` columns, `tsld_ds.data.instructions`).
 
 Sources: the built-in corpus, a Hugging Face hub dataset, a local directory or a single file.
 In .txt files documents are separated by blank lines (a file without one is one document); in
-.json/.jsonl files and hub datasets every row is a document.
+.json/.jsonl files and hub datasets every row is a document, or an example.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.exceptions import DatasetGenerationError
 
 from tsld_ds.data.builtin import BUILTIN_DATASET, builtin_corpus_dir
+from tsld_ds.data.instructions import MESSAGES, PROMPT, RESPONSE, instruction_format
 
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -25,19 +27,21 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
-def load_text_splits(
+def load_splits(
     dataset: str | os.PathLike = BUILTIN_DATASET,
     dataset_config: str | None = None,
     *,
     text_column: str | None = None,
     validation_split: float = 0.05,
     seed: int = 0,
-) -> tuple[Dataset, Dataset]:
-    """Return (train, validation) datasets of documents with a single "text" column.
+) -> tuple[Dataset, Dataset, str]:
+    """Return (train, validation, kind). kind "text": documents with a single "text" column;
+    kind "prompt/response" or "messages": instruction examples with those columns (a dataset
+    that has them, unless `text_column` names the text).
 
     `dataset` is "builtin:kjv", a hub name (with `dataset_config`, e.g. "wikitext" and
     "wikitext-2-raw-v1"), a directory or a .txt/.json/.jsonl file. Where the source has no
-    validation split, a `validation_split` fraction of the training documents is carved out,
+    validation split, a `validation_split` fraction of the training rows is carved out,
     shuffled with `seed`. The text column is `text_column`, else "text", else the only string
     column. Documents that are empty or whitespace only are dropped.
     """
@@ -45,11 +49,26 @@ def load_text_splits(
     splits = _load_raw_splits(dataset, dataset_config)
     if "train" not in splits:
         raise ValueError(f"dataset {dataset!r} has no 'train' split; its splits are {list(splits)}")
-    column = _text_column(splits["train"], text_column, dataset)
-    train = _documents(splits["train"], column, f"{dataset} train")
-    if "validation" in splits:
-        return train, _documents(splits["validation"], column, f"{dataset} validation")
-    return _carve_validation(train, validation_split, seed, dataset)
+    kind = None if text_column else instruction_format(splits["train"].column_names)
+    if kind is None:
+        column = _text_column(splits["train"], text_column, dataset)
+        rows = {split: _documents(splits[split], column, f"{dataset} {split}") for split in splits
+                if split in ("train", "validation")}
+    else:
+        rows = {split: _examples(splits[split], kind, f"{dataset} {split}") for split in splits
+                if split in ("train", "validation")}
+    if "validation" in rows:
+        return rows["train"], rows["validation"], kind or "text"
+    return (*_carve_validation(rows["train"], validation_split, seed, dataset), kind or "text")
+
+
+def load_text_splits(dataset: str | os.PathLike = BUILTIN_DATASET,
+                     dataset_config: str | None = None, **options) -> tuple[Dataset, Dataset]:
+    """(train, validation) documents of a text dataset (`load_splits`' options)."""
+    train, validation, kind = load_splits(dataset, dataset_config, **options)
+    if kind != "text":
+        raise ValueError(f"dataset {os.fspath(dataset)!r} holds {kind} examples, not text")
+    return train, validation
 
 
 def _load_raw_splits(dataset: str, dataset_config: str | None) -> DatasetDict:
@@ -177,12 +196,31 @@ def _documents(split: Dataset, column: str, name: str) -> Dataset:
     return split
 
 
+def _examples(split: Dataset, kind: str, name: str) -> Dataset:
+    """Instruction examples of `kind` with their columns checked (strings, or a list of
+    role/content messages)."""
+    features = split.features
+    if kind == MESSAGES:
+        message = features[MESSAGES]
+        message = message[0] if isinstance(message, list) else getattr(message, "feature", None)
+        if not (isinstance(message, dict) and _is_string(message.get("role"))
+                and _is_string(message.get("content"))):
+            raise ValueError(f"column 'messages' of dataset {name!r} must be a list of "
+                             f"{{'role': ..., 'content': ...}} objects, got {features[MESSAGES]}")
+        return split.select_columns([MESSAGES])
+    bad = [c for c in (PROMPT, RESPONSE) if not _is_string(features[c])]
+    if bad:
+        raise ValueError(f"columns {bad} of dataset {name!r} must hold text, got "
+                         f"{[str(features[c]) for c in bad]}")
+    return split.select_columns([PROMPT, RESPONSE])
+
+
 def _carve_validation(train: Dataset, fraction: float, seed: int, name: str) -> tuple[Dataset, Dataset]:
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation_split must be in (0, 1), got {fraction}")
     if len(train) < 2:
         raise ValueError(
-            f"dataset {name!r} has no validation split and only {len(train)} document, too few to carve one "
+            f"dataset {name!r} has no validation split and only {len(train)} row, too few to carve one "
             "from: separate documents with blank lines or provide a validation file"
         )
     parts = train.train_test_split(test_size=fraction, seed=seed)

@@ -1,6 +1,7 @@
-"""Validation perplexity, the one method training and `launch/eval.py` share: non-overlapping
-blocks of the packed validation split, next-token NLL from the final hidden states and the
-lm_head (the fused loss, so no [tokens, vocab] logits), summed over all predicted tokens.
+"""Validation perplexity, the one method training and `launch/eval.py` share: the validation
+rows (non-overlapping packed blocks, or instruction examples scored on their responses), next-token
+NLL from the final hidden states and the lm_head (the fused loss, so no [tokens, vocab] logits),
+summed over all predicted tokens.
 
 Under ZeRO-3 each forward is a collective (parameters are gathered from all ranks), so every rank
 runs the same number of batches: ranks short of a full share run padding rows whose labels are
@@ -11,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from tsld_ds.data import load_text_splits, tokenize_and_pack
+from tsld_ds.data import dataset_rows
 from tsld_ds.devices import to_device
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import FusedLinearCrossEntropyLoss
@@ -34,9 +35,10 @@ def perplexity(nll_fn, blocks, batch_size: int, *, device, max_blocks: int | Non
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, per_rank, batch_size):
         idx = mine[start:start + batch_size]
-        input_ids = torch.tensor(blocks[[max(i, 0) for i in idx]]["input_ids"], dtype=torch.long,
-                                 device="cpu")
-        labels = input_ids.clone()
+        rows = blocks[[max(i, 0) for i in idx]]
+        input_ids = torch.tensor(rows["input_ids"], dtype=torch.long, device="cpu")
+        labels = torch.tensor(rows.get("labels", rows["input_ids"]), dtype=torch.long,
+                              device="cpu")  # instruction rows: the response's tokens only
         labels[torch.tensor([i < 0 for i in idx], device="cpu")] = IGNORE_INDEX
         batch = to_device({"input_ids": input_ids, "labels": labels}, device)
         nll, count = nll_fn(batch["input_ids"], batch["labels"])
@@ -62,8 +64,8 @@ def summed_nll(hidden, weight, bias, labels, *, chunk_size: int | None = None,
 def validation_blocks(tokenizer, dataset: str, *, dataset_config=None, text_column=None,
                       seed: int = 42, block_size: int = 128):
     try:
-        _, val_text = load_text_splits(dataset, dataset_config, text_column=text_column, seed=seed)
-        return tokenize_and_pack(val_text, tokenizer, block_size, desc=f"{dataset} validation")
+        return dataset_rows(dataset, tokenizer, block_size, dataset_config=dataset_config,
+                            text_column=text_column, seed=seed)[1]
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"--dataset {dataset}: {e}") from None
 

@@ -49,15 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default=BUILTIN_DATASET,
                       help="a Hugging Face dataset name, a local directory, or a .txt/.jsonl/.json "
-                      "file (default: the built-in King James Bible corpus)")
+                      "file: text (packed into blocks) or instruction examples with 'prompt' and "
+                      "'response' or chat 'messages' (one per row, trained on the responses "
+                      "only) (default: the built-in King James Bible corpus)")
     data.add_argument("--dataset_config", default=None,
                       help="the dataset's configuration name, e.g. wikitext-2-raw-v1")
     data.add_argument("--text_column", default=None,
                       help="column holding the text (default: 'text', else the only string "
                       "column)")
-    data.add_argument("--block_size", type=int, default=128,
-                      help="tokens per training sequence, at most the model's positions; the "
-                      "paper uses 512 (default: %(default)s)")
+    data.add_argument("--block_size", "--max_length", type=int, default=128,
+                      help="tokens per training row, at most the model's positions: text is cut "
+                      "into blocks of this size, instruction examples are truncated (the log "
+                      "counts them) and padded to it; the paper uses 512 (default: %(default)s)")
 
     quant = p.add_argument_group("quantization")
     quant.add_argument("--bits", type=int, default=2, choices=BITS_CHOICES,

@@ -19,8 +19,7 @@ import torch.distributed as dist
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
 from tsld_ds import gpu_extras
-from tsld_ds.data import (ResumableDistributedSampler, check_tokenizers_match, load_text_splits,
-                          tokenize_and_pack)
+from tsld_ds.data import ResumableDistributedSampler, check_tokenizers_match, dataset_rows
 from tsld_ds.devices import set_local_device
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import Objective
@@ -216,14 +215,15 @@ def seed_everything(seed: int) -> None:
 
 
 def load_blocks(args, tokenizer):
-    """Tokenized, packed train and validation blocks. Rank 0 builds the datasets cache first and
-    tells the others whether it worked, so a bad dataset stops every rank with its message."""
+    """Tokenized train and validation rows (`tsld_ds.data.dataset_rows`). Rank 0 builds the
+    datasets cache first and tells the others whether it worked, so a bad dataset stops every rank
+    with its message."""
     def build():
+        log = print if dist.get_rank() == 0 else None
         try:
-            train_text, val_text = load_text_splits(args.dataset, args.dataset_config,
-                                                    text_column=args.text_column, seed=args.seed)
-            return (tokenize_and_pack(train_text, tokenizer, args.block_size),
-                    tokenize_and_pack(val_text, tokenizer, args.block_size))
+            return dataset_rows(args.dataset, tokenizer, args.block_size,
+                                dataset_config=args.dataset_config, text_column=args.text_column,
+                                seed=args.seed, log=log)
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"--dataset {args.dataset}: {e}") from None
 

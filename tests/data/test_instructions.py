@@ -1,0 +1,122 @@
+"""Instruction data: prompt/response and chat examples as one row each, labels on responses only,
+truncation counted; the shipped examples and their generator."""
+import json
+import subprocess
+import sys
+
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from helpers import REPO
+from tsld_ds.data import builtin_tokenizer_path, dataset_rows, instruction_rows, load_splits
+from tsld_ds.data.instructions import IGNORE_INDEX
+
+# A ChatML-like template (as Qwen's): a system turn, then "<|im_start|>role\n...<|im_end|>\n".
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(builtin_tokenizer_path())
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_prompt_response_row_trains_on_the_response_and_its_eos_only(tokenizer):
+    examples = Dataset.from_list([{"prompt": "Complete the verse: And God said,",
+                                   "response": " Let there be light."}])
+    rows, counts = instruction_rows(examples, tokenizer, 32)
+    prompt, response = ids(tokenizer, examples[0]["prompt"]), ids(tokenizer, " Let there be light.")
+    row = rows[0]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    real = prompt + response + [eos]
+    assert row["input_ids"] == real + [pad] * (32 - len(real))
+    assert row["labels"] == ([IGNORE_INDEX] * len(prompt) + response + [eos]
+                             + [IGNORE_INDEX] * (32 - len(real)))
+    assert counts == {"examples": 1, "truncated": 0, "dropped": 0}
+
+
+def test_truncation_is_counted_and_examples_without_a_response_token_dropped(tokenizer):
+    long_prompt = "And God said, " * 20
+    examples = Dataset.from_list([
+        {"prompt": "Short:", "response": " and there was light."},               # fits
+        {"prompt": "Short:", "response": " and there was light." * 10},          # cut in the response
+        {"prompt": long_prompt, "response": " and there was light."},            # prompt fills it
+    ])
+    rows, counts = instruction_rows(examples, tokenizer, 16)
+    assert counts == {"examples": 3, "truncated": 2, "dropped": 1}
+    assert len(rows) == 2 and all(len(r["input_ids"]) == 16 for r in rows)
+    assert all(label != IGNORE_INDEX for label in rows[1]["labels"][len(ids(tokenizer, "Short:")):])
+
+
+@pytest.mark.parametrize("template", [CHATML, None])
+def test_chat_messages_train_on_every_assistant_turn(template, tokenizer):
+    chat = tokenizer.__class__.from_pretrained(builtin_tokenizer_path())
+    chat.chat_template = template
+    messages = [{"role": "system", "content": "Answer from the King James Bible."},
+                {"role": "user", "content": "Who divided the light from the darkness?"},
+                {"role": "assistant", "content": "God divided the light from the darkness."},
+                {"role": "user", "content": "What did he call the light?"},
+                {"role": "assistant", "content": "Day."}]
+    rows, counts = instruction_rows(Dataset.from_list([{"messages": messages}]), chat, 256)
+    assert counts["truncated"] == 0
+    row = rows[0]
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    text = chat.decode(trained)
+    assert "God divided the light from the darkness." in text and "Day." in text
+    assert "Who divided" not in text and "What did he call" not in text and "King James" not in text
+    assert row["labels"] == [t if label != IGNORE_INDEX else IGNORE_INDEX
+                             for t, label in zip(row["input_ids"], row["labels"])]
+
+
+def test_a_conversation_without_an_assistant_turn_is_refused(tokenizer):
+    examples = Dataset.from_list([{"messages": [{"role": "user", "content": "Hello"}]}])
+    with pytest.raises(ValueError, match="no assistant message"):
+        instruction_rows(examples, tokenizer, 16)
+
+
+def test_jsonl_columns_decide_the_kind(tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl",
+                        [{"prompt": f"p{i}", "response": f"r{i}", "id": i} for i in range(20)])
+    chat = write_jsonl(tmp_path / "chat.jsonl",
+                       [{"messages": [{"role": "user", "content": f"q{i}"},
+                                      {"role": "assistant", "content": f"a{i}"}]}
+                        for i in range(20)])
+    train, validation, kind = load_splits(str(pairs))
+    assert kind == "prompt/response" and train.column_names == ["prompt", "response"]
+    assert len(train) + len(validation) == 20
+    assert load_splits(str(chat))[2] == "messages"
+    assert load_splits(str(pairs), text_column="prompt")[2] == "text"  # read as documents
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "response": 3}] * 4)
+    with pytest.raises(ValueError, match=r"columns \['response'\] .* must hold text"):
+        load_splits(str(bad))
+    bad_chat = write_jsonl(tmp_path / "bad_chat.jsonl", [{"messages": ["hello"]}] * 4)
+    with pytest.raises(ValueError, match="must be a list of"):
+        load_splits(str(bad_chat))
+
+
+def test_shipped_examples_are_what_their_generator_writes(tmp_path, tokenizer):
+    shipped = REPO / "tsld_ds" / "assets" / "kjv-instructions"
+    task = REPO / "tests" / "evaluation" / "lm_eval_task" / "kjv_continuation.jsonl"
+    before = {path: path.read_bytes() for path in (*sorted(shipped.glob("*.jsonl")), task)}
+    subprocess.run([sys.executable, str(REPO / "launch" / "build_instructions.py")], check=True,
+                   capture_output=True)
+    assert {path: path.read_bytes() for path in before} == before
+    lines = []
+    train, validation = dataset_rows(str(shipped), tokenizer, 64, log=lines.append)
+    assert (len(train), len(validation)) == (4000, 400)
+    assert lines[0].startswith(f"{shipped} train: 4000 prompt/response examples, one per row of "
+                               "64 tokens; ")
+    first = json.loads((shipped / "train.jsonl").read_text().splitlines()[0])
+    assert first == {"prompt": "Complete the verse: And God said, Let there be light:",
+                     "response": " and there was light."}

@@ -78,9 +78,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # compressed-tensors: interop checks of the packed format; matplotlib: test_reproduce
-        # setuptools >= 70.1 builds wheels itself (tests/ops/test_kernel_sources.py builds one)
-        "test": ["pytest", "compressed-tensors", "matplotlib", "setuptools>=70.1"],
+        # compressed-tensors: interop checks of the packed format; lm-eval: eval.py --tasks on
+        # a local task; matplotlib: test_reproduce; setuptools >= 70.1 builds wheels itself
+        # (tests/ops/test_kernel_sources.py builds one)
+        "test": ["pytest", "compressed-tensors", "lm-eval", "matplotlib", "setuptools>=70.1"],
         "results": ["matplotlib"],  # benchmarks/reproduce.py's plots
         "gpu": ["flash-attn", "bitsandbytes", "ninja"],
     },

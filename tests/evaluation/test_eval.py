@@ -3,12 +3,18 @@ single-process perplexity, and clear errors."""
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tsld_ds.evaluation.cli import main as eval_main
 from tsld_ds.evaluation.perplexity import perplexity
+
+TASK_DIR = Path(__file__).parent / "lm_eval_task"
 
 
 def test_run_directory_uses_the_runs_data_and_reproduces_its_perplexity(llama256_run, tmp_path,
@@ -47,10 +53,54 @@ def test_perplexity_runs_without_a_process_group():
     assert perplexity(diverged, Blocks(), 2, device="cpu") == math.inf
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval installed")
-def test_tasks_without_lm_eval_name_the_package(llama256_run, capsys):
+def test_tasks_without_lm_eval_name_the_package(llama256_run, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec  # lm-eval is in the test extra: hide it
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "lm_eval" else find_spec(name, *args))
     assert eval_main(["--model", str(llama256_run), "--no_perplexity", "--tasks", "piqa"]) == 2
     assert "pip install lm-eval" in capsys.readouterr().err
+
+
+def test_lm_eval_scores_a_local_task_offline(llama256_run, tmp_path):
+    """`--tasks` through lm-eval itself, offline, on a task shipped in tests/ (four endings of a
+    verse); its accuracy is the one found by scoring each ending as lm-eval defines it (summed
+    log-probability of " " + ending after the context, both encoded without special tokens)."""
+    pytest.importorskip("lm_eval")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import REPO
+
+    report_file = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "eval.py"), "--model", str(llama256_run),
+         "--no_perplexity", "--tasks", "kjv_continuation", "--include_path", str(TASK_DIR),
+         "--output", str(report_file)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+             "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accuracy = json.loads(report_file.read_text())["tasks"]["kjv_continuation"]["acc,none"]
+
+    model = AutoModelForCausalLM.from_pretrained(llama256_run / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(llama256_run / "hf")
+    window = model.config.max_position_embeddings + 1
+    questions = [json.loads(line) for line in
+                 (TASK_DIR / "kjv_continuation.jsonl").read_text().splitlines()]
+    correct = 0
+    for question in questions:
+        context = tokenizer(question["context"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in question["choices"]:
+            whole = tokenizer(question["context"] + " " + choice,
+                              add_special_tokens=False)["input_ids"]
+            ending = whole[len(context):]
+            ids = torch.tensor([whole[-window:][:-1]])
+            with torch.no_grad():
+                logprobs = model(ids).logits[0, -len(ending):].log_softmax(-1)
+            scores.append(logprobs.gather(1, torch.tensor(ending)[:, None]).sum().item())
+        correct += max(range(4), key=scores.__getitem__) == question["label"]
+    assert len(questions) == 100
+    assert accuracy == pytest.approx(correct / len(questions))
 
 
 def test_missing_model_is_one_clear_line(tmp_path, capsys):

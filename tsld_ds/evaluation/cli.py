@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks, e.g. piqa,arc_easy,arc_challenge,"
                    "openbookqa,gsm8k (needs `pip install lm-eval` and its datasets)")
+    p.add_argument("--include_path", default=None,
+                   help="lm-eval: a directory of your own task YAMLs, found beside lm-eval's "
+                   "(e.g. tests/evaluation/lm_eval_task)")
     p.add_argument("--limit", type=int, default=None,
                    help="lm-eval: examples per task (default: all)")
     p.add_argument("--num_fewshot", type=int, default=None,
@@ -101,7 +104,8 @@ def evaluate(args) -> dict:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         report["tasks"] = run_tasks(loaded.model, loaded.tokenizer, tasks,
                                     batch_size=args.batch_size, limit=args.limit,
-                                    num_fewshot=args.num_fewshot)
+                                    num_fewshot=args.num_fewshot,
+                                    include_path=args.include_path)
     return report
 
 
@@ -111,6 +115,8 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value is not None and value < (2 if name == "block_size" else 1):
             build_parser().error(f"--{name} is too small: {value}")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        build_parser().error(f"--include_path '{args.include_path}' is not a directory")
     try:
         report = evaluate(args)
     except UsageError as e:

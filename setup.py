@@ -70,11 +70,11 @@ setup(
         "torch>=2.1",
         "deepspeed>=0.14",
         "accelerate>=1.1",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 loading)
-        "transformers>=4.45",
+        "transformers>=4.56",  # config.dtype (before: torch_dtype)
         "datasets>=2.19",
         "sentencepiece",
         "safetensors",
-        "gguf",  # launch/convert.py --format gguf (llama.cpp's TQ2_0 ternary tensors)
+        "gguf",  # launch/convert.py --format gguf (llama.cpp's TQ2_0 and Q4_1 tensors)
         "tqdm",
     ],
     extras_require={

@@ -48,9 +48,11 @@ def teacher_confidence(teacher: str, dataset: str, *, temperatures: Sequence[flo
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     ce_parts, scale_parts = [], {t: [] for t in temperatures}
     for start in range(0, count, batch_size):
-        input_ids = torch.tensor(blocks[start:min(start + batch_size, count)]["input_ids"],
-                                 dtype=torch.long)
-        targets = next_token_targets(input_ids, IGNORE_INDEX)
+        rows = blocks[start:min(start + batch_size, count)]
+        input_ids = torch.tensor(rows["input_ids"], dtype=torch.long)
+        # instruction rows bring their own labels (responses only)
+        labels = torch.tensor(rows.get("labels", rows["input_ids"]), dtype=torch.long)
+        targets = next_token_targets(labels, IGNORE_INDEX)
         valid = targets != IGNORE_INDEX
         logits = model(input_ids=input_ids, use_cache=False).logits.float()
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,

@@ -49,7 +49,7 @@ def write_jsonl(path: Path, rows) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {path.relative_to(REPO)}")
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> None:
@@ -60,13 +60,17 @@ def main(argv=None) -> None:
                    help="validation examples (default: %(default)s)")
     p.add_argument("--task_examples", type=int, default=100,
                    help="lm-eval task questions (default: %(default)s)")
+    p.add_argument("--instructions_dir", type=Path, default=INSTRUCTIONS,
+                   help="where train.jsonl and validation.jsonl go (default: %(default)s)")
+    p.add_argument("--task_file", type=Path, default=LM_EVAL_TASK,
+                   help="the lm-eval task's JSONL (default: %(default)s)")
     args = p.parse_args(argv)
     rng = random.Random(0)
     split_verses = {split: verses(split) for split in ("train", "validation")}
     for split, count in (("train", args.train_examples),
                          ("validation", args.validation_examples)):
         chosen = sorted(rng.sample(range(len(split_verses[split])), count))
-        write_jsonl(INSTRUCTIONS / f"{split}.jsonl",
+        write_jsonl(args.instructions_dir / f"{split}.jsonl",
                     ({"prompt": PROMPT + split_verses[split][i][0],
                       "response": " " + split_verses[split][i][1]} for i in chosen))
     pool = split_verses["validation"]
@@ -77,7 +81,7 @@ def main(argv=None) -> None:
         label = rng.randrange(4)
         choices.insert(label, pool[i][1])
         questions.append({"context": pool[i][0], "choices": choices, "label": label})
-    write_jsonl(LM_EVAL_TASK, questions)
+    write_jsonl(args.task_file, questions)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,32 @@ def test_config_names_the_stored_dtype(fmt, llama256_run, tmp_path):
         assert config["dtype"] == {"F32": "float32", "BF16": "bfloat16"}[stored]
 
 
+def test_a_bf16_run_converts_in_bf16_and_what_its_grid_cannot_hold_is_refused(
+        llama256_dir, small_corpus_dir, tmp_path, capsys):
+    """A 4-bit min-max run trained in bf16: its default conversion is bf16 (the training dtype)
+    and says so in config.json; Q4_1 is refused before a weight is read (bf16 rounds the values
+    off the grid), and packed, which finds that out while writing, ends in one line, writing
+    nothing."""
+    out = tmp_path / "run"
+    run_train(train_args(llama256_dir, small_corpus_dir, out,
+                         write_ds_config(tmp_path / "ds.json", bf16={"enabled": True}), kd="gt",
+                         bits=4, quant_method="minmax", granularity="group", group_size=32,
+                         max_steps=1, eval_max_blocks=2, no_export=True), ranks=0)
+    convert(out, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+    for fmt, output, message in (("gguf", "model.gguf", "Q4_1 holds min-max weights on an exact "
+                                  "grid; this run computed them in bfloat16"),
+                                 ("packed", "packed", "not on a 4-bit grid")):
+        assert convert_main(["--checkpoint", str(out), "--output", str(tmp_path / output),
+                             "--format", fmt]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bars
+        assert err.startswith("error: ") and message in err, err
+        assert not (tmp_path / output).exists()
+        assert not list(tmp_path.glob(f".{output}.*"))
+
+
 def gguf_tensors_against_hf(gguf_path, hf_dir) -> dict:
     """{llama.cpp type name: number of tensors} of a GGUF read with llama.cpp's `gguf` package,
     after checking that each tensor, dequantized by `gguf.quants`, is the hf output's weight (q/k

@@ -33,16 +33,18 @@ def write_jsonl(path, rows):
 
 
 def test_prompt_response_row_trains_on_the_response_and_its_eos_only(tokenizer):
-    examples = Dataset.from_list([{"prompt": "Complete the verse: And God said,",
-                                   "response": " Let there be light."}])
-    rows, counts = instruction_rows(examples, tokenizer, 32)
-    prompt, response = ids(tokenizer, examples[0]["prompt"]), ids(tokenizer, " Let there be light.")
+    prompt, response = "Complete the verse: And God said,", " Let there be light."
+    rows, counts = instruction_rows(Dataset.from_list([{"prompt": prompt, "response": response}]),
+                                    tokenizer, 32)
     row = rows[0]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    real = prompt + response + [eos]
+    real = ids(tokenizer, prompt + response) + [eos]  # the example's text tokenized whole
     assert row["input_ids"] == real + [pad] * (32 - len(real))
-    assert row["labels"] == ([IGNORE_INDEX] * len(prompt) + response + [eos]
-                             + [IGNORE_INDEX] * (32 - len(real)))
+    trained = [i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX]
+    assert [row["input_ids"][i] for i in trained] == [row["labels"][i] for i in trained]
+    assert tokenizer.decode([row["labels"][i] for i in trained]) == " Let there be light.</s>"
+    assert trained == list(range(trained[0], len(real)))  # one run, ending with the EOS
+    assert tokenizer.decode(row["input_ids"][:trained[0]]) == prompt
     assert counts == {"examples": 1, "truncated": 0, "dropped": 0}
 
 
@@ -108,10 +110,12 @@ def test_jsonl_columns_decide_the_kind(tmp_path):
 def test_shipped_examples_are_what_their_generator_writes(tmp_path, tokenizer):
     shipped = REPO / "tsld_ds" / "assets" / "kjv-instructions"
     task = REPO / "tests" / "evaluation" / "lm_eval_task" / "kjv_continuation.jsonl"
-    before = {path: path.read_bytes() for path in (*sorted(shipped.glob("*.jsonl")), task)}
-    subprocess.run([sys.executable, str(REPO / "launch" / "build_instructions.py")], check=True,
-                   capture_output=True)
-    assert {path: path.read_bytes() for path in before} == before
+    subprocess.run([sys.executable, str(REPO / "launch" / "build_instructions.py"),
+                    "--instructions_dir", str(tmp_path), "--task_file", str(tmp_path / "task.jsonl")],
+                   check=True, capture_output=True)
+    for name in ("train.jsonl", "validation.jsonl"):
+        assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes()
+    assert (tmp_path / "task.jsonl").read_bytes() == task.read_bytes()
     lines = []
     train, validation = dataset_rows(str(shipped), tokenizer, 64, log=lines.append)
     assert (len(train), len(validation)) == (4000, 400)

@@ -56,7 +56,8 @@ def test_perplexity_runs_without_a_process_group():
 def test_tasks_without_lm_eval_name_the_package(llama256_run, capsys, monkeypatch):
     find_spec = importlib.util.find_spec  # lm-eval is in the test extra: hide it
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "lm_eval" else find_spec(name, *args))
+                        lambda name, *args, **kwargs: None if name == "lm_eval"
+                        else find_spec(name, *args, **kwargs))
     assert eval_main(["--model", str(llama256_run), "--no_perplexity", "--tasks", "piqa"]) == 2
     assert "pip install lm-eval" in capsys.readouterr().err
 

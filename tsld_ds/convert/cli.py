@@ -133,7 +133,7 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
         raise UsageError("--format packed needs a quantized run; this one trained in full "
                          "precision (--bits 16): use --format hf")
     if fmt == "gguf":
-        gguf_file.check_supported(model, cfg, tokenizer)
+        gguf_file.check_supported(model, cfg, tokenizer, source.training_dtype)
     verify(source.path)
     weights = consolidated_weights(source)
     check_names(model, weights, STUDENT_PREFIX, source.path)
@@ -141,14 +141,17 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
                                  compute_dtype=source.training_dtype)
     report = Report(format=fmt, output=out, checkpoint=source.path, step=source.step,
                     quantization=cfg.to_dict() if cfg else None)
-    torch_dtype = DTYPES[dtype] if dtype else None
-    with written_beside(out) as tmp:
-        if fmt == "hf":
-            write_hf(model, tensors, tokenizer, tmp, torch_dtype, report)
-        elif fmt == "packed":
-            write_packed(model, tensors, tokenizer, tmp, torch_dtype, report)
-        else:
-            gguf_file.write_gguf(model, tensors, tokenizer, cfg, tmp, report)
+    torch_dtype = DTYPES[dtype] if dtype else source.training_dtype
+    try:
+        with written_beside(out) as tmp:
+            if fmt == "hf":
+                write_hf(model, tensors, tokenizer, tmp, torch_dtype, report)
+            elif fmt == "packed":
+                write_packed(model, tensors, tokenizer, tmp, torch_dtype, report)
+            else:
+                gguf_file.write_gguf(model, tensors, tokenizer, cfg, tmp, report)
+    except ValueError as e:  # weights the format cannot hold (e.g. off a bf16 run's grid)
+        raise UsageError(f"--format {fmt}: {e} (nothing written; use --format hf)") from None
     return report.as_dict()
 
 

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import gguf
 import torch
 
-from tsld_ds.convert.packed import grid_codes
+from tsld_ds.convert.packed import grid_levels
 from tsld_ds.convert.report import Report
 from tsld_ds.errors import UsageError
 from tsld_ds.quant import QuantConfig, quantized_modules
@@ -33,8 +33,10 @@ TYPES = {2: (TQ2_0, TQ2_0_BLOCK, gguf.LlamaFileType.MOSTLY_TQ2_0),
          4: (Q4_1, Q4_1_BLOCK, gguf.LlamaFileType.MOSTLY_Q4_1)}
 
 
-def check_supported(model, cfg: Optional[QuantConfig], tokenizer) -> None:
-    """Refuse, before any weight is read, what TQ2_0 or llama.cpp cannot hold exactly."""
+def check_supported(model, cfg: Optional[QuantConfig], tokenizer,
+                    compute_dtype: torch.dtype = torch.float32) -> None:
+    """Refuse, before any weight is read, what TQ2_0, Q4_1 or llama.cpp cannot hold exactly.
+    `compute_dtype`: the dtype the run's quantizers computed in."""
     model_type = model.config.model_type
     if model_type not in ARCHITECTURES:
         raise UsageError(f"--format gguf supports LLaMA-architecture models; this run's model is "
@@ -55,6 +57,10 @@ def check_supported(model, cfg: Optional[QuantConfig], tokenizer) -> None:
                          f"--granularity {cfg.granularity}"
                          + (f" --group_size {cfg.group_size}" if cfg.granularity == "group" else "")
                          + " (use --format packed)")
+    if cfg.bits == 4 and compute_dtype != torch.float32:
+        raise UsageError(f"Q4_1 holds min-max weights on an exact grid; this run computed them in "
+                         f"{str(compute_dtype).removeprefix('torch.')}, which rounds them off it "
+                         "(use --format hf, or train in fp32)")
     type_name, block = TYPES[cfg.bits][0].name, TYPES[cfg.bits][1]
     short = [(name, m.in_features) for name, m in quantized_modules(model)
              if m.in_features % block]
@@ -79,26 +85,25 @@ def rope_rows_to_ggml(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
-def q4_1_blocks(weight: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+def q4_1_blocks(weight: torch.Tensor) -> torch.Tensor:
     """A min-max 4-bit weight [rows, cols] (groups of 32) as Q4_1 blocks: uint8 [rows, cols / 32
     * 20], each block d (fp16), m (fp16), then 16 bytes holding code j in the low nibble of byte
-    j and code j + 16 in its high nibble."""
-    codes, scale, zero_point = grid_codes(weight, cfg)
-    rows, cols = codes.shape
-    offset = 2 ** (cfg.bits - 1)
-    codes = (codes.to(torch.int32) + offset).to(torch.uint8).reshape(rows, -1, 2, Q4_1_BLOCK // 2)
-    nibbles = codes[:, :, 0] | (codes[:, :, 1] << 4)
-    step = scale.to(torch.float16)
-    minimum = (-(zero_point.to(torch.float32) + offset) * scale).to(torch.float16)
-    constants = torch.stack([step, minimum], -1).view(torch.uint8)  # [rows, blocks, 4]
-    return torch.cat([constants, nibbles], -1).reshape(rows, -1)
+    j and code j + 16 in its high nibble. Codes count grid steps up from the block's minimum, so
+    a group whose values share one sign (its zero point outside 4 bits) is held too."""
+    rows, cols = weight.shape
+    step, levels = grid_levels(weight.float().reshape(-1, Q4_1_BLOCK), 4, symmetric_grid=False)
+    lowest = levels.amin(1, keepdim=True)
+    codes = (levels - lowest).to(torch.uint8).reshape(-1, 2, Q4_1_BLOCK // 2)
+    nibbles = codes[:, 0] | (codes[:, 1] << 4)
+    constants = torch.cat([step, lowest * step], 1).to(torch.float16).view(torch.uint8)
+    return torch.cat([constants, nibbles], 1).reshape(rows, cols // Q4_1_BLOCK * 20)
 
 
 def _quantized_blocks(data: torch.Tensor, cfg: QuantConfig):
     """(llama.cpp blocks as numpy uint8, llama.cpp type) of one fake-quant weight."""
     if cfg.bits == 2:  # gguf's own TQ2_0 quantizer reproduces alpha * trit exactly
         return gguf.quants.quantize(data.numpy(), TQ2_0), TQ2_0
-    return q4_1_blocks(data, cfg).numpy(), Q4_1
+    return q4_1_blocks(data).numpy(), Q4_1
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, config) -> None:

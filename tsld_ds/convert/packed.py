@@ -30,7 +30,7 @@ def packed_group_size(cfg: QuantConfig) -> Optional[int]:
     return cfg.group_size if cfg.granularity == "group" else None
 
 
-def _grid(segment: Tensor, bits: int, symmetric_grid: bool) -> tuple[Tensor, Tensor]:
+def grid_levels(segment: Tensor, bits: int, symmetric_grid: bool) -> tuple[Tensor, Tensor]:
     """(step [rows, 1], integer levels [rows, cols]) with segment == step * levels per row."""
     if symmetric_grid:
         span, intervals = segment.abs().amax(1, keepdim=True), 2 ** (bits - 1) - 1
@@ -53,10 +53,8 @@ def _grid(segment: Tensor, bits: int, symmetric_grid: bool) -> tuple[Tensor, Ten
     return step, levels
 
 
-def grid_codes(weight: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """A fake-quantized weight [out_features, in_features] as signed codes (int8, same shape),
-    scales [out_features, G] and, for min-max weights, signed zero points [out_features, G]
-    (`tsld_ds.packed.format`): weight == (codes - zero_point) * scale up to float round-off."""
+def pack_fake_quant(weight: Tensor, cfg: QuantConfig) -> PackedWeight:
+    """A fake-quantized weight [out_features, in_features] as packed codes and scales."""
     weight = weight.float()
     rows, cols = weight.shape
     group = packed_group_size(cfg)
@@ -68,7 +66,7 @@ def grid_codes(weight: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Option
     steps, codes, zeros = [], [], []
     offset = 2 ** (cfg.bits - 1)
     for segment in segments:
-        step, levels = _grid(segment, cfg.bits, symmetric(cfg))
+        step, levels = grid_levels(segment, cfg.bits, symmetric(cfg))
         if not symmetric(cfg):
             # levels = code - zero with code in [0, 2^b - 1]: the lowest level is code 0.
             zero = -levels.amin(1, keepdim=True)
@@ -85,14 +83,7 @@ def grid_codes(weight: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Option
     if cfg.granularity == "tensor":
         scale = scale.expand(rows, 1)
         zero_point = None if zero_point is None else zero_point.expand(rows, 1)
-    return codes, scale.contiguous(), zero_point
-
-
-def pack_fake_quant(weight: Tensor, cfg: QuantConfig) -> PackedWeight:
-    """A fake-quantized weight [out_features, in_features] as packed codes and scales."""
-    codes, scale, zero_point = grid_codes(weight, cfg)
-    return pack_weight(codes, scale, cfg.bits, zero_point=zero_point,
-                       group_size=packed_group_size(cfg))
+    return pack_weight(codes, scale.contiguous(), cfg.bits, zero_point=zero_point, group_size=group)
 
 
 def quantization_config(model, cfg: QuantConfig) -> dict:

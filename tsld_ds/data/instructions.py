@@ -10,24 +10,27 @@ row, not packed, because:
   so the model needs neither an attention mask nor document-aware attention.
 The price is the padding's compute, which `--block_size` (alias `--max_length`) bounds.
 
-Prompt and response are tokenized apart and concatenated: the boundary is then exact, and the
-prompt's tokens are those a generation run feeds (a joint tokenization may merge across it). No
-BOS is added, as for packed text (a chat template writes its own). Chat `messages` are rendered
+An example's text is tokenized whole, as the model reads a prompt followed by its reply (a
+tokenizer that prepends a space, as Llama-2's, would put a spurious one before a response
+tokenized alone); a token is trained when it holds a character of a response. No BOS is
+added, as for packed text (a chat template writes its own). Chat `messages` are rendered
 with the tokenizer's chat template, or a plain `role: content` one when it has none; every
 assistant turn is a response.
 """
 from __future__ import annotations
 
 from datasets import Dataset, Features, Sequence, Value
+from jinja2 import TemplateError
 
 IGNORE_INDEX = -100
 PROMPT, RESPONSE, MESSAGES = "prompt", "response", "messages"
-# For tokenizers without a chat template: one "role: content" line per message, EOS after each
-# assistant turn so the model learns where a reply ends.
+# For tokenizers without a chat template: "role: content" lines, EOS ending each assistant turn
+# so the model learns where a reply ends (the line break opens the next turn, not the reply's).
 PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    "{% for message in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ message['role'] + ': ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ ('\n' if messages else '') + 'assistant: ' }}{% endif %}"
 )
 
 
@@ -46,8 +49,11 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     template = None if tokenizer.chat_template else PLAIN_CHAT_TEMPLATE
 
     def render(turns, prompt):
-        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
-                                             add_generation_prompt=prompt)
+        try:
+            return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=prompt)
+        except TemplateError as e:  # e.g. "roles must alternate user/assistant"
+            raise ValueError(f"the chat template refuses a conversation: {e}") from None
 
     segments, done = [], ""
     for i, message in enumerate(messages):
@@ -65,12 +71,19 @@ def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
 
 
 def _tokens(segments, tokenizer) -> tuple[list[int], list[int]]:
-    input_ids, labels = [], []
-    for text, trained in segments:
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
-        input_ids += ids
-        labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels
+    """Ids of the segments' joint text, and labels: a token is trained when it holds a character
+    of a trained segment (one that straddles a prompt's end, as "▁God" after "assistant:", is
+    what the model must emit to begin the reply)."""
+    text, spans = "", []
+    for piece, trained in segments:
+        if trained:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                        verbose=False)
+    labels = [token if any(start < b and end > a for a, b in spans) else IGNORE_INDEX
+              for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return encoded["input_ids"], labels
 
 
 def instruction_rows(examples: Dataset, tokenizer, max_length: int, *,

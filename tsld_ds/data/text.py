@@ -200,6 +200,11 @@ def _examples(split: Dataset, kind: str, name: str) -> Dataset:
     """Instruction examples of `kind` with their columns checked (strings, or a list of
     role/content messages)."""
     features = split.features
+    missing = [c for c in ((MESSAGES,) if kind == MESSAGES else (PROMPT, RESPONSE))
+               if c not in features]
+    if missing:
+        raise ValueError(f"dataset {name!r} has no column(s) {missing} (the train split's "
+                         f"{kind} examples need them); its columns are {list(features)}")
     if kind == MESSAGES:
         message = features[MESSAGES]
         message = message[0] if isinstance(message, list) else getattr(message, "feature", None)

@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/eval.py",
         description="Evaluate a model: validation perplexity by the method training uses "
-        "(non-overlapping blocks of the packed validation split, NLL summed over all predicted "
-        "tokens) and, when lm-eval is installed, lm-eval tasks. Prints a JSON report. Data "
+        "(the validation split's rows: non-overlapping packed blocks of text, or instruction "
+        "examples scored on their responses; NLL summed over all predicted tokens) and, when "
+        "lm-eval is installed, lm-eval tasks. Prints a JSON report. Data "
         "options default to the run's own when --model is a training output directory.")
     p.add_argument("--model", required=True,
                    help="a training --output_dir (evaluates its hf/ export), a directory written "
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{training.dataset})")
     p.add_argument("--dataset_config", default=None, help="the dataset's configuration name")
     p.add_argument("--text_column", default=None, help="column holding the text")
-    p.add_argument("--block_size", type=int, default=None,
-                   help=f"tokens per block (default: the run's, else {training.block_size})")
+    p.add_argument("--block_size", "--max_length", type=int, default=None,
+                   help=f"tokens per row (default: the run's, else {training.block_size})")
     p.add_argument("--max_blocks", type=int, default=None,
                    help="score at most this many blocks (default: the run's --eval_max_blocks, "
                    "else all)")
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "openbookqa,gsm8k (needs `pip install lm-eval` and its datasets)")
     p.add_argument("--include_path", default=None,
                    help="lm-eval: a directory of your own task YAMLs, found beside lm-eval's "
-                   "(e.g. tests/evaluation/lm_eval_task)")
+                   "(e.g. tests/evaluation/lm_eval_task, whose data path is relative to the "
+                   "repository root: run from there)")
     p.add_argument("--limit", type=int, default=None,
                    help="lm-eval: examples per task (default: all)")
     p.add_argument("--num_fewshot", type=int, default=None,

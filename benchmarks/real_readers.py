@@ -1,0 +1,141 @@
+"""A run's outputs as third-party tools read them: the figures behind tests/convert's checks.
+
+Converts a training run to hf, packed and gguf (into --out), then reads each back with the tools
+users load them with, never with tsld-ds's own reader:
+- gguf: llama.cpp's `gguf` package (GGUFReader, gguf.quants.dequantize) against the hf weights
+  (q/k rows in GGML's rotary order); the largest error of each llama.cpp type, also relative to
+  the largest weight of its tensor;
+- the GGUF's tokenizer as transformers rebuilds it from the file's keys (with the file's
+  add_space_prefix applied, which transformers' builder ignores) on the first 200 validation
+  lines of the built-in corpus, against the ids training gives them; and with llama.cpp's
+  default space prefix instead;
+- packed: stock transformers + compressed-tensors in a fresh interpreter (4-bit with
+  CompressedTensorsConfig(dequantize=True), see README), logits on validation text against the
+  hf output's;
+- each config.json's dtype against the dtypes of its stored tensors.
+
+Usage: python benchmarks/real_readers.py --run runs/default [--out runs/default-readers]
+Prints one JSON report.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+STOCK_LOGITS = """
+import sys, torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+path, ids_file, out, dequantize = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+model = AutoModelForCausalLM.from_pretrained(path, **options).eval()
+with torch.no_grad():
+    torch.save(model(torch.load(ids_file)).logits, out)
+assert "tsld_ds" not in sys.modules
+"""
+
+
+def gguf_against_hf(gguf_path: Path, hf) -> dict:
+    import gguf
+
+    from tsld_ds.convert.gguf_file import rope_rows_to_ggml
+
+    config = hf.config
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    errors = {}
+    for name, weight in hf.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reuses token_embd
+        tensor = tensors[names.get_name(name, try_suffixes=(".weight",))]
+        values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+        expected = weight.float()
+        if name.rsplit(".", 2)[-2] in heads:
+            expected = rope_rows_to_ggml(expected, heads[name.rsplit(".", 2)[-2]])
+        error = (values - expected).abs().max().item()
+        kind = errors.setdefault(tensor.tensor_type.name, {"tensors": 0, "max_abs_error": 0.0,
+                                                          "max_error_relative": 0.0})
+        kind["tensors"] += 1
+        kind["max_abs_error"] = max(kind["max_abs_error"], error)
+        kind["max_error_relative"] = max(kind["max_error_relative"],
+                                         error / expected.abs().max().item())
+    return errors
+
+
+def gguf_tokenizer_matches(gguf_path: Path, tokenizer, lines) -> dict:
+    import gguf
+    from tokenizers.pre_tokenizers import Metaspace
+    from transformers import AutoTokenizer
+
+    fields = gguf.GGUFReader(gguf_path).fields
+    keys = {key: bool(fields[f"tokenizer.ggml.{key}"].parts[-1][0])
+            for key in ("add_space_prefix", "add_bos_token", "add_eos_token")}
+    rebuilt = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    ours = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    report = {"keys": keys, "lines": len(lines)}
+    for label, prefix in (("matching_lines", keys["add_space_prefix"]),
+                          ("matching_lines_with_llama_cpp_default_prefix", True)):
+        rebuilt.backend_tokenizer.pre_tokenizer = Metaspace(
+            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+        report[label] = sum(rebuilt(line)["input_ids"] == ids for line, ids in zip(lines, ours))
+    return report
+
+
+def stored_dtypes(directory: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        stored = sorted({f.get_slice(name).get_dtype() for name in f.keys()})
+    return {"config": json.loads((directory / "config.json").read_text()).get("dtype"),
+            "tensors": stored}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a training --output_dir")
+    p.add_argument("--out", default=None, help="where the conversions go (default: RUN-readers)")
+    args = p.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    from tsld_ds.convert.cli import convert
+    from tsld_ds.data import builtin_corpus_dir
+    from tsld_ds.models import load_tokenizer
+
+    run = Path(args.run)
+    out = Path(args.out or f"{run}-readers")
+    summaries = {fmt: convert(run, out / name, fmt, overwrite=True)
+                 for fmt, name in (("hf", "hf"), ("packed", "packed"), ("gguf", "model.gguf"))}
+    bits = summaries["packed"]["quantization"]["bits"]
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    tokenizer = load_tokenizer(str(out / "hf"))
+    lines = [line for line in (builtin_corpus_dir() / "validation.txt").read_text().splitlines()
+             if line.strip()][:200]
+
+    ids = torch.tensor([tokenizer(" ".join(lines[:40]), add_special_tokens=False)
+                        ["input_ids"][:hf.config.max_position_embeddings]])
+    torch.save(ids, out / "ids.pt")
+    subprocess.run([sys.executable, "-c", STOCK_LOGITS, str(out / "packed"), str(out / "ids.pt"),
+                    str(out / "logits.pt"), "1" if bits == 4 else "0"], check=True)
+    with torch.no_grad():
+        reference = hf(ids).logits
+    stock = torch.load(out / "logits.pt")
+    report = {
+        "run": str(run), "bits": bits,
+        "gguf": {"bytes": summaries["gguf"]["bytes"],
+                 "types": gguf_against_hf(out / "model.gguf", hf),
+                 "tokenizer": gguf_tokenizer_matches(out / "model.gguf", tokenizer, lines)},
+        "packed_in_stock_transformers": {
+            "bytes": summaries["packed"]["bytes"], "tokens": ids.shape[1],
+            "max_abs_logit_difference": (stock - reference).abs().max().item(),
+            "max_abs_logit": reference.abs().max().item(),
+            "same_argmax": (stock.argmax(-1) == reference.argmax(-1)).float().mean().item()},
+        "dtypes": {fmt: stored_dtypes(out / fmt) for fmt in ("hf", "packed")},
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,12 +19,14 @@ Prints one JSON report.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+# Run in a fresh interpreter: stock transformers + compressed-tensors, tsld_ds never imported.
 STOCK_LOGITS = """
 import sys, torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -32,36 +34,59 @@ path, ids_file, out, dequantize = sys.argv[1], sys.argv[2], sys.argv[3], sys.arg
 options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
 model = AutoModelForCausalLM.from_pretrained(path, **options).eval()
 with torch.no_grad():
-    torch.save(model(torch.load(ids_file)).logits, out)
-assert "tsld_ds" not in sys.modules
+    logits = model(torch.load(ids_file)).logits
+torch.save({"logits": logits, "tsld_ds_imported": "tsld_ds" in sys.modules}, out)
 """
 
 
-def gguf_against_hf(gguf_path: Path, hf) -> dict:
+def stock_logits(packed_dir: Path, ids: torch.Tensor, workdir: Path, *, dequantize: bool) -> dict:
+    """{"logits", "tsld_ds_imported"} of `packed_dir` loaded by stock transformers and
+    compressed-tensors in a fresh interpreter. `dequantize`: compressed-tensors 0.20's load-time
+    path leaves asymmetric zero points packed (an upstream defect: its own compressor writes what
+    tsld-ds writes), so asymmetric 4-bit loads dequantized."""
+    torch.save(ids, workdir / "ids.pt")
+    subprocess.run([sys.executable, "-c", STOCK_LOGITS, str(packed_dir), str(workdir / "ids.pt"),
+                    str(workdir / "logits.pt"), "1" if dequantize else "0"], check=True,
+                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return torch.load(workdir / "logits.pt")
+
+
+def dequantized_gguf(gguf_path: Path, hf):
+    """(hf name, llama.cpp type, values read by `gguf`, hf weight in GGML's layout) for each
+    tensor of the GGUF, after checking the file's architecture and vocabulary size."""
     import gguf
 
     from tsld_ds.convert.gguf_file import rope_rows_to_ggml
 
     config = hf.config
-    tensors = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
+    reader = gguf.GGUFReader(gguf_path)
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == config.vocab_size
+    tensors = {t.name: t for t in reader.tensors}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-    errors = {}
     for name, weight in hf.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reuses token_embd
         tensor = tensors[names.get_name(name, try_suffixes=(".weight",))]
         values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
         expected = weight.float()
-        if name.rsplit(".", 2)[-2] in heads:
-            expected = rope_rows_to_ggml(expected, heads[name.rsplit(".", 2)[-2]])
+        projection = name.rsplit(".", 2)[-2]
+        if projection in heads:  # q/k rows as llama.cpp's converter permutes them
+            expected = rope_rows_to_ggml(expected, heads[projection])
+        yield name, tensor.tensor_type, values, expected
+
+
+def gguf_against_hf(gguf_path: Path, hf) -> dict:
+    errors = {}
+    for _, kind, values, expected in dequantized_gguf(gguf_path, hf):
         error = (values - expected).abs().max().item()
-        kind = errors.setdefault(tensor.tensor_type.name, {"tensors": 0, "max_abs_error": 0.0,
-                                                          "max_error_relative": 0.0})
-        kind["tensors"] += 1
-        kind["max_abs_error"] = max(kind["max_abs_error"], error)
-        kind["max_error_relative"] = max(kind["max_error_relative"],
-                                         error / expected.abs().max().item())
+        summary = errors.setdefault(kind.name, {"tensors": 0, "max_abs_error": 0.0,
+                                                "max_error_relative": 0.0})
+        summary["tensors"] += 1
+        summary["max_abs_error"] = max(summary["max_abs_error"], error)
+        summary["max_error_relative"] = max(summary["max_error_relative"],
+                                            error / expected.abs().max().item())
     return errors
 
 
@@ -116,12 +141,11 @@ def main(argv=None) -> None:
 
     ids = torch.tensor([tokenizer(" ".join(lines[:40]), add_special_tokens=False)
                         ["input_ids"][:hf.config.max_position_embeddings]])
-    torch.save(ids, out / "ids.pt")
-    subprocess.run([sys.executable, "-c", STOCK_LOGITS, str(out / "packed"), str(out / "ids.pt"),
-                    str(out / "logits.pt"), "1" if bits == 4 else "0"], check=True)
+    loaded = stock_logits(out / "packed", ids, out, dequantize=bits == 4)
+    assert not loaded["tsld_ds_imported"]
+    stock = loaded["logits"]
     with torch.no_grad():
         reference = hf(ids).logits
-    stock = torch.load(out / "logits.pt")
     report = {
         "run": str(run), "bits": bits,
         "gguf": {"bytes": summaries["gguf"]["bytes"],

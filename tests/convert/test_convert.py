@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from benchmarks.real_readers import dequantized_gguf, gguf_tokenizer_matches, stock_logits
 from helpers import REPO, run_train, train_args, tree_digest, write_ds_config
 from tsld_ds.convert.cli import convert, main as convert_main
 
@@ -132,23 +133,6 @@ def test_packed_gives_hf_logits_in_fewer_bytes(llama256_run, tmp_path):
     ct.QuantizationConfig.model_validate(config)  # a valid compressed-tensors config
 
 
-# Run in a fresh interpreter: stock transformers + compressed-tensors, tsld_ds never imported.
-# compressed-tensors 0.20's load-time path leaves asymmetric zero points packed (an upstream
-# defect: its own compressor writes what tsld-ds writes), so asymmetric 4-bit loads dequantized.
-LOGITS_WITH_STOCK_TRANSFORMERS = """
-import sys
-import torch
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-path, out, dequantize = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
-model = AutoModelForCausalLM.from_pretrained(path, **options).eval()
-ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    torch.save({"logits": model(ids).logits, "ids": ids,
-                "tsld_ds_imported": "tsld_ds" in sys.modules}, out)
-"""
-
-
 @pytest.mark.parametrize("run_fixture,bits", [("llama256_run", 2), ("llama256_w4_run", 4)])
 def test_packed_loads_in_stock_transformers_with_the_hf_logits(run_fixture, bits, request,
                                                                tmp_path):
@@ -157,15 +141,13 @@ def test_packed_loads_in_stock_transformers_with_the_hf_logits(run_fixture, bits
     run = request.getfixturevalue(run_fixture)
     convert(run, tmp_path / "packed", "packed")
     convert(run, tmp_path / "hf", "hf")
-    subprocess.run([sys.executable, "-c", LOGITS_WITH_STOCK_TRANSFORMERS, str(tmp_path / "packed"),
-                    str(tmp_path / "out.pt"), "1" if bits == 4 else "0"], check=True,
-                   capture_output=True, env={**os.environ, **SUBPROCESS_ENV})
-    stock = torch.load(tmp_path / "out.pt")
-    assert not stock["tsld_ds_imported"]
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24),
+                        generator=torch.Generator().manual_seed(0))
+    stock = stock_logits(tmp_path / "packed", ids, tmp_path, dequantize=bits == 4)
+    assert not stock["tsld_ds_imported"]
     with torch.no_grad():
-        torch.testing.assert_close(stock["logits"], hf(stock["ids"]).logits, rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(stock["logits"], hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["hf", "packed"])
@@ -215,23 +197,9 @@ def gguf_tensors_against_hf(gguf_path, hf_dir) -> dict:
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from tsld_ds.convert.gguf_file import rope_rows_to_ggml
-
     hf = AutoModelForCausalLM.from_pretrained(hf_dir)
-    config = hf.config
-    reader = gguf.GGUFReader(gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     types = {}
-    for name, weight in hf.state_dict().items():
-        tensor = tensors[names.get_name(name, try_suffixes=(".weight",))]
-        values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
-        expected = weight.float()
-        projection = name.rsplit(".", 2)[-2]
-        if projection in heads:
-            expected = rope_rows_to_ggml(expected, heads[projection])
-        kind = tensor.tensor_type
+    for name, kind, values, expected in dequantized_gguf(gguf_path, hf):
         types[kind.name] = types.get(kind.name, 0) + 1
         if kind == gguf.GGMLQuantizationType.TQ2_0:
             # Exact codes; alpha rounded to fp16 (relative error <= 2^-11).
@@ -244,9 +212,6 @@ def gguf_tensors_against_hf(gguf_path, hf_dir) -> dict:
             assert ((values.reshape(-1, 32) - blocks).abs() <= bound).all(), name
         else:
             torch.testing.assert_close(values, expected, rtol=1e-3, atol=1e-4)
-    fields = reader.fields
-    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
-    assert len(fields["tokenizer.ggml.tokens"].data) == config.vocab_size
     return types
 
 
@@ -265,31 +230,19 @@ def test_gguf_tensors_give_back_the_hf_weights(run_fixture, quant_type, request,
 def test_gguf_tokenizer_tokenizes_as_training_did(llama256_run, builtin_tokenizer, tmp_path):
     """transformers rebuilds a tokenizer from the GGUF's own vocabulary keys (tokens, scores,
     types; add_bos/eos_token). It ignores `add_space_prefix` (its SentencePiece builder always
-    prepends), so the test applies that key as llama.cpp does. On real lines of the corpus the
+    prepends), so the reader applies that key as llama.cpp does. On real lines of the corpus the
     result must give the ids training gave them (`tokenize_and_pack`: no special tokens); with the
     space prefix llama.cpp defaults to, no line would."""
-    import gguf
-    from tokenizers.pre_tokenizers import Metaspace
-    from transformers import AutoTokenizer
-
     from tsld_ds.data import builtin_corpus_dir
 
     convert(llama256_run, tmp_path / "model.gguf", "gguf")
-    fields = gguf.GGUFReader(tmp_path / "model.gguf").fields
-    flags = {key: bool(fields[f"tokenizer.ggml.{key}"].parts[-1][0])
-             for key in ("add_space_prefix", "add_bos_token", "add_eos_token")}
-    assert flags == {"add_space_prefix": False, "add_bos_token": False, "add_eos_token": False}
     lines = (builtin_corpus_dir() / "validation.txt").read_text().splitlines()
     lines = [line for line in lines if line.strip()][:200]
-    ours = builtin_tokenizer(lines, add_special_tokens=False)["input_ids"]
-    from_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
-    matches = {}
-    for prefix in (flags["add_space_prefix"], True):
-        from_gguf.backend_tokenizer.pre_tokenizer = Metaspace(
-            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
-        theirs = [from_gguf(line)["input_ids"] for line in lines]
-        matches[prefix] = sum(a == b for a, b in zip(theirs, ours))
-    assert matches == {False: 200, True: 0}
+    report = gguf_tokenizer_matches(tmp_path / "model.gguf", builtin_tokenizer, lines)
+    assert report["keys"] == {"add_space_prefix": False, "add_bos_token": False,
+                              "add_eos_token": False}
+    assert (report["matching_lines"], report["matching_lines_with_llama_cpp_default_prefix"]) \
+        == (200, 0)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ In .txt files documents are separated by blank lines (a file without one is one 
 from __future__ import annotations
 
 import codecs
+import functools
 import os
 import re
 from pathlib import Path
@@ -52,11 +53,11 @@ def load_splits(
     kind = None if text_column else instruction_format(splits["train"].column_names)
     if kind is None:
         column = _text_column(splits["train"], text_column, dataset)
-        rows = {split: _documents(splits[split], column, f"{dataset} {split}") for split in splits
-                if split in ("train", "validation")}
+        prepare = functools.partial(_documents, column=column)
     else:
-        rows = {split: _examples(splits[split], kind, f"{dataset} {split}") for split in splits
-                if split in ("train", "validation")}
+        prepare = functools.partial(_examples, kind=kind)
+    rows = {split: prepare(splits[split], name=f"{dataset} {split}")
+            for split in ("train", "validation") if split in splits}
     if "validation" in rows:
         return rows["train"], rows["validation"], kind or "text"
     return (*_carve_validation(rows["train"], validation_split, seed, dataset), kind or "text")

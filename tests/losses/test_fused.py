@@ -288,3 +288,93 @@ def test_vocab_blocks_bound_the_buffers(teacher_form, device):
 
     assert largest_allocated(vocab_chunk) <= vocab * hidden < chunk * vocab
     assert largest_allocated(None) >= chunk * vocab
+
+
+# --- a teacher from a top-k cache (TopKTeacher) ----------------------------------------------
+
+def topk_teacher_of(inputs, k):
+    """The TopKTeacher a cache would store for the inputs' teacher (its rounded logits)."""
+    from tsld_ds.losses import TopKTeacher, next_token_targets
+
+    logp = torch.log_softmax(teacher_logits_of(inputs).double(), dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    targets = next_token_targets(inputs["labels"]).clamp_min(0)
+    target = logp.gather(-1, targets[..., None]).squeeze(-1)
+    return TopKTeacher(values.float(), ids.int(), target.float())
+
+
+def topk_losses(name, inputs, teacher, chunk, vocab_chunk, impl):
+    """The objective `name` with a top-k teacher through `Objective` (fused or naive), inputs
+    cast to float64 for the naive reference."""
+    kd = name.partition("_")[0] if name.startswith("tsld") else name
+    options = tsld_options(name) if name.startswith("tsld") else {}
+    objective = Objective.from_kd(kd, impl=impl, chunk_size=chunk, vocab_chunk_size=vocab_chunk,
+                                  **options)
+    h, w, b = (None if inputs[k] is None else inputs[k] for k in PARAMS)
+    if impl == "naive":
+        h, w, b = (None if t is None else t.double() for t in (h, w, b))
+    from tsld_ds.losses import TeacherOutput
+
+    return objective(h, w, inputs["labels"], TeacherOutput(topk=teacher), lm_head_bias=b)["loss"]
+
+
+TOPK_CASES = [(3, 7, 37, 11, 8, None), (3, 7, 37, 11, 8, 10), (1, 6, 17, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("k", [1, 5, 16])
+@pytest.mark.parametrize("objective", ["logit", "logit_gt", "tsld", "tsld_mean", "tsld_inverse"])
+@pytest.mark.parametrize("case", TOPK_CASES, ids=["B{}L{}V{}H{}c{}v{}".format(*c)
+                                                  for c in TOPK_CASES])
+def test_topk_teacher_matches_reference(case, objective, k, device):
+    """The K + 1 bucket soft CE, fused (one sweep and vocabulary blocks), against autograd
+    through the reference in float64, values and gradients."""
+    batch, length, vocab, hidden, chunk, vocab_chunk = case
+    inputs = make_loss_inputs(batch, length, vocab, hidden, device=device, dtype=torch.float64,
+                              bias=True, teacher_form="hidden")
+    teacher = topk_teacher_of(inputs, min(k, vocab))
+    fused_value, fused_grads = value_and_grads(
+        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "fused"), inputs)
+    naive_value, naive_grads = value_and_grads(
+        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "naive"), inputs)
+    torch.testing.assert_close(fused_value, naive_value, rtol=1e-10, atol=1e-12)
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads):
+        torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 10])
+@pytest.mark.parametrize("objective", ["logit_gt", "tsld"])
+def test_topk_teacher_with_every_token_is_the_exact_loss(objective, vocab_chunk, device):
+    """K = V leaves no tail: the cached rows give the full-distribution loss and its gradients."""
+    inputs = make_loss_inputs(3, 7, 37, 11, device=device, dtype=torch.float64, bias=True,
+                              teacher_form="logits")
+    teacher = topk_teacher_of(inputs, 37)
+    value, grads = value_and_grads(
+        topk_losses(objective, inputs, teacher, 8, vocab_chunk, "fused"), inputs)
+    exact_value, exact_grads = value_and_grads(naive_objective(objective, inputs), inputs)
+    torch.testing.assert_close(value, exact_value, rtol=1e-6, atol=0)  # float32 log-probs
+    for g, exact in zip(grads, exact_grads):
+        torch.testing.assert_close(g, exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 7])
+def test_topk_teacher_with_a_confident_student_stays_finite(vocab_chunk, device):
+    """A student whose K tokens hold all but ~e^-60 of its mass (1 - Σ p^S is 0 in float64):
+    its tail is summed directly, so value and gradients stay finite and match the reference."""
+    inputs = make_loss_inputs(2, 9, 50, 50, device=device, dtype=torch.float64, bias=False,
+                              teacher_form="logits")
+    teacher = topk_teacher_of(inputs, 4)
+    lift = torch.zeros(2, 9, 50, dtype=torch.float64, device=device)
+    lift.scatter_(-1, teacher.ids.long(), 60.0)
+    # lm_head = identity: the student's logits are its hidden states, the teacher's lifted ones.
+    inputs["lm_head_weight"] = torch.eye(50, dtype=torch.float64, device=device).requires_grad_()
+    inputs["student_hidden"] = (inputs["teacher_logits"] + lift).requires_grad_()
+    student_p = torch.softmax(inputs["student_hidden"].detach(), dim=-1)
+    assert (1 - student_p.gather(-1, teacher.ids.long()).sum(-1)).abs().max() < 1e-15
+    value, grads = value_and_grads(
+        topk_losses("tsld", inputs, teacher, 4, vocab_chunk, "fused"), inputs)
+    ref_value, ref_grads = value_and_grads(
+        topk_losses("tsld", inputs, teacher, 4, vocab_chunk, "naive"), inputs)
+    assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)

@@ -11,7 +11,7 @@ from .modules import (
 )
 from .objective import KD_CHOICES, LOSS_IMPLS, Objective, TeacherOutput
 from .positions import TOKEN_SCALES, next_token_targets, token_scale
-from .reference import gt_loss, l2l_loss, logit_kd_loss, tsld_loss
+from .reference import TopKTeacher, gt_loss, l2l_loss, logit_kd_loss, tsld_loss
 
 __all__ = [
     "KD_CHOICES",
@@ -23,6 +23,7 @@ __all__ = [
     "FusedLinearTSLDLoss",
     "Objective",
     "TeacherOutput",
+    "TopKTeacher",
     "default_chunk_size",
     "fused_linear_loss",
     "fused_linear_tsld_loss",

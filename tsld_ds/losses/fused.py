@@ -14,7 +14,11 @@ loss. With `vocab_chunk_size` < V (vocabularies too large for even a small token
 sweep keeps a running max and rescaled sum per row (online log-sum-exp) for student and teacher,
 and a second sweep recomputes each block's logits to push its gradient: 4 matmuls. The TSLD
 token scale needs every position's teacher CE before any weighted term, so TSLD runs a
-teacher-only pass first.
+teacher-only pass first (a top-k cache brings it instead).
+
+A teacher from a top-k cache (`TopKTeacher`) takes no logits blocks: its soft CE over K + 1
+buckets needs the student's logits at the K ids and the student's mass outside them, and its
+gradient is the student's block scaled per row plus K scattered entries per row.
 
 `fused_linear_loss` is the one functional entry point; `tsld_ds.losses.modules` wraps it as
 `nn.Module`s.
@@ -70,7 +74,7 @@ def fused_linear_loss(student_hidden: Tensor, lm_head_weight: Tensor, labels: Te
     if objective.soft is not None:
         if teacher is None:
             raise ValueError(f"the {objective.soft} term needs the teacher's output")
-        if teacher.vocab_size != vocab_size:
+        if teacher.vocab_size not in (None, vocab_size):
             raise ValueError(f"teacher vocabulary {teacher.vocab_size} != student vocabulary "
                              f"{vocab_size}")
         teacher = teacher.token_rows()
@@ -79,8 +83,11 @@ def fused_linear_loss(student_hidden: Tensor, lm_head_weight: Tensor, labels: Te
     soft_coef = per_token_mean if objective.soft == "logit" else None
     if objective.soft == "tsld":
         teacher_ce = torch.zeros(batch * length, dtype=acc_dtype, device=rows.device)
-        teacher_ce[rows] = _teacher_target_ce(teacher, rows, row_targets, chunk_size,
-                                              vocab_chunk_size, acc_dtype)
+        if teacher.topk is not None:  # the cache's label log-probabilities, exact
+            teacher_ce[rows] = -teacher.topk.target_logprob[rows].to(acc_dtype)
+        else:
+            teacher_ce[rows] = _teacher_target_ce(teacher, rows, row_targets, chunk_size,
+                                                  vocab_chunk_size, acc_dtype)
         weights = positions.token_scale(teacher_ce.view(batch, length), valid,
                                         objective.temperature, objective.token_scale)
         if objective.reduction == "mean":
@@ -170,7 +177,8 @@ class _ChunkedLinearLoss:
         self.vocab_blocks = list(_chunks(weight.shape[0], spec.vocab_chunk_size))
         self.one_block = len(self.vocab_blocks) == 1
         # Two reused blocks: the student's logits, then exp(z - max) and the logits' gradient;
-        # the teacher's logits, then exp(z^T - max).
+        # the teacher's logits, then exp(z^T - max) (with top-k rows: the student's exp block
+        # outside the K ids).
         block = min(spec.chunk_size, spec.rows.numel()) * min(spec.vocab_chunk_size,
                                                               weight.shape[0])
         self.student_buffer = hidden.new_empty(block, dtype=self.acc_dtype)
@@ -183,10 +191,15 @@ class _ChunkedLinearLoss:
         hard_total = self.hidden.new_zeros((), dtype=self.acc_dtype)
         spec = self.spec
         for chunk in _chunks(spec.rows.numel(), spec.chunk_size):
-            rows = _ChunkRows(spec, chunk, self.hidden)
+            rows = _ChunkRows(spec, chunk, self.hidden, self.weight.shape[0])
             stats = self._statistics(rows)
             log_sum = stats.student.log_sum_exp()
-            if rows.soft_coef is not None:  # -Σ p^T log p^S = lse(z') - Σ p^T z'
+            if rows.topk is not None:  # lse(z') - Σ_S p^T z'_S - P^T_tail log Σ_{not S} e^z'
+                student_tail = stats.student.max + stats.tail_sum.log()
+                soft_ce = (log_sum - torch.einsum("nk,nk->n", rows.topk_p, stats.topk_logit)
+                           - _times_finite(rows.teacher_tail, student_tail))
+                soft_total += rows.soft_coef @ soft_ce
+            elif rows.soft_coef is not None:  # -Σ p^T log p^S = lse(z') - Σ p^T z'
                 soft_total += rows.soft_coef @ (log_sum - stats.teacher_dot / stats.teacher.sum)
             if rows.hard_coef is not None:
                 hard_total += rows.hard_coef @ (log_sum - stats.target_logit)
@@ -216,7 +229,10 @@ class _ChunkedLinearLoss:
         n, device = rows.n, self.hidden.device
         stats = _RowStatistics(student=_RunningLogSumExp(n, self.acc_dtype, device),
                                target_logit=torch.zeros(n, dtype=self.acc_dtype, device=device))
-        if rows.soft_coef is not None:
+        if rows.topk is not None:
+            stats.topk_logit = torch.zeros_like(rows.topk_p)
+            stats.tail_sum = torch.zeros(n, dtype=self.acc_dtype, device=device)
+        elif rows.soft_coef is not None:
             stats.teacher = _RunningLogSumExp(n, self.acc_dtype, device)
             stats.teacher_dot = torch.zeros(n, dtype=self.acc_dtype, device=device)
         for cols in self.vocab_blocks:
@@ -228,7 +244,10 @@ class _ChunkedLinearLoss:
                 inside, col = _targets_in(cols, rows.targets)
                 stats.target_logit = torch.where(
                     inside, logits.gather(1, col[:, None]).squeeze(1), stats.target_logit)
-            if rows.soft_coef is not None:
+            if rows.topk is not None:
+                inside, col = _targets_in(cols, rows.topk_ids)
+                stats.topk_logit = torch.where(inside, logits.gather(1, col), stats.topk_logit)
+            elif rows.soft_coef is not None:
                 teacher_exp = self._teacher_logits(rows, cols)
                 rescale = stats.teacher.add_exp_(teacher_exp)
                 stats.teacher_dot = (stats.teacher_dot * rescale
@@ -236,10 +255,18 @@ class _ChunkedLinearLoss:
                 stats.teacher_exp = teacher_exp
             if cols.start == 0:
                 stats.student.start_shifted_(logits)
+                rescale = 0
             else:
-                stats.student.add_exp_(logits)
+                rescale = stats.student.add_exp_(logits)
+            if rows.topk is not None:  # summed directly: 1 - Σ_S p^S would cancel
+                stats.tail_sum = stats.tail_sum * rescale + self._outside_topk(rows, cols, logits)
             stats.student_exp = logits
         return stats
+
+    def _outside_topk(self, rows: "_ChunkRows", cols: slice, student_exp: Tensor) -> Tensor:
+        """Σ of a block of exp(z' - max) over the entries that are not among the row's K ids."""
+        outside = _block(self.teacher_buffer, rows.n, cols).copy_(student_exp)
+        return _zero_entries_(outside, *_targets_in(cols, rows.topk_ids)).sum(dim=1)
 
     def _push_gradients(self, rows: "_ChunkRows", stats: "_RowStatistics") -> None:
         """d/dz [a·softCE + b·CE] = (a + b)·p^S - a·p^T - b·onehot(y) for every vocabulary
@@ -247,9 +274,19 @@ class _ChunkedLinearLoss:
         block, else by a second sweep."""
         soft_c = rows.soft_coef if rows.soft_coef is not None else 0
         hard_c = rows.hard_coef if rows.hard_coef is not None else 0
-        student_factor = ((soft_c + hard_c) / stats.student.sum)[:, None]
-        teacher_factor = None if rows.soft_coef is None else (soft_c / stats.teacher.sum)[:, None]
-        factors = (student_factor, teacher_factor, hard_c)
+        student_factor = (soft_c + hard_c) / stats.student.sum
+        teacher_factor = topk_grad = None
+        if rows.topk is not None:
+            # p^S - q, with q the teacher's tail mass spread over the student's tail in its
+            # proportions (e / tail_sum) and p^T on the K ids: (a+b)·p^S - a·p^T there, set
+            # apart from the tail's factor, which can be huge when the student's tail is tiny.
+            topk_exp = (stats.topk_logit - stats.student.max[:, None]).exp()
+            topk_grad = student_factor[:, None] * topk_exp - soft_c[:, None] * rows.topk_p
+            student_factor = student_factor - soft_c * _times_finite(rows.teacher_tail,
+                                                                     1 / stats.tail_sum)
+        elif rows.soft_coef is not None:
+            teacher_factor = (soft_c / stats.teacher.sum)[:, None]
+        factors = (student_factor[:, None], teacher_factor, hard_c, topk_grad)
         if self.one_block:
             grad_h = self._one_block_gradient(rows, stats, factors)
         else:
@@ -274,7 +311,7 @@ class _ChunkedLinearLoss:
             student_exp = self._student_logits(rows, cols)
             student_exp.sub_((stats.shift + stats.student.max)[:, None]).exp_()
             teacher_exp = None
-            if rows.soft_coef is not None:
+            if rows.soft_coef is not None and rows.topk is None:
                 teacher_exp = self._teacher_logits(rows, cols)
                 teacher_exp.sub_(stats.teacher.max[:, None]).exp_()
             block_grad_h = self._block_gradient(rows, cols, student_exp, teacher_exp, factors)
@@ -286,10 +323,15 @@ class _ChunkedLinearLoss:
                         teacher_exp: Optional[Tensor], factors: tuple) -> Optional[Tensor]:
         """One block's gradient w.r.t. the logits, built in place in `student_exp`, added into
         grad_W and grad_b; returns the block's part of grad_hidden (None when not asked)."""
-        student_factor, teacher_factor, hard_c = factors
+        student_factor, teacher_factor, hard_c, topk_grad = factors
+        if topk_grad is not None:  # the K ids' entries: zeroed, scaled (still 0), then set
+            inside, col = _targets_in(cols, rows.topk_ids)
+            _zero_entries_(student_exp, inside, col)
         grad_logits = student_exp.mul_(student_factor)
         if teacher_factor is not None:
             grad_logits.addcmul_(teacher_exp, teacher_factor, value=-1)
+        if topk_grad is not None:
+            grad_logits.scatter_add_(1, col, torch.where(inside, topk_grad, 0))
         if rows.hard_coef is not None:
             inside, col = _targets_in(cols, rows.targets)
             grad_logits.scatter_add_(1, col[:, None], (-hard_c * inside)[:, None])
@@ -305,12 +347,21 @@ class _ChunkedLinearLoss:
 class _ChunkRows:
     """One chunk of a `_RowLoss`: its token rows, their hidden states, targets and coefficients."""
 
-    def __init__(self, spec: _RowLoss, chunk: slice, hidden: Tensor):
+    def __init__(self, spec: _RowLoss, chunk: slice, hidden: Tensor, vocab_size: int):
         self.index, self.targets = spec.rows[chunk], spec.targets[chunk]
         self.n = len(self.index)
         self.hidden = hidden.index_select(0, self.index)
         self.soft_coef = None if spec.soft_coef is None else spec.soft_coef[chunk]
         self.hard_coef = None if spec.hard_coef is None else spec.hard_coef[chunk]
+        # A top-k teacher's rows: p^T of the K ids, the ids, and the mass outside them.
+        self.topk = None if spec.soft_coef is None else spec.teacher.topk
+        if self.topk is not None:
+            dtype = spec.soft_coef.dtype
+            self.topk_p = self.topk.logprobs.index_select(0, self.index).to(dtype).exp()
+            self.topk_ids = self.topk.ids.index_select(0, self.index).long()
+            self.teacher_tail = (1 - self.topk_p.sum(dim=1)).clamp_min(0)
+            if self.topk_ids.shape[1] >= vocab_size:  # every token: no tail, only round-off
+                self.teacher_tail.zero_()
 
 
 @dataclass
@@ -324,6 +375,8 @@ class _RowStatistics:
     teacher_dot: Optional[Tensor] = None    # Σ exp(z^T - max) z'
     student_exp: Optional[Tensor] = None    # the last block, as exp(z' - max) when one block
     teacher_exp: Optional[Tensor] = None    # the last block, as exp(z^T - max)
+    topk_logit: Optional[Tensor] = None     # z' at a top-k teacher's K ids
+    tail_sum: Optional[Tensor] = None       # Σ exp(z' - max) outside them
 
 
 class _RunningLogSumExp:
@@ -384,6 +437,18 @@ def _teacher_logits_into(out: Tensor, teacher: "TeacherOutput", rows: Tensor,
         return _linear_into(out, teacher.hidden.index_select(0, rows), teacher.weight[cols],
                             None if teacher.bias is None else teacher.bias[cols])
     return _copy_rows_into(out, teacher.logits[:, cols], rows)
+
+
+def _zero_entries_(block: Tensor, inside: Tensor, col: Tensor) -> Tensor:
+    """Zeroes block[n, col[n, k]] where inside[n, k], exactly: each such entry has itself
+    subtracted, and the others (their col is a placeholder 0) have 0 added."""
+    return block.scatter_add_(1, col, -torch.where(inside, block.gather(1, col), 0))
+
+
+def _times_finite(weight: Tensor, value: Tensor) -> Tensor:
+    """weight · value, 0 where the weight is 0 (even where the value is ±inf): a teacher tail of
+    no mass adds nothing, however small the student's tail."""
+    return torch.where(weight > 0, weight * value, 0)
 
 
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

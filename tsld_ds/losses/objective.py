@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .fused import fused_linear_loss
 from .positions import TOKEN_SCALES
-from .reference import gt_loss, l2l_loss, logit_kd_loss, tsld_loss
+from .reference import TopKTeacher, gt_loss, l2l_loss, logit_kd_loss, tsld_loss
 
 # --kd -> (soft term, with the ground-truth CE, with the layer-to-layer MSE)
 _KD_TERMS = {
@@ -32,26 +32,32 @@ SOFT_TERMS = ("logit", "tsld")
 
 @dataclass(frozen=True, eq=False)
 class TeacherOutput:
-    """The frozen teacher's side of one micro-batch: its `logits` [B, L, V], or its final
+    """The frozen teacher's side of one micro-batch: its `logits` [B, L, V]; or its final
     `hidden` states [B, L, H_t] with its lm_head (`weight` [V, H_t], `bias`), from which the fused
-    loss builds the logits one chunk at a time; and every block's `hidden_states` and
-    `attentions` for the layer term. It is a fixed target: no gradient flows into it."""
+    loss builds the logits one chunk at a time; or its `topk` cache rows (`TopKTeacher`); and
+    every block's `hidden_states` and `attentions` for the layer term. It is a fixed target: no
+    gradient flows into it."""
 
     logits: Optional[Tensor] = None
     hidden: Optional[Tensor] = None
     weight: Optional[Tensor] = None
     bias: Optional[Tensor] = None
+    topk: Optional[TopKTeacher] = None
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
 
     def __post_init__(self):
-        if (self.logits is None) == (self.hidden is None):
-            raise ValueError("give the teacher as logits or as hidden states + lm_head weight")
+        if sum(t is not None for t in (self.logits, self.hidden, self.topk)) != 1:
+            raise ValueError("give the teacher as logits, as hidden states + lm_head weight, or "
+                             "as top-k rows")
         if self.hidden is not None and self.weight is None:
             raise ValueError("the teacher's hidden states need its lm_head weight")
 
     @property
-    def vocab_size(self) -> int:
+    def vocab_size(self) -> Optional[int]:
+        """V, or None for top-k rows (they name token ids, not a vocabulary)."""
+        if self.topk is not None:
+            return None
         return self.logits.shape[-1] if self.logits is not None else self.weight.shape[0]
 
     def token_rows(self) -> "TeacherOutput":
@@ -59,12 +65,18 @@ class TeacherOutput:
         def rows(t):
             return None if t is None else t.detach().reshape(-1, t.shape[-1])
 
-        return replace(self, logits=rows(self.logits), hidden=rows(self.hidden),
+        topk = None if self.topk is None else TopKTeacher(
+            rows(self.topk.logprobs), rows(self.topk.ids),
+            self.topk.target_logprob.detach().reshape(-1))
+        return replace(self, logits=rows(self.logits), hidden=rows(self.hidden), topk=topk,
                        weight=self.weight.detach() if self.weight is not None else None,
                        bias=self.bias.detach() if self.bias is not None else None)
 
-    def full_logits(self) -> Tensor:
-        """[B, L, V] logits (built from the hidden states when given those)."""
+    def soft_target(self):
+        """What the reference losses take: [B, L, V] logits (built from the hidden states when
+        given those), or the top-k rows."""
+        if self.topk is not None:
+            return self.topk
         if self.logits is not None:
             return self.logits.detach()
         with torch.no_grad():
@@ -166,11 +178,11 @@ class Objective:
         if self.hard:
             terms["gt"] = gt_loss(logits, labels, ignore_index=ignore)
         if self.soft == "tsld":
-            terms["tsld"] = tsld_loss(logits, teacher.full_logits(), labels,
+            terms["tsld"] = tsld_loss(logits, teacher.soft_target(), labels,
                                       temperature=self.temperature, ignore_index=ignore,
                                       reduction=self.reduction, token_scale=self.token_scale)
         elif self.soft == "logit":
-            terms["logit"] = logit_kd_loss(logits, teacher.full_logits(), labels,
+            terms["logit"] = logit_kd_loss(logits, teacher.soft_target(), labels,
                                            ignore_index=ignore)
         loss = sum(terms.values())
         return {"loss": loss, **{name: term.detach() for name, term in terms.items()}}

@@ -5,7 +5,7 @@ position n is scored on token n + 1 and labels equal to ``ignore_index`` are ski
 logits are upcast to float32. The teacher is a fixed target: no gradient flows into it.
 These are the ``--loss_impl naive`` path and the ground truth the fused losses are tested against.
 """
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,26 @@ from torch import Tensor
 
 from . import positions
 from .positions import next_token_targets
+
+
+class TopKTeacher(NamedTuple):
+    """The teacher as a top-k cache keeps it (docs/method.md §2.5), per position of [B, L]: the
+    log-probabilities `logprobs` [B, L, K] of its K most likely tokens `ids` [B, L, K], and
+    `target_logprob` [B, L], log p^T of the next-token label (anything where there is none).
+
+    Its soft CE is over K + 1 buckets, the K tokens and the rest: -Σ_{i in S} p^T_i log p^S_i
+    - P^T_tail log P^S_tail, with P^T_tail = 1 - Σ_{i in S} p^T_i the teacher's mass outside
+    the K tokens and P^S_tail the student's. Its gradient w.r.t. the student's logits is
+    p^S - q with q = p^T on the K tokens and the teacher's tail mass spread over the rest in the
+    student's proportions. TSLD's token scale uses `target_logprob`, exact."""
+
+    logprobs: Tensor
+    ids: Tensor
+    target_logprob: Tensor
+
+
+# The teacher of a soft term: full logits [B, L, V], or its top-k cache.
+TeacherTarget = Union[Tensor, TopKTeacher]
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -29,9 +49,11 @@ def gt_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tens
 
 
 def logit_kd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, ignore_index: int = -100
+    student_logits: Tensor, teacher_logits: TeacherTarget, labels: Tensor, *,
+    ignore_index: int = -100
 ) -> Tensor:
-    """Mean over valid positions of the soft cross-entropy -Σ_i p^T_i log p^S_i."""
+    """Mean over valid positions of the soft cross-entropy -Σ_i p^T_i log p^S_i (the K + 1
+    bucket form for a `TopKTeacher`)."""
     valid = next_token_targets(labels, ignore_index) != ignore_index
     soft_ce, _ = _soft_and_teacher_ce(student_logits, teacher_logits, labels, ignore_index, None)
     return (soft_ce * valid).sum() / valid.sum().clamp_min(1)
@@ -39,7 +61,7 @@ def logit_kd_loss(
 
 def tsld_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: TeacherTarget,
     labels: Tensor,
     *,
     temperature: float = 10.0,
@@ -53,7 +75,8 @@ def tsld_loss(
     Per sequence: w = softmax over valid positions n of CE^T_n / τ with CE^T_n = -log p^T_n[y_n]
     (detached), TSLD = Σ_n w_n · (-Σ_i p^T_{n,i} log p^S_{n,i}). ``reduction="sum"`` adds the
     sequences (the published implementation); ``"mean"`` divides by the number of sequences with
-    a valid position. ``token_scale`` swaps the weights for an ablation
+    a valid position. A `TopKTeacher` gives the K + 1 bucket soft CE and its exact label
+    log-probabilities the token scale. ``token_scale`` swaps the weights for an ablation
     (:data:`~tsld_ds.losses.positions.TOKEN_SCALES`: "uniform" w_n = 1/valid positions,
     "inverse" softmax of -CE^T_n / τ).
 
@@ -82,6 +105,10 @@ def _soft_and_teacher_ce(student_logits, teacher_logits, labels, ignore_index, v
     """
     targets = next_token_targets(labels, ignore_index)
     valid = targets != ignore_index
+    if isinstance(teacher_logits, TopKTeacher):
+        soft_ce, teacher_ce = _topk_soft_and_teacher_ce(student_logits, teacher_logits)
+        zero = torch.zeros_like(soft_ce)
+        return torch.where(valid, soft_ce, zero), torch.where(valid, teacher_ce, zero)
     teacher_logits = teacher_logits.detach()
     if vocab_chunk is None:
         student_logp = torch.log_softmax(_upcast(student_logits), dim=-1)
@@ -94,6 +121,19 @@ def _soft_and_teacher_ce(student_logits, teacher_logits, labels, ignore_index, v
         )
     zero = torch.zeros_like(soft_ce)
     return torch.where(valid, soft_ce, zero), torch.where(valid, teacher_ce, zero)
+
+
+def _topk_soft_and_teacher_ce(student_logits: Tensor, teacher: TopKTeacher):
+    """The K + 1 bucket soft CE (see `TopKTeacher`) and -target_logprob, [B, L] each."""
+    student_logp = torch.log_softmax(_upcast(student_logits), dim=-1)
+    ids = teacher.ids.long()
+    teacher_p = teacher.logprobs.detach().to(student_logp.dtype).exp()
+    soft_ce = -(teacher_p * student_logp.gather(-1, ids)).sum(dim=-1)
+    if ids.shape[-1] < student_logits.shape[-1]:  # else there is no tail
+        teacher_tail = (1 - teacher_p.sum(dim=-1)).clamp_min(0)
+        student_tail = student_logp.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+        soft_ce = soft_ce - teacher_tail * student_tail
+    return soft_ce, -teacher.target_logprob.detach().to(student_logp.dtype)
 
 
 def _soft_and_teacher_ce_by_vocab_slices(student_logits, teacher_logits, targets, vocab_chunk):

@@ -88,6 +88,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tsld-train=tsld_ds.train.cli:run",
+            "tsld-cache=tsld_ds.teacher.cache_cli:run",
             "tsld-convert=tsld_ds.convert.cli:main",
             "tsld-eval=tsld_ds.evaluation.cli:main",
         ]

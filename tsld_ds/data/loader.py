@@ -11,26 +11,46 @@ from tsld_ds.data.sampler import ResumableDistributedSampler
 
 def collate_blocks(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack rows into {"input_ids", "labels"}, both LongTensor [B, L], unshifted (the loss
-    shifts them). Packed text rows are labelled with their inputs; instruction rows bring their
-    own labels (-100 on prompts and padding)."""
+    shifts them), and "index" [B], each row's index in the dataset when the rows carry it (a
+    teacher cache is looked up by it). Packed text rows are labelled with their inputs;
+    instruction rows bring their own labels (-100 on prompts and padding)."""
     input_ids = torch.stack([row["input_ids"] for row in rows]).long()
     if "labels" in rows[0]:
-        return {"input_ids": input_ids, "labels": torch.stack([row["labels"] for row in rows]).long()}
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+        batch = {"input_ids": input_ids,
+                 "labels": torch.stack([row["labels"] for row in rows]).long()}
+    else:
+        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    if "index" in rows[0]:
+        batch["index"] = torch.tensor([row["index"] for row in rows], device="cpu")
+    return batch
+
+
+class _NumberedRows(torch.utils.data.Dataset):
+    """A dataset's rows, each with its "index" in it."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.rows[index], "index": index}
 
 
 def make_dataloader(dataset: Dataset, batch_size: int, sampler: ResumableDistributedSampler, *,
                     pin_memory: bool = False) -> DataLoader:
     """A DataLoader over rows (column "input_ids", and "labels" when the rows have their own) in
-    `sampler`'s order, in full batches (an epoch's incomplete last batch is dropped).
+    `sampler`'s order, in full batches (an epoch's incomplete last batch is dropped), each batch
+    with its rows' "index".
 
     It runs in the calling process on purpose: rows are already tokenized, so fetching is cheap,
     and without worker prefetching the sampler has handed out exactly the samples the caller has
     received, which is what makes `sampler.state_dict()` an exact resume point.
     """
     return DataLoader(
-        dataset.with_format("torch", columns=[c for c in ("input_ids", "labels")
-                                              if c in dataset.column_names]),
+        _NumberedRows(dataset.with_format("torch", columns=[c for c in ("input_ids", "labels")
+                                                            if c in dataset.column_names])),
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate_blocks,

@@ -70,10 +70,12 @@ class TeacherEngine:
         return full, local
 
     @contextlib.contextmanager
-    def outputs(self, input_ids, *, want_logits: bool = False, want_layers: bool = False):
+    def outputs(self, input_ids, *, rows=None, want_logits: bool = False,
+                want_layers: bool = False):
         """Runs the teacher on a micro-batch and yields its `TeacherOutput`: logits, or (the
         fused path) its final hidden states with its lm_head, whose weight and bias stay gathered
-        until the block ends, for the loss to read."""
+        until the block ends, for the loss to read. (`rows`, the batch's row indices, are what a
+        `TeacherCache` reads by; the engine computes from input_ids.)"""
         with torch.no_grad():
             final, hidden_states, attentions = self.engine(input_ids, want_logits=want_logits,
                                                            want_layers=want_layers)

@@ -46,21 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attention kernel of student and teacher (default: transformers' "
                        "choice; eager is forced for --kd l2l, which needs attention scores)")
 
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=BUILTIN_DATASET,
-                      help="a Hugging Face dataset name, a local directory, or a .txt/.jsonl/.json "
-                      "file: text (packed into blocks) or instruction examples with 'prompt' and "
-                      "'response' or chat 'messages' (one per row, trained on the responses "
-                      "only) (default: the built-in King James Bible corpus)")
-    data.add_argument("--dataset_config", default=None,
-                      help="the dataset's configuration name, e.g. wikitext-2-raw-v1")
-    data.add_argument("--text_column", default=None,
-                      help="column holding the text (default: 'text', else the only string "
-                      "column)")
-    data.add_argument("--block_size", "--max_length", type=int, default=128,
-                      help="tokens per training row, at most the model's positions: text is cut "
-                      "into blocks of this size, instruction examples are truncated (the log "
-                      "counts them) and padded to it; the paper uses 512 (default: %(default)s)")
+    add_data_options(p)
 
     quant = p.add_argument_group("quantization")
     quant.add_argument("--bits", type=int, default=2, choices=BITS_CHOICES,
@@ -92,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "over each sequence (default); ablations: uniform (1/tokens, logit KD with "
                       "TSLD's per-sequence sum), inverse (softmax(-CE/tau): confident tokens "
                       "up-weighted)")
+    loss.add_argument("--teacher_cache", default=None,
+                      help="train from the teacher's outputs that tsld-cache computed once for "
+                      "this teacher, tokenizer, dataset and --block_size (a directory), instead "
+                      "of running the teacher every step; exact for a --topk 0 cache (default: "
+                      "the teacher runs in its own engine)")
     loss.add_argument("--loss_impl", default="fused", choices=LOSS_IMPLS,
                       help="fused: chunked over tokens and vocabulary with the lm_head, never "
                       "materialising [tokens, vocab] logits; naive: the full-logit reference "
@@ -173,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """--dataset, --dataset_config, --text_column, --block_size: the rows a run trains on, shared
+    by launch/train.py and tsld-cache."""
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default=BUILTIN_DATASET,
+                      help="a Hugging Face dataset name, a local directory, or a .txt/.jsonl/.json "
+                      "file: text (packed into blocks) or instruction examples with 'prompt' and "
+                      "'response' or chat 'messages' (one per row, trained on the responses "
+                      "only) (default: the built-in King James Bible corpus)")
+    data.add_argument("--dataset_config", default=None,
+                      help="the dataset's configuration name, e.g. wikitext-2-raw-v1")
+    data.add_argument("--text_column", default=None,
+                      help="column holding the text (default: 'text', else the only string "
+                      "column)")
+    data.add_argument("--block_size", "--max_length", type=int, default=128,
+                      help="tokens per training row, at most the model's positions: text is cut "
+                      "into blocks of this size, instruction examples are truncated (the log "
+                      "counts them) and padded to it; the paper uses 512 (default: %(default)s)")
+
+
 def objective_of(args) -> Objective:
     """The training objective of the options; ValueError for a combination it refuses."""
     return Objective.from_kd(args.kd, temperature=args.kd_temperature,
@@ -231,6 +242,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--token_scale weighs the TSLD term; it needs --kd tsld, not --kd {args.kd}")
     args.token_scale = args.token_scale or "confidence"
     objective = objective_of(args)  # what could refuse it, argparse and the checks above have
+    if args.teacher_cache is not None:
+        if not objective.needs_teacher:
+            parser.error(f"--teacher_cache holds a teacher's outputs; --kd {args.kd} uses none")
+        if objective.layers:
+            parser.error("--kd l2l needs the teacher's layers, which a --teacher_cache does not "
+                         "hold; run the teacher (drop --teacher_cache)")
+        if args.teacher_ds_config is not None:
+            parser.error("--teacher_ds_config configures the teacher's engine; with "
+                         "--teacher_cache no teacher runs")
     if args.from_scratch and objective.needs_teacher and args.teacher is None:
         parser.error("--from_scratch with distillation needs a separate --teacher "
                      "(a randomly initialised model cannot teach itself)")

@@ -26,7 +26,8 @@ from tsld_ds.losses import Objective
 from tsld_ds.models import (check_block_size, check_model_source, load_causal_lm, load_tokenizer,
                             vocab_size_of)
 from tsld_ds.quant import QuantConfig, quantize_model
-from tsld_ds.teacher import TeacherEngine, teacher_ds_config
+from tsld_ds.teacher import CacheIdentity, TeacherCache, TeacherEngine, teacher_ds_config
+from tsld_ds.teacher.cache import read_manifest
 from tsld_ds.train import checkpoint as ckpt
 from tsld_ds.train import universal
 from tsld_ds.train.args import objective_of, quant_config_of
@@ -40,7 +41,7 @@ class Run:
     scheduler: object
     lr_multiplier: object          # step -> the scheduler's multiplier of the peak rate
     student_model: object          # the HF model inside the engine (quantized in place)
-    teacher: TeacherEngine | None
+    teacher: TeacherEngine | TeacherCache | None
     tokenizer: object
     objective: Objective
     quant_config: QuantConfig | None
@@ -126,6 +127,11 @@ def check_inputs(args) -> Path | None:
     for name in {args.model, args.teacher or args.model}:
         check_block_size(name, args.block_size, warn=os.environ.get("RANK", "0") == "0")
     check_writable_dir(args.output_dir)
+    if args.teacher_cache is not None:
+        manifest = read_manifest(args.teacher_cache)
+        if manifest is None or not manifest["complete"]:
+            raise UsageError(f"--teacher_cache {args.teacher_cache} holds no complete teacher "
+                             "cache; build it (or finish building it) with tsld-cache")
     if args.resume is not None:
         path = ckpt.resolve_resume(args.resume, args.output_dir)
         ckpt.check_options(path, args)
@@ -142,7 +148,8 @@ def _check_inputs_outside_previous_run(args) -> None:
     """--overwrite_output_dir deletes the previous run's outputs: none of this run's inputs may
     be among them (say, the FP stage's hf/ export as --teacher of a QAT run in the same dir)."""
     doomed = [(Path(args.output_dir) / name).resolve() for name in RUN_OUTPUTS]
-    for option in ("model", "teacher", "tokenizer", "dataset", "ds_config", "teacher_ds_config"):
+    for option in ("model", "teacher", "tokenizer", "dataset", "ds_config", "teacher_ds_config",
+                   "teacher_cache"):
         value = getattr(args, option)
         if value is None or not Path(value).expanduser().exists():
             continue
@@ -241,6 +248,25 @@ def load_blocks(args, tokenizer):
     return blocks
 
 
+def open_teacher_cache(args, tokenizer, train_rows) -> TeacherCache:
+    """--teacher_cache, checked against this run (rank 0 hashes its teacher, tokenizer and rows;
+    every rank refuses alike) and its shards against the manifest (each rank checks its share:
+    one read of the cache in all)."""
+    run = [None]
+    if dist.get_rank() == 0:
+        run = [CacheIdentity.of(args.teacher or args.model, tokenizer, args.dataset, train_rows,
+                                args.block_size)]
+    dist.broadcast_object_list(run, src=0)
+    cache = TeacherCache.open(args.teacher_cache, run[0])
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, cache.corrupt_shards(dist.get_rank(), dist.get_world_size()))
+    problems = [line for lines in found for line in lines]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UsageError(f"--teacher_cache: {problems[0]}{more}; rebuild it with tsld-cache")
+    return cache
+
+
 def build_run(args) -> Run:
     """Checks the inputs, starts the process group and builds both engines."""
     ds_config = read_ds_config(args.ds_config)
@@ -264,22 +290,29 @@ def build_run(args) -> Run:
             raise UsageError(f"teacher '{teacher_name}' and student '{args.model}' do not share "
                              f"a tokenizer: {e}") from None
     train_blocks, val_blocks = load_blocks(args, tokenizer)
+    teacher = None
+    if args.teacher_cache is not None:
+        teacher = open_teacher_cache(args, tokenizer, train_blocks)
+    runs_teacher = objective.needs_teacher and teacher is None
 
     # The teacher loads first: with `--teacher` defaulting to `--model` it must see the weights
     # before the student's surgery. The layer term needs attention maps: eager attention.
     attn = "eager" if objective.layers else args.attn_implementation
-    teacher = None
-    if objective.needs_teacher:
+    if runs_teacher:
         teacher_model = load_causal_lm(teacher_name, teacher_ds_config(ds_config, teacher_config),
                                        attn_implementation=attn, what="--teacher")
     student_model = load_causal_lm(args.model, ds_config, from_scratch=args.from_scratch,
                                    attn_implementation=attn, what="--model")
-    if objective.needs_teacher:
+    if runs_teacher:
         if vocab_size_of(teacher_model) != vocab_size_of(student_model):
             raise UsageError(f"teacher '{teacher_name}' predicts {vocab_size_of(teacher_model)} "
                              f"tokens but student '{args.model}' {vocab_size_of(student_model)}: "
                              "their vocabularies differ")
         teacher = TeacherEngine(teacher_model, teacher_ds_config(ds_config, teacher_config))
+    elif teacher is not None and teacher.vocab_size != vocab_size_of(student_model):
+        raise UsageError(f"--teacher_cache {args.teacher_cache} holds a teacher of "
+                         f"{teacher.vocab_size} tokens but student '{args.model}' predicts "
+                         f"{vocab_size_of(student_model)}: their vocabularies differ")
     if quant_config is not None:
         quantize_model(student_model, quant_config)
     student = DistillationStudent(student_model, objective)

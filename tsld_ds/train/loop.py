@@ -21,6 +21,7 @@ from tqdm import tqdm
 from tsld_ds.data import EpochBatches
 from tsld_ds.devices import pins_memory, to_device
 from tsld_ds.evaluation.perplexity import perplexity, summed_nll
+from tsld_ds.teacher import TeacherCache
 from tsld_ds.train import checkpoint as ckpt
 from tsld_ds.train import universal
 from tsld_ds.train.args import defining_options
@@ -38,13 +39,14 @@ def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int,
     (DeepSpeed applies the optimizer at the gradient-accumulation boundary). Returns the loss
     terms (detached, on the engine's device), or None when the loss is NaN/inf on some rank: then
     no rank runs backward."""
+    rows = batch.pop("index")  # stays on the host: a teacher cache reads its rows by it
     batch = to_device(batch, run.engine.device)
     input_ids, labels = batch["input_ids"], batch["labels"]
     if run.teacher is None:
         losses = run.engine(input_ids, labels)
     else:
         objective = run.objective
-        with run.teacher.outputs(input_ids, want_logits=objective.wants_teacher_logits,
+        with run.teacher.outputs(input_ids, rows=rows, want_logits=objective.wants_teacher_logits,
                                  want_layers=objective.layers) as teacher:
             losses = run.engine(input_ids, labels, teacher)
     losses = hooks.loss_terms(losses)
@@ -67,6 +69,9 @@ def student_perplexity(run: Run, args) -> float:
 
 
 def teacher_perplexity(run: Run, args) -> float:
+    if isinstance(run.teacher, TeacherCache):  # summed per row when the cache was built
+        return run.teacher.validation_perplexity(args.eval_max_blocks)
+
     def nll(input_ids, labels):
         with run.teacher.outputs(input_ids) as t:
             return summed_nll(t.hidden, t.weight, t.bias, labels,

@@ -138,6 +138,9 @@ def test_an_interrupted_build_resumes_at_its_missing_shards(exact_cache, tiny_te
     (out / manifest["shards"][1]["file"]).unlink()
     (out / "shard-00001.safetensors.tmp").write_bytes(b"torn")
     (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False, "shards": []}))
+    relaid = build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config,
+                         {"topk": 0, "rows_per_shard": 50}, ranks=0, check=False)
+    assert relaid.returncode == 2 and "built for --rows_per_shard 100" in relaid.stderr
     proc = build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config,
                        {"topk": 0, "rows_per_shard": 100}, ranks=1)
     shards = len(manifest["shards"])
@@ -196,6 +199,26 @@ def test_a_damaged_or_missing_cache_is_refused_naming_the_file(topk_cache, tiny_
     (cache / "manifest.json").unlink()
     assert "holds no complete teacher cache" in refusal(tmp_path, tiny_teacher_dir,
                                                         small_corpus_dir, cache, ds_config)
+
+
+def test_a_manifest_whose_shards_leave_a_gap_is_refused(topk_cache, tmp_path):
+    from tsld_ds.errors import UsageError
+    from tsld_ds.teacher import TeacherCache
+
+    manifest = json.loads((topk_cache / "manifest.json").read_text())
+    identity = CacheIdentity(**manifest["identity"])
+    cache = tmp_path / "cache"
+    shutil.copytree(topk_cache, cache)
+    entry = manifest["shards"][0]
+    halved = {**entry, "first": 1, "rows": entry["rows"] - 1}
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "shards": [halved]}))
+    with pytest.raises(UsageError, match="row 0 is missing"):
+        TeacherCache.open(cache, identity)
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "shards": [
+        {**entry, "rows": entry["rows"] - 1}]}))
+    with pytest.raises(UsageError, match=f"hold {entry['rows'] - 1} of {identity.rows} rows"):
+        TeacherCache.open(cache, identity)
+    assert TeacherCache.open(topk_cache, identity).topk == 8
 
 
 @pytest.mark.parametrize("options,message", [

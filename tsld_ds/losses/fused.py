@@ -195,9 +195,8 @@ class _ChunkedLinearLoss:
             stats = self._statistics(rows)
             log_sum = stats.student.log_sum_exp()
             if rows.topk is not None:  # lse(z') - Σ_S p^T z'_S - P^T_tail log Σ_{not S} e^z'
-                student_tail = stats.student.max + stats.tail_sum.log()
                 soft_ce = (log_sum - torch.einsum("nk,nk->n", rows.topk_p, stats.topk_logit)
-                           - _times_finite(rows.teacher_tail, student_tail))
+                           - _times_finite(rows.teacher_tail, stats.tail.log_sum_exp()))
                 soft_total += rows.soft_coef @ soft_ce
             elif rows.soft_coef is not None:  # -Σ p^T log p^S = lse(z') - Σ p^T z'
                 soft_total += rows.soft_coef @ (log_sum - stats.teacher_dot / stats.teacher.sum)
@@ -231,7 +230,7 @@ class _ChunkedLinearLoss:
                                target_logit=torch.zeros(n, dtype=self.acc_dtype, device=device))
         if rows.topk is not None:
             stats.topk_logit = torch.zeros_like(rows.topk_p)
-            stats.tail_sum = torch.zeros(n, dtype=self.acc_dtype, device=device)
+            stats.tail = _RunningLogSumExp(n, self.acc_dtype, device)
         elif rows.soft_coef is not None:
             stats.teacher = _RunningLogSumExp(n, self.acc_dtype, device)
             stats.teacher_dot = torch.zeros(n, dtype=self.acc_dtype, device=device)
@@ -245,8 +244,14 @@ class _ChunkedLinearLoss:
                 stats.target_logit = torch.where(
                     inside, logits.gather(1, col[:, None]).squeeze(1), stats.target_logit)
             if rows.topk is not None:
+                # The student's logits off the K ids get a log-sum-exp of their own: summed
+                # directly (1 - Σ_S p^S cancels) and in their own frame (relative to the
+                # overall max they can underflow).
                 inside, col = _targets_in(cols, rows.topk_ids)
                 stats.topk_logit = torch.where(inside, logits.gather(1, col), stats.topk_logit)
+                tail = _block(self.teacher_buffer, rows.n, cols).copy_(logits)
+                stats.tail.add_exp_(_mask_entries_(tail, inside, col))
+                stats.tail_exp = tail
             elif rows.soft_coef is not None:
                 teacher_exp = self._teacher_logits(rows, cols)
                 rescale = stats.teacher.add_exp_(teacher_exp)
@@ -255,18 +260,10 @@ class _ChunkedLinearLoss:
                 stats.teacher_exp = teacher_exp
             if cols.start == 0:
                 stats.student.start_shifted_(logits)
-                rescale = 0
             else:
-                rescale = stats.student.add_exp_(logits)
-            if rows.topk is not None:  # summed directly: 1 - Σ_S p^S would cancel
-                stats.tail_sum = stats.tail_sum * rescale + self._outside_topk(rows, cols, logits)
+                stats.student.add_exp_(logits)
             stats.student_exp = logits
         return stats
-
-    def _outside_topk(self, rows: "_ChunkRows", cols: slice, student_exp: Tensor) -> Tensor:
-        """Σ of a block of exp(z' - max) over the entries that are not among the row's K ids."""
-        outside = _block(self.teacher_buffer, rows.n, cols).copy_(student_exp)
-        return _zero_entries_(outside, *_targets_in(cols, rows.topk_ids)).sum(dim=1)
 
     def _push_gradients(self, rows: "_ChunkRows", stats: "_RowStatistics") -> None:
         """d/dz [a·softCE + b·CE] = (a + b)·p^S - a·p^T - b·onehot(y) for every vocabulary
@@ -277,13 +274,17 @@ class _ChunkedLinearLoss:
         student_factor = (soft_c + hard_c) / stats.student.sum
         teacher_factor = topk_grad = None
         if rows.topk is not None:
-            # p^S - q, with q the teacher's tail mass spread over the student's tail in its
-            # proportions (e / tail_sum) and p^T on the K ids: (a+b)·p^S - a·p^T there, set
-            # apart from the tail's factor, which can be huge when the student's tail is tiny.
-            topk_exp = (stats.topk_logit - stats.student.max[:, None]).exp()
-            topk_grad = student_factor[:, None] * topk_exp - soft_c[:, None] * rows.topk_p
-            student_factor = student_factor - soft_c * _times_finite(rows.teacher_tail,
-                                                                     1 / stats.tail_sum)
+            # p^S - q, q = p^T on the K ids and the teacher's tail mass spread over the
+            # student's tail in its proportions. Off the K ids, with T = lse of the student's
+            # tail: (a+b)·p^S_j - a·P^T_tail·e^(z'_j - T) = e^(z'_j - T)·[(a+b)·e^(T - lse) -
+            # a·P^T_tail], the block taken in the tail's frame (both factors at most 1).
+            # On them: (a+b)·p^S - a·p^T, scattered apart.
+            log_sum, tail_lse = stats.student.log_sum_exp(), stats.tail.log_sum_exp()
+            ab = soft_c + hard_c
+            topk_grad = (ab[:, None] * (stats.topk_logit - log_sum[:, None]).exp()
+                         - soft_c[:, None] * rows.topk_p)
+            student_factor = (ab * (tail_lse - log_sum).exp()
+                              - soft_c * rows.teacher_tail) / stats.tail.sum
         elif rows.soft_coef is not None:
             teacher_factor = (soft_c / stats.teacher.sum)[:, None]
         factors = (student_factor[:, None], teacher_factor, hard_c, topk_grad)
@@ -298,8 +299,9 @@ class _ChunkedLinearLoss:
                             factors: tuple) -> Optional[Tensor]:
         """One block: the first sweep left exp(z' - max) and exp(z^T - max) in the buffers, so
         no logits are recomputed."""
-        return self._block_gradient(rows, self.vocab_blocks[0], stats.student_exp,
-                                    stats.teacher_exp, factors)
+        block = stats.student_exp if rows.topk is None else stats.tail_exp
+        return self._block_gradient(rows, self.vocab_blocks[0], block, stats.teacher_exp,
+                                    factors)
 
     def _gradient_sweep(self, rows: "_ChunkRows", stats: "_RowStatistics",
                         factors: tuple) -> Optional[Tensor]:
@@ -309,7 +311,12 @@ class _ChunkedLinearLoss:
             self.hidden.new_zeros((rows.n, self.hidden.shape[1]), dtype=self.acc_dtype)
         for cols in self.vocab_blocks:
             student_exp = self._student_logits(rows, cols)
-            student_exp.sub_((stats.shift + stats.student.max)[:, None]).exp_()
+            if rows.topk is None:
+                student_exp.sub_((stats.shift + stats.student.max)[:, None]).exp_()
+            else:  # in the tail's frame, the K ids' entries 0
+                student_exp.sub_(stats.shift[:, None])
+                _mask_entries_(student_exp, *_targets_in(cols, rows.topk_ids))
+                student_exp.sub_(stats.tail.max[:, None]).exp_()
             teacher_exp = None
             if rows.soft_coef is not None and rows.topk is None:
                 teacher_exp = self._teacher_logits(rows, cols)
@@ -324,13 +331,11 @@ class _ChunkedLinearLoss:
         """One block's gradient w.r.t. the logits, built in place in `student_exp`, added into
         grad_W and grad_b; returns the block's part of grad_hidden (None when not asked)."""
         student_factor, teacher_factor, hard_c, topk_grad = factors
-        if topk_grad is not None:  # the K ids' entries: zeroed, scaled (still 0), then set
-            inside, col = _targets_in(cols, rows.topk_ids)
-            _zero_entries_(student_exp, inside, col)
         grad_logits = student_exp.mul_(student_factor)
         if teacher_factor is not None:
             grad_logits.addcmul_(teacher_exp, teacher_factor, value=-1)
-        if topk_grad is not None:
+        if topk_grad is not None:  # the K ids' entries are 0 in a top-k block: set them
+            inside, col = _targets_in(cols, rows.topk_ids)
             grad_logits.scatter_add_(1, col, torch.where(inside, topk_grad, 0))
         if rows.hard_coef is not None:
             inside, col = _targets_in(cols, rows.targets)
@@ -376,7 +381,8 @@ class _RowStatistics:
     student_exp: Optional[Tensor] = None    # the last block, as exp(z' - max) when one block
     teacher_exp: Optional[Tensor] = None    # the last block, as exp(z^T - max)
     topk_logit: Optional[Tensor] = None     # z' at a top-k teacher's K ids
-    tail_sum: Optional[Tensor] = None       # Σ exp(z' - max) outside them
+    tail: Optional["_RunningLogSumExp"] = None  # of z' off them
+    tail_exp: Optional[Tensor] = None       # the last block, as exp(z' - tail max), 0 on them
 
 
 class _RunningLogSumExp:
@@ -439,10 +445,12 @@ def _teacher_logits_into(out: Tensor, teacher: "TeacherOutput", rows: Tensor,
     return _copy_rows_into(out, teacher.logits[:, cols], rows)
 
 
-def _zero_entries_(block: Tensor, inside: Tensor, col: Tensor) -> Tensor:
-    """Zeroes block[n, col[n, k]] where inside[n, k], exactly: each such entry has itself
-    subtracted, and the others (their col is a placeholder 0) have 0 added."""
-    return block.scatter_add_(1, col, -torch.where(inside, block.gather(1, col), 0))
+def _mask_entries_(block: Tensor, inside: Tensor, col: Tensor) -> Tensor:
+    """Pushes logits block[n, col[n, k]] where inside[n, k] down by a quarter of the dtype's
+    largest value, so that their exp is 0 and they never hold a row's max while another entry
+    is left: added, so the others (their col a placeholder 0) add 0 whatever the order."""
+    lowered = inside.to(block.dtype) * (-torch.finfo(block.dtype).max / 4)
+    return block.scatter_add_(1, col, lowered)
 
 
 def _times_finite(weight: Tensor, value: Tensor) -> Tensor:

@@ -119,7 +119,8 @@ def read_manifest(cache_dir) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
         CacheIdentity(**manifest["identity"])
-        for key in ("topk", "vocab_size", "dtype", "teacher_numel", "shards", "complete"):
+        for key in ("topk", "vocab_size", "dtype", "teacher_numel", "rows_per_shard", "shards",
+                    "complete"):
             manifest[key]
         return manifest
     except (ValueError, KeyError, TypeError) as e:
@@ -130,7 +131,7 @@ def write_manifest(cache_dir, identity: CacheIdentity, contents: dict, *, shards
                    complete: bool) -> None:
     """manifest.json, replaced whole (a reader never sees half of one). `contents`: what the
     values are (topk: 0 for the full distribution, vocab_size, dtype: the teacher's compute
-    dtype, teacher_numel)."""
+    dtype, teacher_numel) and how they are laid out (rows_per_shard)."""
     manifest = {"identity": asdict(identity), **contents, "tsld_ds_version": tsld_ds.__version__,
                 "complete": complete, "shards": shards,
                 "validation": VALIDATION if complete else None}
@@ -163,14 +164,16 @@ def write_shard(cache_dir, index: int, first: int, tensors: dict) -> dict:
     return entry
 
 
-def written_shard(cache_dir, index: int) -> dict | None:
-    """Shard `index`'s entry if the shard is on disk whole, else None."""
+def written_shard(cache_dir, index: int, first: int, rows: int) -> dict | None:
+    """Shard `index`'s entry if the shard is on disk whole and holds rows [first, first + rows),
+    else None."""
     cache_dir = Path(cache_dir)
     entry_path = cache_dir / f"shard-{index:05d}.json"
     if not (entry_path.is_file() and (cache_dir / shard_name(index)).is_file()):
         return None
     entry = json.loads(entry_path.read_text())
-    return entry if (cache_dir / entry["file"]).stat().st_size == entry["bytes"] else None
+    whole = (cache_dir / entry["file"]).stat().st_size == entry["bytes"]
+    return entry if whole and (entry["first"], entry["rows"]) == (first, rows) else None
 
 
 class TeacherCache:
@@ -194,6 +197,15 @@ class TeacherCache:
             raise UsageError(f"--teacher_cache {cache_dir} holds no complete teacher cache; "
                              "build it (or finish building it) with tsld-cache")
         cache = cls(cache_dir, manifest)
+        covered = 0
+        for entry in cache.shards:
+            if entry["first"] != covered:
+                raise UsageError(f"--teacher_cache {cache_dir}: its manifest's shards do not "
+                                 f"follow each other (row {covered} is missing); rebuild it")
+            covered += entry["rows"]
+        if covered != cache.identity.rows:
+            raise UsageError(f"--teacher_cache {cache_dir}: its shards hold {covered} of "
+                             f"{cache.identity.rows} rows; rebuild it")
         differs = cache.identity.mismatch(run)
         if differs is not None:
             raise UsageError(f"--teacher_cache {cache_dir} was built for {differs}; rebuild it "

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from tsld_ds.data import collate_blocks
 from tsld_ds.devices import to_device
-from tsld_ds.errors import EXIT_COMPLETED, EXIT_USAGE, UsageError
+from tsld_ds.errors import EXIT_COMPLETED, EXIT_FAILED, EXIT_USAGE, RunFailed, UsageError
 from tsld_ds.losses import default_chunk_size, next_token_targets
 from tsld_ds.models import (check_block_size, check_model_source, load_causal_lm, load_tokenizer,
                             torch_dtype_of, vocab_size_of)
-from tsld_ds.teacher.cache import (VALIDATION, CacheIdentity, read_manifest,
+from tsld_ds.teacher.cache import (VALIDATION, CacheIdentity, read_manifest, shard_name,
                                    write_atomically, write_manifest, write_shard, written_shard)
 from tsld_ds.teacher.engine import TeacherEngine, teacher_ds_config
 
@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_cache(args) -> Path:
     """Builds (or completes) the cache and returns its directory."""
     from tsld_ds.train.build import (check_writable_dir, init_distributed, load_blocks,
-                                     read_ds_config, seed_everything)
+                                     on_rank_zero, read_ds_config, seed_everything)
 
     ds_config = read_ds_config(args.ds_config)
     teacher_config = read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None
@@ -115,15 +115,11 @@ def build_cache(args) -> Path:
     tokenizer = load_tokenizer(args.tokenizer or args.teacher)
     train_rows, val_rows = load_blocks(args, tokenizer)
     train_rows, val_rows = train_rows.with_format("torch"), val_rows.with_format("torch")
-    identity = [None]
-    if rank == 0:
-        identity = [CacheIdentity.of(args.teacher, tokenizer, args.dataset, train_rows,
-                                     args.block_size)]
-    dist.broadcast_object_list(identity, src=0)
-    identity = identity[0]
+    identity = on_rank_zero(lambda: CacheIdentity.of(args.teacher, tokenizer, args.dataset,
+                                                     train_rows, args.block_size))
     config = teacher_ds_config(ds_config, teacher_config)
     dtype = str(torch_dtype_of(config)).removeprefix("torch.")
-    _check_existing(out, identity, args.topk, dtype)
+    existing = on_rank_zero(lambda: _check_existing(out, identity, args, dtype))
 
     model = load_causal_lm(args.teacher, config, attn_implementation=args.attn_implementation,
                            what="--teacher")
@@ -132,27 +128,30 @@ def build_cache(args) -> Path:
         raise UsageError(f"--topk {args.topk} is not below the teacher's {vocab} tokens; pass "
                          "--topk 0 for the full distribution")
     teacher = TeacherEngine(model, config)
-    contents = {"topk": args.topk, "vocab_size": vocab, "dtype": dtype,
-                "teacher_numel": teacher.partitioning()[0]}
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for leftover in out.glob("*.tmp"):  # a write cut short by the stop of an earlier build
-            leftover.unlink()
-        if read_manifest(out) is None:
-            write_manifest(out, identity, contents, shards=[], complete=False)
-    dist.barrier()
-
     micro = config["train_micro_batch_size_per_gpu"]
     row_bytes = args.block_size * (4 + (vocab * model.dtype.itemsize if args.topk == 0
                                         else args.topk * (4 + _ids_dtype(vocab).itemsize)))
-    per_shard = args.rows_per_shard or max(micro, SHARD_BYTES // row_bytes // micro * micro)
+    # A resumed build keeps the layout it started with.
+    per_shard = (existing or {}).get("rows_per_shard") or args.rows_per_shard or \
+        max(micro, SHARD_BYTES // row_bytes // micro * micro)
+    contents = {"topk": args.topk, "vocab_size": vocab, "dtype": dtype,
+                "teacher_numel": teacher.partitioning()[0], "rows_per_shard": per_shard}
     shards = math.ceil(len(train_rows) / per_shard)
-    todo = [None]
-    if rank == 0:
-        todo = [[i for i in range(shards) if written_shard(out, i) is None]]
-        print(f"{len(todo[0])} of {shards} shards of {per_shard} rows to compute", flush=True)
-    dist.broadcast_object_list(todo, src=0)
-    todo = todo[0]
+
+    def layout(i):  # shard i's first row and rows
+        return i * per_shard, _shard_rows(i, per_shard, len(train_rows))
+
+    def shards_to_compute():
+        out.mkdir(parents=True, exist_ok=True)
+        for leftover in out.glob("*.tmp"):  # a write cut short by the stop of an earlier build
+            leftover.unlink()
+        if existing is None:
+            write_manifest(out, identity, contents, shards=[], complete=False)
+        todo = [i for i in range(shards) if written_shard(out, i, *layout(i)) is None]
+        print(f"{len(todo)} of {shards} shards of {per_shard} rows to compute", flush=True)
+        return todo
+
+    todo = on_rank_zero(shards_to_compute)
 
     started = time.time()
     progress = tqdm(total=len(train_rows), initial=len(train_rows) - sum(
@@ -174,20 +173,37 @@ def build_cache(args) -> Path:
             done = torch.tensor([len(batch_rows)], device=teacher.engine.device)
             dist.all_reduce(done)  # a progress bar of all ranks' rows
             progress.update(int(done.item()))
+        failed = None
         if mine is not None:
             tensors = {name: torch.cat([o[name] for o in outputs]) for name in outputs[0]}
-            write_shard(out, mine, rows[0], tensors)
+            try:
+                write_shard(out, mine, rows[0], tensors)
+            except OSError as e:
+                failed = f"rank {rank} could not write {out / shard_name(mine)}: {e}"
+        failures = [None] * world
+        dist.all_gather_object(failures, failed)  # every rank stops alike
+        if any(failures):
+            raise RunFailed("; ".join(f for f in failures if f) + "; the shards written so "
+                            "far are kept: run the same command again to go on")
     progress.close()
 
     nll, tokens = _validation_nll(teacher, val_rows, micro)
-    if rank == 0:
+
+    def finish():
         from safetensors.torch import save
 
+        entries = [written_shard(out, i, *layout(i)) for i in range(shards)]
+        if None in entries:
+            raise UsageError(f"rank 0 does not see shard {entries.index(None)} in {out}: "
+                             "--output_dir must be on a filesystem every rank shares")
         write_atomically(out / VALIDATION, save({"nll": nll.cpu(), "tokens": tokens.cpu()}))
-        entries = [written_shard(out, i) for i in range(shards)]
         write_manifest(out, identity, contents, shards=entries, complete=True)
         for i in range(shards):  # the manifest holds their entries now
             (out / f"shard-{i:05d}.json").unlink()
+        return entries
+
+    entries = on_rank_zero(finish)
+    if rank == 0:
         size = sum(e["bytes"] for e in entries)
         tokens_cached = len(train_rows) * args.block_size
         print(f"teacher cache {out}: {len(train_rows)} rows of {args.block_size} tokens in "
@@ -199,23 +215,27 @@ def build_cache(args) -> Path:
     return out
 
 
-def _check_existing(out: Path, identity: CacheIdentity, topk: int, dtype: str) -> None:
-    """An existing cache in `out` may be completed only if it was started with these options."""
+def _check_existing(out: Path, identity: CacheIdentity, args, dtype: str) -> dict | None:
+    """The manifest of an unfinished cache in `out`, which may be completed only if it was
+    started with these options (None when there is none)."""
     manifest = read_manifest(out)
     if manifest is None:
         if out.is_dir() and any(out.glob("shard-*.safetensors")):
             raise UsageError(f"--output_dir {out} holds cache shards without a manifest; "
                              "choose another directory")
-        return
+        return None
     differs = CacheIdentity(**manifest["identity"]).mismatch(identity)
-    if differs is None and (manifest["topk"], manifest["dtype"]) != (topk, dtype):
+    if differs is None and (manifest["topk"], manifest["dtype"]) != (args.topk, dtype):
         differs = f"--topk {manifest['topk']} in {manifest['dtype']}"
+    if differs is None and args.rows_per_shard not in (None, manifest["rows_per_shard"]):
+        differs = f"--rows_per_shard {manifest['rows_per_shard']}"
     if differs is not None:
         raise UsageError(f"--output_dir {out} holds a teacher cache built for {differs}; choose "
                          "another directory or delete that cache")
     if manifest["complete"]:
         raise UsageError(f"--output_dir {out} already holds this complete teacher cache; "
                          f"train with --teacher_cache {out}")
+    return manifest
 
 
 def _shard_rows(shard: int, per_shard: int, total: int) -> int:
@@ -290,6 +310,9 @@ def main(argv=None) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

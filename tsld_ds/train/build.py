@@ -248,22 +248,39 @@ def load_blocks(args, tokenizer):
     return blocks
 
 
+def on_rank_zero(compute):
+    """compute() run by rank 0 and its result handed to every rank; a UsageError or OSError
+    there is raised on every rank as a UsageError (none waits for a rank that failed)."""
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box = [compute(), None]
+        except (UsageError, OSError) as e:
+            box = [None, str(e)]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UsageError(box[1])
+    return box[0]
+
+
 def open_teacher_cache(args, tokenizer, train_rows) -> TeacherCache:
     """--teacher_cache, checked against this run (rank 0 hashes its teacher, tokenizer and rows;
     every rank refuses alike) and its shards against the manifest (each rank checks its share:
     one read of the cache in all)."""
-    run = [None]
-    if dist.get_rank() == 0:
-        run = [CacheIdentity.of(args.teacher or args.model, tokenizer, args.dataset, train_rows,
-                                args.block_size)]
-    dist.broadcast_object_list(run, src=0)
-    cache = TeacherCache.open(args.teacher_cache, run[0])
+    run = on_rank_zero(lambda: CacheIdentity.of(args.teacher or args.model, tokenizer,
+                                                args.dataset, train_rows, args.block_size))
+    cache = TeacherCache.open(args.teacher_cache, run)
     found = [None] * dist.get_world_size()
     dist.all_gather_object(found, cache.corrupt_shards(dist.get_rank(), dist.get_world_size()))
     problems = [line for lines in found for line in lines]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UsageError(f"--teacher_cache: {problems[0]}{more}; rebuild it with tsld-cache")
+    if dist.get_rank() == 0:
+        print(f"teacher outputs from {args.teacher_cache}: "
+              f"{'the full distribution' if cache.topk == 0 else f'top {cache.topk}'} of "
+              f"{run.teacher} on {run.rows} rows, {len(cache.shards)} shards checked",
+              flush=True)
     return cache
 
 

@@ -177,8 +177,8 @@ class _ChunkedLinearLoss:
         self.vocab_blocks = list(_chunks(weight.shape[0], spec.vocab_chunk_size))
         self.one_block = len(self.vocab_blocks) == 1
         # Two reused blocks: the student's logits, then exp(z - max) and the logits' gradient;
-        # the teacher's logits, then exp(z^T - max) (with top-k rows: the student's exp block
-        # outside the K ids).
+        # the teacher's logits, then exp(z^T - max) (with top-k rows: the student's logits
+        # off the K ids, then their exp in their own frame).
         block = min(spec.chunk_size, spec.rows.numel()) * min(spec.vocab_chunk_size,
                                                               weight.shape[0])
         self.student_buffer = hidden.new_empty(block, dtype=self.acc_dtype)

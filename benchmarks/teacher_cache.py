@@ -12,7 +12,9 @@ Parts (each prints its table; `--json` writes all figures):
             by building it; a 10-epoch run's wall time is then build + 10 epochs at the measured
             rates (an epoch of the built-in corpus is 1876 steps, too long to run ten times here).
   fidelity  the default QAT (300 steps, train.py's defaults) on the fly and from top-16, 64 and
-            256 caches, seeds 1-3: validation perplexity after the run.
+            256 caches (the rest one bucket) and from top-32 and top-64 caches with as many
+            tokens drawn from the rest (--tail_samples), seeds 1-3: validation perplexity after
+            the run.
   size      bytes per cached token for each k, and each cache's size.
 
 Caches are built with launch/teacher_cache.py at 2 ranks; a cache or run whose output exists is
@@ -32,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.py"
 CACHE = REPO / "launch" / "teacher_cache.py"
 PARTS = ("exact", "speed", "fidelity", "size")
-TOPKS = (16, 64, 256)
+FIDELITY_CACHES = ((16, 0), (64, 0), (256, 0), (32, 32), (64, 64))  # (--topk, --tail_samples)
 
 
 def parse_args(argv=None):
@@ -65,17 +67,22 @@ def launch(script: Path, args: list, ranks: int, log: Path) -> float:
     return time.time() - started
 
 
-def build_cache(root: Path, topk: int, dataset=None, extra=()) -> tuple[Path, float | None]:
+def build_cache(root: Path, topk: int, tail_samples: int = 0, dataset=None,
+                extra=()) -> tuple[Path, float | None]:
     """(the cache directory, its build's wall time; None when it was already built)."""
-    name = f"top{topk}" if dataset is None else f"exact-top{topk}"
+    name = cache_name(topk, tail_samples) if dataset is None else f"exact-top{topk}"
     out = root / "caches" / name
     if (out / "manifest.json").is_file() and json.loads(
             (out / "manifest.json").read_text())["complete"]:
         return out, None
-    args = ["--output_dir", out, "--topk", topk, *extra]
+    args = ["--output_dir", out, "--topk", topk, "--tail_samples", tail_samples, *extra]
     if dataset is not None:
         args += ["--dataset", dataset]
     return out, launch(CACHE, args, 2, root / "logs" / f"cache-{name}.log")
+
+
+def cache_name(topk: int, tail_samples: int) -> str:
+    return f"top{topk}" + (f"-tail{tail_samples}" if tail_samples else "")
 
 
 def train(root: Path, name: str, args: list, ranks: int) -> dict:
@@ -168,8 +175,8 @@ def speed_part(root: Path, rounds: int, steps: int) -> dict:
 
 def fidelity_part(root: Path, seeds: list) -> dict:
     sources = {"engine": []}
-    for k in TOPKS:
-        sources[f"top{k}"] = ["--teacher_cache", build_cache(root, k)[0]]
+    for k, tail in FIDELITY_CACHES:
+        sources[cache_name(k, tail)] = ["--teacher_cache", build_cache(root, k, tail)[0]]
     ppl = {}
     for seed in seeds:
         for source, extra in sources.items():

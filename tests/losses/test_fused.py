@@ -341,6 +341,57 @@ def test_topk_teacher_matches_reference(case, objective, k, device):
         torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("objective", ["logit", "logit_gt", "tsld", "tsld_inverse"])
+@pytest.mark.parametrize("case", TOPK_CASES[:2], ids=["B{}L{}V{}H{}c{}v{}".format(*c)
+                                                      for c in TOPK_CASES[:2]])
+def test_topk_teacher_with_a_sampled_tail_matches_reference(case, objective, device):
+    """Top 5 and 16 draws from the tail (tsld-cache --tail_samples): no tail bucket, repeated
+    draws leaving -inf entries; fused against the float64 reference, values and gradients."""
+    from tsld_ds.teacher.cache_cli import topk_with_sampled_tail
+
+    batch, length, vocab, hidden, chunk, vocab_chunk = case
+    inputs = make_loss_inputs(batch, length, vocab, hidden, device=device, dtype=torch.float64,
+                              bias=True, teacher_form="hidden")
+    exact = topk_teacher_of(inputs, vocab)
+    logp = torch.log_softmax(teacher_logits_of(inputs).double(), dim=-1).flatten(0, 1)
+    values, ids = topk_with_sampled_tail(logp, 5, 16, torch.Generator(device).manual_seed(0))
+    assert values.isinf().any()  # some draws repeat
+    teacher = exact._replace(logprobs=values.float().view(batch, length, -1),
+                             ids=ids.int().view(batch, length, -1), has_tail=False)
+    fused_value, fused_grads = value_and_grads(
+        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "fused"), inputs)
+    naive_value, naive_grads = value_and_grads(
+        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "naive"), inputs)
+    torch.testing.assert_close(fused_value, naive_value, rtol=1e-10, atol=1e-12)
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads):
+        torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_sampled_tail_is_an_unbiased_target(device):
+    """The sparse target of top k plus tail draws sums to 1, keeps the top k exact, names each
+    token once, and averages to the full distribution (so the soft term's value and gradient,
+    linear in it, do too)."""
+    from tsld_ds.teacher.cache_cli import topk_with_sampled_tail
+
+    logp = torch.log_softmax(2 * torch.randn(6, 41, dtype=torch.float64, device=device), dim=-1)
+    draws, samples = 4000, 8
+    generator = torch.Generator(device).manual_seed(1)
+    mean = torch.zeros_like(logp)
+    for _ in range(draws):
+        values, ids = topk_with_sampled_tail(logp, 4, samples, generator)
+        assert all(len(set(row.tolist())) == 4 + samples for row in ids)
+        target = torch.zeros_like(logp).scatter_(1, ids, values.exp())
+        mean += target / draws
+    torch.testing.assert_close(target.sum(dim=1), torch.ones(6, dtype=target.dtype,
+                                                              device=device))
+    top_values, top_ids = logp.topk(4, dim=-1)
+    torch.testing.assert_close(values[:, :4], top_values)
+    assert torch.equal(ids[:, :4], top_ids)
+    # each entry's mean has a standard deviation of at most sqrt(P_tail p_i / (samples draws))
+    std = (logp.exp() / (samples * draws)).sqrt()
+    assert ((mean - logp.exp()).abs() <= 5 * std + 1e-12).all()
+
+
 @pytest.mark.parametrize("vocab_chunk", [None, 10])
 @pytest.mark.parametrize("objective", ["logit_gt", "tsld"])
 def test_topk_teacher_with_every_token_is_the_exact_loss(objective, vocab_chunk, device):

@@ -45,8 +45,10 @@ def exact_cache(tmp_path_factory, tiny_teacher_dir, small_corpus_dir, ds_config)
 
 @pytest.fixture(scope="module")
 def topk_cache(tmp_path_factory, tiny_teacher_dir, small_corpus_dir, ds_config):
+    """The top 8 and 4 draws from the rest per position."""
     out = tmp_path_factory.mktemp("cache") / "top8"
-    build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config, {"topk": 8})
+    build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config,
+                {"topk": 8, "tail_samples": 4})
     return out
 
 
@@ -66,14 +68,20 @@ def test_cache_holds_every_row_with_its_identity(exact_cache, topk_cache, small_
     # the label log-probability is the logits' at each next token (the last position has none)
     logp = torch.log_softmax(logits, dim=-1)
     top8 = json.loads((topk_cache / "manifest.json").read_text())
-    assert top8["identity"] == manifest["identity"] and top8["topk"] == 8
+    assert top8["identity"] == manifest["identity"]
+    assert (top8["topk"], top8["tail_samples"]) == (8, 4)
     with safe_open(topk_cache / top8["shards"][0]["file"], framework="pt") as f:
         ids, values = f.get_tensor("topk_ids"), f.get_tensor("topk_logprobs")
         torch.testing.assert_close(f.get_tensor("target_logprob")[:100], target)
-    assert ids.dtype == torch.int16 and values.shape == (len(ids), 32, 8)
+    assert ids.dtype == torch.int16 and values.shape == (len(ids), 32, 12)
     expected, expected_ids = logp.topk(8, dim=-1)
-    torch.testing.assert_close(values[:100], expected)
-    assert torch.equal(ids[:100].long(), expected_ids)
+    torch.testing.assert_close(values[:100, :, :8], expected)
+    assert torch.equal(ids[:100, :, :8].long(), expected_ids)
+    # the draws: distinct tokens outside the top 8, carrying the rest of the teacher's mass
+    ids = ids.long()
+    assert (ids.sort(dim=-1).values.diff(dim=-1) > 0).all()
+    torch.testing.assert_close(values[:100, :, 8:].logsumexp(dim=-1),
+                               logp.scatter(-1, expected_ids, -math.inf).logsumexp(dim=-1))
     assert "teacher validation perplexity" in proc.stdout
 
 
@@ -153,7 +161,8 @@ def test_an_interrupted_build_resumes_at_its_missing_shards(exact_cache, tiny_te
     assert again.returncode == 2 and "already holds this complete teacher cache" in again.stderr
     other = build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config, {"topk": 4},
                         ranks=0, check=False)
-    assert other.returncode == 2 and "built for --topk 0 in float32" in other.stderr
+    assert other.returncode == 2 and "built for --topk 0 --tail_samples 0 in float32" in \
+        other.stderr
 
 
 def refusal(tmp_path, model, corpus, cache, ds_config, **options):
@@ -246,3 +255,16 @@ def test_identity_mismatch_names_what_to_fix():
         "another tokenizer"
     assert "another teacher (t; this run's is u" in base.mismatch(
         CacheIdentity(**{**fields, "teacher": "u", "teacher_sha256": "x"}))
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--topk", "-1"], "--topk must be 0"),
+    (["--tail_samples", "-2"], "--tail_samples must be 0 or more"),
+    (["--topk", "0", "--tail_samples", "4"], "--tail_samples needs --topk K"),
+])
+def test_bad_cache_options_are_refused_in_one_line(options, message, capsys):
+    from tsld_ds.teacher.cache_cli import parse_args
+
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--output_dir", "out", *options])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

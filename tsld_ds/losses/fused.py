@@ -364,9 +364,11 @@ class _ChunkRows:
             dtype = spec.soft_coef.dtype
             self.topk_p = self.topk.logprobs.index_select(0, self.index).to(dtype).exp()
             self.topk_ids = self.topk.ids.index_select(0, self.index).long()
+            if not self.topk.has_tail:  # a sampled tail: the entries hold all the mass
+                self.topk_p /= self.topk_p.sum(dim=1, keepdim=True)
             self.teacher_tail = (1 - self.topk_p.sum(dim=1)).clamp_min(0)
-            if self.topk_ids.shape[1] >= vocab_size:  # every token: no tail, only round-off
-                self.teacher_tail.zero_()
+            if not self.topk.has_tail or self.topk_ids.shape[1] >= vocab_size:
+                self.teacher_tail.zero_()  # no tail bucket, only round-off
 
 
 @dataclass

@@ -65,9 +65,9 @@ class TeacherOutput:
         def rows(t):
             return None if t is None else t.detach().reshape(-1, t.shape[-1])
 
-        topk = None if self.topk is None else TopKTeacher(
-            rows(self.topk.logprobs), rows(self.topk.ids),
-            self.topk.target_logprob.detach().reshape(-1))
+        topk = None if self.topk is None else self.topk._replace(
+            logprobs=rows(self.topk.logprobs), ids=rows(self.topk.ids),
+            target_logprob=self.topk.target_logprob.detach().reshape(-1))
         return replace(self, logits=rows(self.logits), hidden=rows(self.hidden), topk=topk,
                        weight=self.weight.detach() if self.weight is not None else None,
                        bias=self.bias.detach() if self.bias is not None else None)

@@ -24,11 +24,17 @@ class TopKTeacher(NamedTuple):
     - P^T_tail log P^S_tail, with P^T_tail = 1 - Σ_{i in S} p^T_i the teacher's mass outside
     the K tokens and P^S_tail the student's. Its gradient w.r.t. the student's logits is
     p^S - q with q = p^T on the K tokens and the teacher's tail mass spread over the rest in the
-    student's proportions. TSLD's token scale uses `target_logprob`, exact."""
+    student's proportions. TSLD's token scale uses `target_logprob`, exact.
+
+    With `has_tail` False the entries carry the teacher's whole mass (top k plus tokens sampled
+    from its tail, each weighted so the sparse target's expectation is p^T; entries of no mass
+    are -inf): the soft CE is -Σ_i q_i log p^S_i over them, q normalized to sum to 1 exactly,
+    with no tail bucket."""
 
     logprobs: Tensor
     ids: Tensor
     target_logprob: Tensor
+    has_tail: bool = True
 
 
 # The teacher of a soft term: full logits [B, L, V], or its top-k cache.
@@ -128,8 +134,10 @@ def _topk_soft_and_teacher_ce(student_logits: Tensor, teacher: TopKTeacher):
     student_logp = torch.log_softmax(_upcast(student_logits), dim=-1)
     ids = teacher.ids.long()
     teacher_p = teacher.logprobs.detach().to(student_logp.dtype).exp()
+    if not teacher.has_tail:  # the entries hold all the mass, to the cache's round-off
+        teacher_p = teacher_p / teacher_p.sum(dim=-1, keepdim=True)
     soft_ce = -(teacher_p * student_logp.gather(-1, ids)).sum(dim=-1)
-    if ids.shape[-1] < student_logits.shape[-1]:  # else there is no tail
+    if teacher.has_tail and ids.shape[-1] < student_logits.shape[-1]:  # else there is none
         teacher_tail = (1 - teacher_p.sum(dim=-1)).clamp_min(0)
         student_tail = student_logp.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
         soft_ce = soft_ce - teacher_tail * student_tail

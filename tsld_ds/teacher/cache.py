@@ -8,7 +8,8 @@ A cache directory holds, for every training row of one dataset at one block size
     shard-00000.safetensors   rows [first, first + n): `target_logprob` [n, L] float32, log p^T
                               of each position's next-token label; and `logits` [n, L, V] in the
                               teacher's dtype (--topk 0, exact) or `topk_logprobs` [n, L, K]
-                              float32 with `topk_ids` [n, L, K] (int16 when V fits, else int32)
+                              float32 with `topk_ids` [n, L, K] (int16 when V fits, else int32),
+                              K = --topk plus --tail_samples tokens drawn from the rest
     validation.safetensors    the teacher's summed NLL and predicted tokens per validation row
 
 Shards are written whole (a temporary name, then a rename), so a present shard is complete and an
@@ -119,8 +120,8 @@ def read_manifest(cache_dir) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
         CacheIdentity(**manifest["identity"])
-        for key in ("topk", "vocab_size", "dtype", "teacher_numel", "rows_per_shard", "shards",
-                    "complete"):
+        for key in ("topk", "tail_samples", "vocab_size", "dtype", "teacher_numel",
+                    "rows_per_shard", "shards", "complete"):
             manifest[key]
         return manifest
     except (ValueError, KeyError, TypeError) as e:
@@ -130,8 +131,8 @@ def read_manifest(cache_dir) -> dict | None:
 def write_manifest(cache_dir, identity: CacheIdentity, contents: dict, *, shards: list,
                    complete: bool) -> None:
     """manifest.json, replaced whole (a reader never sees half of one). `contents`: what the
-    values are (topk: 0 for the full distribution, vocab_size, dtype: the teacher's compute
-    dtype, teacher_numel) and how they are laid out (rows_per_shard)."""
+    values are (topk: 0 for the full distribution, tail_samples, vocab_size, dtype: the
+    teacher's compute dtype, teacher_numel) and how they are laid out (rows_per_shard)."""
     manifest = {"identity": asdict(identity), **contents, "tsld_ds_version": tsld_ds.__version__,
                 "complete": complete, "shards": shards,
                 "validation": VALIDATION if complete else None}
@@ -185,6 +186,7 @@ class TeacherCache:
         self.manifest = manifest
         self.identity = CacheIdentity(**manifest["identity"])
         self.topk, self.vocab_size = manifest["topk"], manifest["vocab_size"]
+        self.tail_samples = manifest["tail_samples"]
         self.shards = manifest["shards"]
         self.firsts = np.array([s["first"] for s in self.shards])
         self._open = {}
@@ -269,5 +271,6 @@ class TeacherCache:
             teacher = TeacherOutput(logits=cached["logits"])
         else:
             teacher = TeacherOutput(topk=TopKTeacher(cached["topk_logprobs"], cached["topk_ids"],
-                                                     cached["target_logprob"]))
+                                                     cached["target_logprob"],
+                                                     has_tail=self.tail_samples == 0))
         return contextlib.nullcontext(teacher)  # nothing to gather or release

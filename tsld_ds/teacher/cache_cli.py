@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from tsld_ds.data import collate_blocks
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a frozen teacher once over a dataset's training rows and store its "
         "outputs for `launch/train.py --teacher_cache DIR`: per predicted position the "
         "log-probability of the label, and the full distribution (--topk 0) or the top-k "
-        "log-probabilities with their token ids. Run it under the DeepSpeed launcher to shard "
+        "log-probabilities with their token ids (and --tail_samples tokens drawn from the rest). Run it under the DeepSpeed launcher to shard "
         "the work: `deepspeed --num_gpus N launch/teacher_cache.py --output_dir DIR [options]`. "
         "Stopped, it resumes where it stopped when run again with the same options.")
     p.add_argument("--output_dir", required=True,
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the K most likely tokens' log-probabilities and ids per position; "
                    "0 stores the full distribution, exact but V values per token (default: "
                    "%(default)s)")
+    p.add_argument("--tail_samples", type=int, default=0,
+                   help="beside the top k, store this many tokens drawn from the teacher's "
+                   "distribution outside them, each weighted so that the cached target's "
+                   "expectation is the full distribution (docs/method.md §2.5); 0 keeps the "
+                   "rest as one bucket (default: %(default)s)")
     p.add_argument("--rows_per_shard", type=int, default=None,
                    help="training rows per shard file; a rank "
                    "holds one shard in memory before writing it (default: about 256 MiB per "
@@ -88,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.topk < 0:
         parser.error(f"--topk must be 0 (the full distribution) or more, got {args.topk}")
+    if args.tail_samples < 0:
+        parser.error(f"--tail_samples must be 0 or more, got {args.tail_samples}")
+    if args.tail_samples and args.topk == 0:
+        parser.error("--tail_samples needs --topk K: --topk 0 stores the full distribution")
     if args.rows_per_shard is not None and args.rows_per_shard < 1:
         parser.error(f"--rows_per_shard must be positive, got {args.rows_per_shard}")
     if args.block_size < 2:
@@ -124,17 +134,20 @@ def build_cache(args) -> Path:
     model = load_causal_lm(args.teacher, config, attn_implementation=args.attn_implementation,
                            what="--teacher")
     vocab = vocab_size_of(model)
-    if args.topk >= vocab:
-        raise UsageError(f"--topk {args.topk} is not below the teacher's {vocab} tokens; pass "
-                         "--topk 0 for the full distribution")
+    if args.topk + args.tail_samples >= vocab:
+        raise UsageError(f"--topk {args.topk} with --tail_samples {args.tail_samples} is not "
+                         f"below the teacher's {vocab} tokens; pass --topk 0 for the full "
+                         "distribution")
     teacher = TeacherEngine(model, config)
     micro = config["train_micro_batch_size_per_gpu"]
     row_bytes = args.block_size * (4 + (vocab * model.dtype.itemsize if args.topk == 0
-                                        else args.topk * (4 + _ids_dtype(vocab).itemsize)))
+                                        else (args.topk + args.tail_samples)
+                                        * (4 + _ids_dtype(vocab).itemsize)))
     # A resumed build keeps the layout it started with.
     per_shard = (existing or {}).get("rows_per_shard") or args.rows_per_shard or \
         max(micro, SHARD_BYTES // row_bytes // micro * micro)
-    contents = {"topk": args.topk, "vocab_size": vocab, "dtype": dtype,
+    contents = {"topk": args.topk, "tail_samples": args.tail_samples, "vocab_size": vocab,
+                "dtype": dtype,
                 "teacher_numel": teacher.partitioning()[0], "rows_per_shard": per_shard}
     shards = math.ceil(len(train_rows) / per_shard)
 
@@ -164,12 +177,16 @@ def build_cache(args) -> Path:
             mine * per_shard, mine * per_shard + _shard_rows(mine, per_shard, len(train_rows))))
         longest = max(_shard_rows(i, per_shard, len(train_rows)) for i in shards_now)
         outputs = []
+        # The tail's draws depend on the shard alone, not on which rank or build computes it.
+        draws = torch.Generator(teacher.engine.device)
+        draws.manual_seed(args.seed * 1_000_003 + (mine or 0))
         for start in range(0, longest, micro):  # the same forwards on every rank
             batch_rows = rows[start:start + micro]
             batch = _batch(train_rows, batch_rows or [0], teacher)
             with teacher.outputs(batch["input_ids"]) as t:
                 if batch_rows:
-                    outputs.append(_cached_values(t, batch["labels"], args.topk))
+                    outputs.append(_cached_values(t, batch["labels"], args.topk,
+                                                  args.tail_samples, draws))
             done = torch.tensor([len(batch_rows)], device=teacher.engine.device)
             dist.all_reduce(done)  # a progress bar of all ranks' rows
             progress.update(int(done.item()))
@@ -208,7 +225,7 @@ def build_cache(args) -> Path:
         tokens_cached = len(train_rows) * args.block_size
         print(f"teacher cache {out}: {len(train_rows)} rows of {args.block_size} tokens in "
               f"{shards} shards, {size / 2**20:.1f} MiB ({size / tokens_cached:.1f} bytes per "
-              f"token; {'full distribution' if args.topk == 0 else f'top {args.topk}'}); "
+              f"token; {_contents_text(args)}); "
               f"teacher validation perplexity {math.exp(nll.sum() / tokens.sum()):.3f}; "
               f"{time.time() - started:.0f} s", flush=True)
     dist.barrier()
@@ -225,8 +242,10 @@ def _check_existing(out: Path, identity: CacheIdentity, args, dtype: str) -> dic
                              "choose another directory")
         return None
     differs = CacheIdentity(**manifest["identity"]).mismatch(identity)
-    if differs is None and (manifest["topk"], manifest["dtype"]) != (args.topk, dtype):
-        differs = f"--topk {manifest['topk']} in {manifest['dtype']}"
+    if differs is None and (manifest["topk"], manifest["tail_samples"], manifest["dtype"]) != (
+            args.topk, args.tail_samples, dtype):
+        differs = (f"--topk {manifest['topk']} --tail_samples {manifest['tail_samples']} in "
+                   f"{manifest['dtype']}")
     if differs is None and args.rows_per_shard not in (None, manifest["rows_per_shard"]):
         differs = f"--rows_per_shard {manifest['rows_per_shard']}"
     if differs is not None:
@@ -236,6 +255,13 @@ def _check_existing(out: Path, identity: CacheIdentity, args, dtype: str) -> dic
         raise UsageError(f"--output_dir {out} already holds this complete teacher cache; "
                          f"train with --teacher_cache {out}")
     return manifest
+
+
+def _contents_text(args) -> str:
+    if args.topk == 0:
+        return "full distribution"
+    return f"top {args.topk}" + (f" and {args.tail_samples} tail samples" if args.tail_samples
+                                  else "")
 
 
 def _shard_rows(shard: int, per_shard: int, total: int) -> int:
@@ -252,7 +278,7 @@ def _batch(rows, indices: list, teacher: TeacherEngine) -> dict:
 
 
 @torch.no_grad()
-def _cached_values(teacher, labels, topk: int) -> dict:
+def _cached_values(teacher, labels, topk: int, tail_samples: int, draws) -> dict:
     """What the cache stores for a micro-batch (host tensors), chunk by chunk over its tokens so
     that only [chunk, V] float32 logits exist at a time."""
     batch, length, hidden_size = teacher.hidden.shape
@@ -267,12 +293,34 @@ def _cached_values(teacher, labels, topk: int) -> dict:
         if topk == 0:
             part["logits"] = logits
         else:
-            values, ids = logprobs.topk(topk, dim=-1)
+            values, ids = topk_with_sampled_tail(logprobs, topk, tail_samples, draws)
             part["topk_logprobs"] = values
             part["topk_ids"] = ids.to(_ids_dtype(logits.shape[1]))
         parts.append(part)
     values = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return {name: v.reshape(batch, length, *v.shape[1:]).cpu() for name, v in values.items()}
+
+
+def topk_with_sampled_tail(logprobs: Tensor, k: int, samples: int, generator):
+    """The top k of log-probabilities [n, V] and their ids, followed by `samples` tokens drawn
+    with replacement from the distribution outside them: each distinct token drawn c times gets
+    log(c / samples · P_tail), so the sparse target's expectation is the full distribution (its
+    entries sum to 1); slots a repeated draw leaves hold other tail tokens at -inf. [n, k +
+    samples] values and ids, the ids of a row distinct."""
+    values, ids = logprobs.topk(k, dim=-1)
+    if samples == 0:
+        return values, ids
+    tail = logprobs.scatter(1, ids, float("-inf"))
+    tail_mass = tail.logsumexp(dim=1, keepdim=True)
+    # A row whose tail is all -inf draws uniformly; its draws weigh log 0 = -inf.
+    proposal = torch.where(tail_mass.isfinite(), torch.softmax(tail, dim=1), 1.0)
+    drawn = torch.multinomial(proposal, samples, replacement=True, generator=generator)
+    counts = torch.zeros_like(logprobs).scatter_add_(1, drawn, torch.ones_like(logprobs[:, :1])
+                                                     .expand_as(drawn))
+    counts.scatter_(1, ids, -1.0)  # a slot left by a repeated draw never takes a top-k id
+    count, tail_ids = counts.topk(samples, dim=-1)
+    tail_values = torch.where(count > 0, (count / samples).log() + tail_mass, float("-inf"))
+    return torch.cat([values, tail_values], dim=1), torch.cat([ids, tail_ids], dim=1)
 
 
 @torch.no_grad()

@@ -265,6 +265,8 @@ def test_identity_mismatch_names_what_to_fix():
 def test_bad_cache_options_are_refused_in_one_line(options, message, capsys):
     from tsld_ds.teacher.cache_cli import parse_args
 
+    assert parse_args(["--output_dir", "out", "--topk", "0"]).tail_samples == 0  # no tail
+
     with pytest.raises(SystemExit) as stopped:
         parse_args(["--output_dir", "out", *options])
     assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -63,15 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42,
                    help="training's --seed (it picks the validation split of a dataset without "
                    "one) (default: %(default)s)")
-    p.add_argument("--topk", type=int, default=64,
+    p.add_argument("--topk", type=int, default=32,
                    help="store the K most likely tokens' log-probabilities and ids per position; "
                    "0 stores the full distribution, exact but V values per token (default: "
                    "%(default)s)")
-    p.add_argument("--tail_samples", type=int, default=0,
+    p.add_argument("--tail_samples", type=int, default=None,
                    help="beside the top k, store this many tokens drawn from the teacher's "
                    "distribution outside them, each weighted so that the cached target's "
                    "expectation is the full distribution (docs/method.md §2.5); 0 keeps the "
-                   "rest as one bucket (default: %(default)s)")
+                   "rest as one bucket (default: 32; 0 with --topk 0)")
     p.add_argument("--rows_per_shard", type=int, default=None,
                    help="training rows per shard file; a rank "
                    "holds one shard in memory before writing it (default: about 256 MiB per "
@@ -94,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.topk < 0:
         parser.error(f"--topk must be 0 (the full distribution) or more, got {args.topk}")
+    if args.tail_samples is None:
+        args.tail_samples = 32 if args.topk else 0
     if args.tail_samples < 0:
         parser.error(f"--tail_samples must be 0 or more, got {args.tail_samples}")
     if args.tail_samples and args.topk == 0:

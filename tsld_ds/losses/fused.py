@@ -177,13 +177,16 @@ class _ChunkedLinearLoss:
         self.vocab_blocks = list(_chunks(weight.shape[0], spec.vocab_chunk_size))
         self.one_block = len(self.vocab_blocks) == 1
         # Two reused blocks: the student's logits, then exp(z - max) and the logits' gradient;
-        # the teacher's logits, then exp(z^T - max) (with top-k rows: the student's logits
-        # off the K ids, then their exp in their own frame).
+        # the teacher's logits, then exp(z^T - max) (with top-k rows and a tail bucket: the
+        # student's logits off the K ids, then their exp in their own frame; sparse top-k rows
+        # need none).
         block = min(spec.chunk_size, spec.rows.numel()) * min(spec.vocab_chunk_size,
                                                               weight.shape[0])
         self.student_buffer = hidden.new_empty(block, dtype=self.acc_dtype)
+        topk = spec.teacher.topk if spec.soft_coef is not None else None
+        sparse = topk is not None and not _has_tail_bucket(topk, weight.shape[0])
         self.teacher_buffer = hidden.new_empty(block, dtype=self.acc_dtype) \
-            if spec.soft_coef is not None else None
+            if spec.soft_coef is not None and not sparse else None
 
     def run(self) -> Tuple[Tensor, Tensor]:
         """(soft total, hard total); the gradients are then in `grads()`."""
@@ -194,9 +197,10 @@ class _ChunkedLinearLoss:
             rows = _ChunkRows(spec, chunk, self.hidden, self.weight.shape[0])
             stats = self._statistics(rows)
             log_sum = stats.student.log_sum_exp()
-            if rows.topk is not None:  # lse(z') - Σ_S p^T z'_S - P^T_tail log Σ_{not S} e^z'
-                soft_ce = (log_sum - torch.einsum("nk,nk->n", rows.topk_p, stats.topk_logit)
-                           - _times_finite(rows.teacher_tail, stats.tail.log_sum_exp()))
+            if rows.topk is not None:  # lse(z') - Σ_S q z'_S [- P^T_tail log Σ_{not S} e^z']
+                soft_ce = log_sum - torch.einsum("nk,nk->n", rows.topk_p, stats.topk_logit)
+                if rows.tail_bucket:
+                    soft_ce -= _times_finite(rows.teacher_tail, stats.tail.log_sum_exp())
                 soft_total += rows.soft_coef @ soft_ce
             elif rows.soft_coef is not None:  # -Σ p^T log p^S = lse(z') - Σ p^T z'
                 soft_total += rows.soft_coef @ (log_sum - stats.teacher_dot / stats.teacher.sum)
@@ -230,7 +234,8 @@ class _ChunkedLinearLoss:
                                target_logit=torch.zeros(n, dtype=self.acc_dtype, device=device))
         if rows.topk is not None:
             stats.topk_logit = torch.zeros_like(rows.topk_p)
-            stats.tail = _RunningLogSumExp(n, self.acc_dtype, device)
+            if rows.tail_bucket:
+                stats.tail = _RunningLogSumExp(n, self.acc_dtype, device)
         elif rows.soft_coef is not None:
             stats.teacher = _RunningLogSumExp(n, self.acc_dtype, device)
             stats.teacher_dot = torch.zeros(n, dtype=self.acc_dtype, device=device)
@@ -244,14 +249,15 @@ class _ChunkedLinearLoss:
                 stats.target_logit = torch.where(
                     inside, logits.gather(1, col[:, None]).squeeze(1), stats.target_logit)
             if rows.topk is not None:
-                # The student's logits off the K ids get a log-sum-exp of their own: summed
-                # directly (1 - Σ_S p^S cancels) and in their own frame (relative to the
-                # overall max they can underflow).
                 inside, col = _targets_in(cols, rows.topk_ids)
                 stats.topk_logit = torch.where(inside, logits.gather(1, col), stats.topk_logit)
-                tail = _block(self.teacher_buffer, rows.n, cols).copy_(logits)
-                stats.tail.add_exp_(_mask_entries_(tail, inside, col))
-                stats.tail_exp = tail
+                if rows.tail_bucket:
+                    # The student's logits off the K ids get a log-sum-exp of their own:
+                    # summed directly (1 - Σ_S p^S cancels) and in their own frame (relative
+                    # to the overall max they can underflow).
+                    tail = _block(self.teacher_buffer, rows.n, cols).copy_(logits)
+                    stats.tail.add_exp_(_mask_entries_(tail, inside, col))
+                    stats.tail_exp = tail
             elif rows.soft_coef is not None:
                 teacher_exp = self._teacher_logits(rows, cols)
                 rescale = stats.teacher.add_exp_(teacher_exp)
@@ -273,7 +279,9 @@ class _ChunkedLinearLoss:
         hard_c = rows.hard_coef if rows.hard_coef is not None else 0
         student_factor = (soft_c + hard_c) / stats.student.sum
         teacher_factor = topk_grad = None
-        if rows.topk is not None:
+        if rows.topk is not None and not rows.tail_bucket:  # p^S - q, q sparse on the ids
+            topk_grad = -soft_c[:, None] * rows.topk_p
+        elif rows.topk is not None:
             # p^S - q, q = p^T on the K ids and the teacher's tail mass spread over the
             # student's tail in its proportions. Off the K ids, with T = lse of the student's
             # tail: (a+b)·p^S_j - a·P^T_tail·e^(z'_j - T) = e^(z'_j - T)·[(a+b)·e^(T - lse) -
@@ -299,7 +307,7 @@ class _ChunkedLinearLoss:
                             factors: tuple) -> Optional[Tensor]:
         """One block: the first sweep left exp(z' - max) and exp(z^T - max) in the buffers, so
         no logits are recomputed."""
-        block = stats.student_exp if rows.topk is None else stats.tail_exp
+        block = stats.tail_exp if rows.tail_bucket else stats.student_exp
         return self._block_gradient(rows, self.vocab_blocks[0], block, stats.teacher_exp,
                                     factors)
 
@@ -311,7 +319,7 @@ class _ChunkedLinearLoss:
             self.hidden.new_zeros((rows.n, self.hidden.shape[1]), dtype=self.acc_dtype)
         for cols in self.vocab_blocks:
             student_exp = self._student_logits(rows, cols)
-            if rows.topk is None:
+            if not rows.tail_bucket:
                 student_exp.sub_((stats.shift + stats.student.max)[:, None]).exp_()
             else:  # in the tail's frame, the K ids' entries 0
                 student_exp.sub_(stats.shift[:, None])
@@ -334,7 +342,7 @@ class _ChunkedLinearLoss:
         grad_logits = student_exp.mul_(student_factor)
         if teacher_factor is not None:
             grad_logits.addcmul_(teacher_exp, teacher_factor, value=-1)
-        if topk_grad is not None:  # the K ids' entries are 0 in a top-k block: set them
+        if topk_grad is not None:  # the ids' part (their whole gradient when there is a bucket)
             inside, col = _targets_in(cols, rows.topk_ids)
             grad_logits.scatter_add_(1, col, torch.where(inside, topk_grad, 0))
         if rows.hard_coef is not None:
@@ -358,17 +366,19 @@ class _ChunkRows:
         self.hidden = hidden.index_select(0, self.index)
         self.soft_coef = None if spec.soft_coef is None else spec.soft_coef[chunk]
         self.hard_coef = None if spec.hard_coef is None else spec.hard_coef[chunk]
-        # A top-k teacher's rows: p^T of the K ids, the ids, and the mass outside them.
+        # A top-k teacher's rows: q on the ids, the ids, and, when the rest of the teacher's
+        # mass is one bucket (not a sampled tail, and not every token listed), that mass.
         self.topk = None if spec.soft_coef is None else spec.teacher.topk
+        self.tail_bucket = False
         if self.topk is not None:
             dtype = spec.soft_coef.dtype
             self.topk_p = self.topk.logprobs.index_select(0, self.index).to(dtype).exp()
             self.topk_ids = self.topk.ids.index_select(0, self.index).long()
-            if not self.topk.has_tail:  # a sampled tail: the entries hold all the mass
+            self.tail_bucket = _has_tail_bucket(self.topk, vocab_size)
+            if self.tail_bucket:
+                self.teacher_tail = (1 - self.topk_p.sum(dim=1)).clamp_min(0)
+            elif not self.topk.has_tail:  # a sampled tail: the entries hold all the mass
                 self.topk_p /= self.topk_p.sum(dim=1, keepdim=True)
-            self.teacher_tail = (1 - self.topk_p.sum(dim=1)).clamp_min(0)
-            if not self.topk.has_tail or self.topk_ids.shape[1] >= vocab_size:
-                self.teacher_tail.zero_()  # no tail bucket, only round-off
 
 
 @dataclass
@@ -445,6 +455,12 @@ def _teacher_logits_into(out: Tensor, teacher: "TeacherOutput", rows: Tensor,
         return _linear_into(out, teacher.hidden.index_select(0, rows), teacher.weight[cols],
                             None if teacher.bias is None else teacher.bias[cols])
     return _copy_rows_into(out, teacher.logits[:, cols], rows)
+
+
+def _has_tail_bucket(topk, vocab_size: int) -> bool:
+    """Whether a top-k teacher leaves the rest of its mass as one bucket: not when its entries
+    carry it all (a sampled tail, or every token listed)."""
+    return topk.has_tail and topk.ids.shape[-1] < vocab_size
 
 
 def _mask_entries_(block: Tensor, inside: Tensor, col: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM,
+                          AutoTokenizer)
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from tsld_ds.errors import UsageError
@@ -36,6 +37,19 @@ def check_model_source(name_or_path: str, what: str, marker: str = "config.json"
     # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
     if name_or_path.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path):
         raise UsageError(f"{what} path '{name_or_path}' does not exist")
+
+
+def check_gradient_checkpointing(name_or_path: str, what: str) -> None:
+    """Refuse --gradient_checkpointing for a model class transformers cannot checkpoint, from its
+    config alone (a config that cannot be read is left for the model's loading to report)."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return
+    if not model_class.supports_gradient_checkpointing:
+        raise UsageError(f"{what} '{name_or_path}' ({model_class.__name__}) does not support "
+                         "gradient checkpointing; drop --gradient_checkpointing")
 
 
 def check_block_size(name_or_path: str, block_size: int, *, warn: bool = True) -> None:

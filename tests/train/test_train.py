@@ -63,9 +63,10 @@ def adam_update_bound(betas, step: int) -> float:
     return math.sqrt(sum(x * x / y for x, y in zip(a, b)))
 
 
-def _train_with_each_impl(tmp_path, name, model_dir, corpus_dir, ds, **options):
+def _train_with_each_impl(tmp_path, name, model_dir, corpus_dir, ds, impls=LOSS_IMPLS,
+                          **options):
     weights, losses, lrs = {}, {}, {}
-    for impl, impl_options in LOSS_IMPLS.items():
+    for impl, impl_options in impls.items():
         out = tmp_path / f"{name}-{impl}"
         run_train(train_args(model_dir, corpus_dir, out, ds, **{
             "kd": "tsld", "no_export": True, **options, **impl_options}))
@@ -75,10 +76,18 @@ def _train_with_each_impl(tmp_path, name, model_dir, corpus_dir, ds, **options):
     return weights, losses, lrs
 
 
-def test_fused_and_naive_loss_give_the_same_gradients(tiny_teacher_dir, small_corpus_dir,
-                                                      tmp_path):
+CHECKPOINTED = {"fused_checkpointed": {"gradient_checkpointing": True}}
+
+
+@pytest.mark.parametrize("kd,impls", [
+    ("tsld", {**LOSS_IMPLS, **CHECKPOINTED}),
+    ("l2l", {"naive": LOSS_IMPLS["naive"], **CHECKPOINTED}),
+], ids=["tsld", "l2l-checkpointed"])
+def test_fused_and_naive_loss_give_the_same_gradients(kd, impls, tiny_teacher_dir,
+                                                      small_corpus_dir, tmp_path):
     """One step of plain SGD at lr 1 without clipping: the weights move by exactly minus the
-    gradient, so the fused paths' first-step gradients are compared with the naive one's
+    gradient, so the fused paths' first-step gradients, and those with every student block
+    recomputed in backward (--gradient_checkpointing), are compared with the naive one's
     element by element."""
     from safetensors.torch import load_file
 
@@ -86,8 +95,8 @@ def test_fused_and_naive_loss_give_the_same_gradients(tiny_teacher_dir, small_co
                          zero_allow_untested_optimizer=True,
                          optimizer={"type": "SGD", "params": {"lr": 1.0}})
     weights, losses, _ = _train_with_each_impl(
-        tmp_path, "sgd", tiny_teacher_dir, small_corpus_dir, ds,
-        **{"max_steps": 1, "lr": 1.0, "lr_schedule": "constant"})
+        tmp_path, "sgd", tiny_teacher_dir, small_corpus_dir, ds, impls,
+        **{"kd": kd, "max_steps": 1, "lr": 1.0, "lr_schedule": "constant"})
     start = {f"model.{k}": v for k, v in load_file(tiny_teacher_dir / "model.safetensors").items()}
     assert set(weights["naive"]) == set(start)
     grads = {impl: {k: start[k] - w for k, w in state.items()}

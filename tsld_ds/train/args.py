@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("eager", "sdpa", "flash_attention_2"),
                        help="attention kernel of student and teacher (default: transformers' "
                        "choice; eager is forced for --kd l2l, which needs attention scores)")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="the student keeps only each decoder block's input and recomputes "
+                       "its activations in backward (transformers' non-reentrant checkpointing): "
+                       "one block's activations at a time instead of every block's, for about "
+                       "one more student forward per step (default: off)")
 
     add_data_options(p)
 

@@ -23,8 +23,8 @@ from tsld_ds.data import ResumableDistributedSampler, check_tokenizers_match, da
 from tsld_ds.devices import set_local_device
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import Objective
-from tsld_ds.models import (check_block_size, check_model_source, load_causal_lm, load_tokenizer,
-                            vocab_size_of)
+from tsld_ds.models import (check_block_size, check_gradient_checkpointing, check_model_source,
+                            load_causal_lm, load_tokenizer, vocab_size_of)
 from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.teacher import CacheIdentity, TeacherCache, TeacherEngine, teacher_ds_config
 from tsld_ds.teacher.cache import read_manifest
@@ -126,6 +126,8 @@ def check_inputs(args) -> Path | None:
         check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
     for name in {args.model, args.teacher or args.model}:
         check_block_size(name, args.block_size, warn=os.environ.get("RANK", "0") == "0")
+    if args.gradient_checkpointing:
+        check_gradient_checkpointing(args.model, "--model")
     check_writable_dir(args.output_dir)
     if args.teacher_cache is not None:
         manifest = read_manifest(args.teacher_cache)
@@ -284,6 +286,15 @@ def open_teacher_cache(args, tokenizer, train_rows) -> TeacherCache:
     return cache
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Every decoder block of `model` recomputes its activations in backward: non-reentrant, the
+    kind that composes with ZeRO-3's gathering hooks (they run again in the recompute)."""
+    # transformers 5 renamed it; 4.x has only the old name
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def build_run(args) -> Run:
     """Checks the inputs, starts the process group and builds both engines."""
     ds_config = read_ds_config(args.ds_config)
@@ -330,6 +341,8 @@ def build_run(args) -> Run:
         raise UsageError(f"--teacher_cache {args.teacher_cache} holds a teacher of "
                          f"{teacher.vocab_size} tokens but student '{args.model}' predicts "
                          f"{vocab_size_of(student_model)}: their vocabularies differ")
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(student_model)
     if quant_config is not None:
         quantize_model(student_model, quant_config)
     student = DistillationStudent(student_model, objective)

@@ -318,6 +318,17 @@ def topk_losses(name, inputs, teacher, chunk, vocab_chunk, impl):
     return objective(h, w, inputs["labels"], TeacherOutput(topk=teacher), lm_head_bias=b)["loss"]
 
 
+def assert_topk_fused_matches_reference(objective, inputs, teacher, chunk, vocab_chunk):
+    """Fused against autograd through the float64 reference: values and gradients."""
+    fused_value, fused_grads = value_and_grads(
+        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "fused"), inputs)
+    naive_value, naive_grads = value_and_grads(
+        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "naive"), inputs)
+    torch.testing.assert_close(fused_value, naive_value, rtol=1e-10, atol=1e-12)
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads):
+        torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-12)
+
+
 TOPK_CASES = [(3, 7, 37, 11, 8, None), (3, 7, 37, 11, 8, 10), (1, 6, 17, 3, 1, 1)]
 
 
@@ -332,13 +343,7 @@ def test_topk_teacher_matches_reference(case, objective, k, device):
     inputs = make_loss_inputs(batch, length, vocab, hidden, device=device, dtype=torch.float64,
                               bias=True, teacher_form="hidden")
     teacher = topk_teacher_of(inputs, min(k, vocab))
-    fused_value, fused_grads = value_and_grads(
-        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "fused"), inputs)
-    naive_value, naive_grads = value_and_grads(
-        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "naive"), inputs)
-    torch.testing.assert_close(fused_value, naive_value, rtol=1e-10, atol=1e-12)
-    for fused_grad, naive_grad in zip(fused_grads, naive_grads):
-        torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-12)
+    assert_topk_fused_matches_reference(objective, inputs, teacher, chunk, vocab_chunk)
 
 
 @pytest.mark.parametrize("objective", ["logit", "logit_gt", "tsld", "tsld_inverse"])
@@ -358,13 +363,7 @@ def test_topk_teacher_with_a_sampled_tail_matches_reference(case, objective, dev
     assert values.isinf().any()  # some draws repeat
     teacher = exact._replace(logprobs=values.float().view(batch, length, -1),
                              ids=ids.int().view(batch, length, -1), has_tail=False)
-    fused_value, fused_grads = value_and_grads(
-        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "fused"), inputs)
-    naive_value, naive_grads = value_and_grads(
-        topk_losses(objective, inputs, teacher, chunk, vocab_chunk, "naive"), inputs)
-    torch.testing.assert_close(fused_value, naive_value, rtol=1e-10, atol=1e-12)
-    for fused_grad, naive_grad in zip(fused_grads, naive_grads):
-        torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-12)
+    assert_topk_fused_matches_reference(objective, inputs, teacher, chunk, vocab_chunk)
 
 
 def test_a_sampled_tail_is_an_unbiased_target(device):

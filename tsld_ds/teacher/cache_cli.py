@@ -31,6 +31,7 @@ from tsld_ds.teacher.cache import (VALIDATION, CacheIdentity, read_manifest, sha
                                    write_atomically, write_manifest, write_shard, written_shard)
 from tsld_ds.teacher.engine import TeacherEngine, teacher_ds_config
 
+DEFAULT_TAIL_SAMPLES = 32
 SHARD_BYTES = 256 << 20  # a shard's target size: the rows a rank holds in memory before writing
 
 
@@ -43,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a frozen teacher once over a dataset's training rows and store its "
         "outputs for `launch/train.py --teacher_cache DIR`: per predicted position the "
         "log-probability of the label, and the full distribution (--topk 0) or the top-k "
-        "log-probabilities with their token ids (and --tail_samples tokens drawn from the rest). Run it under the DeepSpeed launcher to shard "
-        "the work: `deepspeed --num_gpus N launch/teacher_cache.py --output_dir DIR [options]`. "
+        "log-probabilities with their token ids (and --tail_samples tokens drawn from the "
+        "rest). Run it under the DeepSpeed launcher to shard the work: `deepspeed --num_gpus N "
+        "launch/teacher_cache.py --output_dir DIR [options]`. "
         "Stopped, it resumes where it stopped when run again with the same options.")
     p.add_argument("--output_dir", required=True,
                    help="the cache directory (created; an unfinished cache of the same options "
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beside the top k, store this many tokens drawn from the teacher's "
                    "distribution outside them, each weighted so that the cached target's "
                    "expectation is the full distribution (docs/method.md §2.5); 0 keeps the "
-                   "rest as one bucket (default: 32; 0 with --topk 0)")
+                   f"rest as one bucket (default: {DEFAULT_TAIL_SAMPLES}; 0 with --topk 0)")
     p.add_argument("--rows_per_shard", type=int, default=None,
                    help="training rows per shard file; a rank "
                    "holds one shard in memory before writing it (default: about 256 MiB per "
@@ -95,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.topk < 0:
         parser.error(f"--topk must be 0 (the full distribution) or more, got {args.topk}")
     if args.tail_samples is None:
-        args.tail_samples = 32 if args.topk else 0
+        args.tail_samples = DEFAULT_TAIL_SAMPLES if args.topk else 0
     if args.tail_samples < 0:
         parser.error(f"--tail_samples must be 0 or more, got {args.tail_samples}")
     if args.tail_samples and args.topk == 0:
@@ -149,8 +151,8 @@ def build_cache(args) -> Path:
     per_shard = (existing or {}).get("rows_per_shard") or args.rows_per_shard or \
         max(micro, SHARD_BYTES // row_bytes // micro * micro)
     contents = {"topk": args.topk, "tail_samples": args.tail_samples, "vocab_size": vocab,
-                "dtype": dtype,
-                "teacher_numel": teacher.partitioning()[0], "rows_per_shard": per_shard}
+                "dtype": dtype, "teacher_numel": teacher.partitioning()[0],
+                "rows_per_shard": per_shard}
     shards = math.ceil(len(train_rows) / per_shard)
 
     def layout(i):  # shard i's first row and rows

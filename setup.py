@@ -89,6 +89,7 @@ setup(
         "console_scripts": [
             "tsld-train=tsld_ds.train.cli:run",
             "tsld-cache=tsld_ds.teacher.cache_cli:run",
+            "tsld-estimate=tsld_ds.capacity.cli:run",
             "tsld-convert=tsld_ds.convert.cli:main",
             "tsld-eval=tsld_ds.evaluation.cli:main",
         ]

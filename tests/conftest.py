@@ -50,6 +50,25 @@ def tiny_llama_dir(tmp_path_factory, builtin_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def no_checkpointing_dir(tmp_path_factory):
+    """The config of a registered LLaMA subclass whose class cannot checkpoint its blocks."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    class PlainConfig(LlamaConfig):
+        model_type = "tsld-test-no-checkpointing"
+
+    class PlainForCausalLM(LlamaForCausalLM):
+        config_class = PlainConfig
+        supports_gradient_checkpointing = False
+
+    AutoConfig.register(PlainConfig.model_type, PlainConfig)
+    AutoModelForCausalLM.register(PlainConfig, PlainForCausalLM)
+    path = tmp_path_factory.mktemp("no-checkpointing")
+    PlainConfig(**tiny_llama_config(64).to_diff_dict()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def llama256_dir(tmp_path_factory, builtin_tokenizer):
     """A 2-layer LLaMA whose every Linear row is a multiple of 256 long (GGUF TQ2_0 blocks),
     stored in bf16 as the built-in model is (its config says so; training runs it in fp32)."""

@@ -36,11 +36,16 @@ def loss_and_grads(student, input_ids, labels, teacher):
                                      if p.grad is not None}, sum(saved)
 
 
-@pytest.mark.parametrize("kd", ["gt", "logit", "logit_gt", "tsld", "l2l"])
-def test_gradient_checkpointing_keeps_loss_and_gradients(kd):
-    """A ternary student, one micro-batch, each --kd: the loss and every gradient with every block
-    recomputed in backward equal those with stored activations to fp32 round-off; and the forward
-    kept less than half the bytes for backward."""
+@pytest.mark.parametrize("kd, on_host", [
+    ("gt", False), ("logit", False), ("logit_gt", False), ("tsld", False), ("l2l", False),
+    pytest.param("tsld", True, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="the block inputs move to the host from a GPU")),
+])
+def test_gradient_checkpointing_keeps_loss_and_gradients(kd, on_host):
+    """A ternary student, one micro-batch, each --kd (and the block inputs kept on the host, as
+    DeepSpeed's cpu_checkpointing asks): the loss and every gradient with every block recomputed
+    in backward equal those with stored activations to fp32 round-off; and the forward kept less
+    than half the bytes for backward."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -52,10 +57,14 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(kd):
             p.add_(0.02 * torch.randn_like(p))
     quantize_model(plain, QuantConfig(bits=2))
     checkpointed = copy.deepcopy(plain)
-    enable_gradient_checkpointing(checkpointed)
+    enable_gradient_checkpointing(checkpointed, on_host=on_host)
     input_ids = torch.randint(0, 64, (2, 24))
     labels = input_ids.clone()
     labels[0, :5] = -100
+    if on_host:
+        device = torch.device("cuda")
+        teacher, plain, checkpointed = (m.to(device) for m in (teacher, plain, checkpointed))
+        input_ids, labels = input_ids.to(device), labels.to(device)
     target = teacher_output(teacher, input_ids)
     results = {}
     for name, model in (("plain", plain), ("checkpointed", checkpointed)):
@@ -71,24 +80,13 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(kd):
                                    atol=1e-6 * grad.abs().max().item(), msg=name)
 
 
-def test_gradient_checkpointing_of_a_model_without_it_is_refused(tmp_path, tiny_llama_dir):
+def test_gradient_checkpointing_of_a_model_without_it_is_refused(no_checkpointing_dir,
+                                                                  tiny_llama_dir):
     """Refused from the config alone, before any model loads, naming the fix."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM)
-
     from tsld_ds.errors import UsageError
     from tsld_ds.models import check_gradient_checkpointing
 
-    class PlainConfig(LlamaConfig):
-        model_type = "tsld-test-no-checkpointing"
-
-    class PlainForCausalLM(LlamaForCausalLM):
-        config_class = PlainConfig
-        supports_gradient_checkpointing = False
-
-    AutoConfig.register(PlainConfig.model_type, PlainConfig)
-    AutoModelForCausalLM.register(PlainConfig, PlainForCausalLM)
-    PlainConfig(**tiny_llama_config(64).to_diff_dict()).save_pretrained(tmp_path)
     with pytest.raises(UsageError, match="does not support gradient checkpointing; drop "
                                          "--gradient_checkpointing"):
-        check_gradient_checkpointing(str(tmp_path), "--model")
+        check_gradient_checkpointing(str(no_checkpointing_dir), "--model")
     check_gradient_checkpointing(str(tiny_llama_dir), "--model")  # LLaMA can

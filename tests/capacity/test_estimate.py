@@ -1,0 +1,131 @@
+"""tsld_ds/capacity/estimate.py: the meta-device activation count against a real forward, the
+shipped configs against their published sizes, and the estimate's arithmetic."""
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, OPTConfig
+
+from helpers import tiny_llama_config
+from tsld_ds.capacity.cli import SHIPPED_CONFIGS
+from tsld_ds.capacity.estimate import Setup, estimate, model_shape
+
+# Parameter counts of the published checkpoints these configs come from.
+PUBLISHED_PARAMS = {"llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248,
+                    "opt-6.7b": 6_658_473_984, "llama-2-70b": 68_976_648_192,
+                    "llama-3-70b": 70_553_706_496}
+
+
+def saved_bytes_of_real_forward(model, micro_batch, block_size):
+    """Bytes autograd saves in a real CPU forward: each storage once, parameters not at all."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, model.config.vocab_size, (micro_batch, block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    del out
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("config", [
+    tiny_llama_config(97, hidden_size=48, intermediate_size=80, num_hidden_layers=3),
+    OPTConfig(vocab_size=97, hidden_size=48, ffn_dim=80, num_hidden_layers=3,
+              num_attention_heads=4, word_embed_proj_dim=48, max_position_embeddings=64,
+              dropout=0.0),
+], ids=["llama", "opt"])
+def test_meta_activation_count_matches_a_real_forward(tmp_path, config, attn):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).train()
+    model.save_pretrained(tmp_path)
+    micro_batch, block_size = 3, 37
+    shape = model_shape(str(tmp_path), torch.float32, micro_batch, block_size, attn)
+    counted = shape.layers * shape.block_activation_bytes + shape.other_activation_bytes
+    real = saved_bytes_of_real_forward(model, micro_batch, block_size)
+    assert shape.layers == 3
+    assert counted == pytest.approx(real, rel=0.05)
+    assert shape.block_input_bytes == micro_batch * block_size * 48 * 4
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_shipped_configs_have_the_published_sizes(name):
+    shape = model_shape(str(SHIPPED_CONFIGS / name), torch.bfloat16, 1, 16, "sdpa")
+    assert shape.params == PUBLISHED_PARAMS[name]
+
+
+@pytest.fixture(scope="module")
+def llama7b():
+    return model_shape(str(SHIPPED_CONFIGS / "llama-2-7b"), torch.bfloat16, 1, 2048, "sdpa")
+
+
+def setup(gpus=8, nodes=1, checkpointing=True):
+    return Setup(num_gpus=gpus, num_nodes=nodes, block_size=2048, micro_batch=1,
+                 gradient_checkpointing=checkpointing, attn_implementation="sdpa")
+
+
+BF16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+
+
+def row(result, what):
+    return next(r.bytes for r in result.rows if r.what == what)
+
+
+def test_model_states_shard_and_the_total_adds_up(llama7b):
+    one, eight = (estimate(llama7b, llama7b, BF16, None, setup(gpus)) for gpus in (1, 8))
+    # DeepSpeed's 18 bytes a parameter (16-bit weights, fp32 gradients, master and Adam).
+    assert row(one, "student model states") == 18 * llama7b.params
+    assert row(eight, "student model states") == pytest.approx(18 * llama7b.params / 8, abs=8)
+    assert row(eight, "teacher parameters") == 2 * llama7b.params // 8
+    assert eight.total_bytes == sum(r.bytes for r in eight.rows)
+    llama7b_fp32 = dataclasses.replace(llama7b, dtype_bytes=4)
+    fp32 = estimate(llama7b_fp32, llama7b_fp32, {"zero_optimization": {"stage": 3}}, None,
+                    setup(8))
+    assert row(fp32, "student model states") == pytest.approx(20 * llama7b.params / 8, abs=8)
+
+
+def test_checkpointing_keeps_block_inputs_only(llama7b):
+    plain, checkpointed = (estimate(llama7b, None, BF16, None, setup(checkpointing=c))
+                           for c in (False, True))
+    layers = llama7b.layers
+    assert row(plain, "student activations") == \
+        (layers + 1) * llama7b.block_activation_bytes + llama7b.other_activation_bytes
+    assert row(checkpointed, "student activations") == \
+        layers * llama7b.block_input_bytes + llama7b.other_activation_bytes \
+        + 2 * llama7b.block_activation_bytes
+    assert row(checkpointed, "student activations") < row(plain, "student activations") / 5
+    on_host = estimate(llama7b, None, {**BF16, "activation_checkpointing": {
+        "cpu_checkpointing": True}}, None, setup())
+    assert row(checkpointed, "student activations") - row(on_host, "student activations") == \
+        layers * llama7b.block_input_bytes
+
+
+def test_teacher_traffic_and_hierarchical_partitioning(llama7b):
+    two_nodes = estimate(llama7b, llama7b, BF16, None, setup(8, 2))
+    full = 2 * llama7b.params
+    assert two_nodes.teacher_allgather_bytes == full * 15 // 16
+    assert two_nodes.teacher_allgather_internode_bytes == full * 8 // 16
+    hpz = {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8},
+           "bf16": {"enabled": True}}
+    with_hpz = estimate(llama7b, llama7b, BF16, hpz, setup(8, 2))
+    assert with_hpz.teacher_allgather_internode_bytes == 0
+    assert row(with_hpz, "teacher parameters") == full // 16 + full // 8
+    replicated = estimate(llama7b, llama7b, BF16, {"zero_optimization": {"stage": 0},
+                                                   "bf16": {"enabled": True}}, setup(8, 2))
+    assert row(replicated, "teacher parameters") == full
+    assert replicated.teacher_allgather_bytes == 0
+
+
+def test_optimizer_offload_moves_states_to_the_host(llama7b):
+    offload = {"bf16": {"enabled": True},
+               "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    result = estimate(llama7b, llama7b, offload, None, setup(8))
+    assert row(result, "student model states") == pytest.approx(2 * llama7b.params / 8, abs=8)
+    # DeepSpeed's host estimate with the parameters on the GPUs: 16 bytes a parameter.
+    assert result.host_bytes_per_node == 16 * llama7b.params

@@ -1,0 +1,173 @@
+"""`tsld-estimate` / `launch/estimate.py`: will a QAT-KD run fit, and what does it move?
+
+    tsld-estimate --model llama-2-7b --num_gpus 8 --block_size 2048 --gradient_checkpointing
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# DeepSpeed's logger writes to the stdout it finds when first imported (the accelerator it
+# detected, ...): point it at stderr, so that --json's stdout is JSON alone.
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed  # noqa: F401
+
+from tsld_ds.capacity.estimate import GiB, Setup, estimate, model_shape
+from tsld_ds.errors import EXIT_COMPLETED, EXIT_USAGE, UsageError
+from tsld_ds.models import ASSETS, BUILTIN_MODEL, check_gradient_checkpointing, torch_dtype_of
+from tsld_ds.teacher.engine import teacher_ds_config
+from tsld_ds.train.build import read_ds_config
+
+SHIPPED_CONFIGS = ASSETS / "model_configs"
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json"
+NO_GPU_MEMORY_GB = 80.0
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.name for p in SHIPPED_CONFIGS.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model(name: str) -> str:
+    """A shipped config's name (tsld_ds/assets/model_configs/NAME) where no such path exists."""
+    if not os.path.exists(os.path.expanduser(name)) and (SHIPPED_CONFIGS / name).is_dir():
+        return str(SHIPPED_CONFIGS / name)
+    return name
+
+
+def local_gpu_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GiB
+    return NO_GPU_MEMORY_GB
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tsld-estimate",
+        description="Per-GPU memory of a tsld-ds QAT-KD run and the bytes each rank all-gathers "
+        "per micro-batch, from the models' configs and the DeepSpeed configs, before anything "
+        "loads. The student's model states are DeepSpeed's own ZeRO-3 estimate.",
+        epilog="shipped configs (--model/--teacher NAME): " + ", ".join(shipped_names()))
+    p.add_argument("--model", default=BUILTIN_MODEL,
+                   help="student: a shipped config's name, a local model directory or a Hugging "
+                   "Face id (default: the built-in tiny LLaMA)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher, as --model (default: --model)")
+    p.add_argument("--no_teacher", action="store_true",
+                   help="no teacher engine: --kd gt, or the teacher's outputs from a cache")
+    p.add_argument("--ds_config", default=str(DEFAULT_DS_CONFIG),
+                   help="the student's DeepSpeed config; it gives precision and micro-batch "
+                   "(default: ds_configs/zero3.json)")
+    p.add_argument("--teacher_ds_config", default=None,
+                   help="the teacher's DeepSpeed config (default: ZeRO-3 derived from "
+                   "--ds_config, as launch/train.py does)")
+    p.add_argument("--num_gpus", type=int, default=8, help="GPUs per node (default: %(default)s)")
+    p.add_argument("--num_nodes", type=int, default=1, help="nodes (default: %(default)s)")
+    p.add_argument("--block_size", type=int, default=2048,
+                   help="tokens per training block (default: %(default)s)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="the student recomputes its blocks' activations in backward "
+                   "(default: off)")
+    p.add_argument("--attn_implementation", default="sdpa",
+                   choices=("eager", "sdpa", "flash_attention_2"),
+                   help="attention kernel; eager keeps [L, L] scores for backward (default: "
+                   "%(default)s)")
+    p.add_argument("--loss_chunk_size", type=int, default=None,
+                   help="tokens per chunk of the fused loss (default: launch/train.py's choice)")
+    p.add_argument("--gpu_memory_gb", type=float, default=None,
+                   help="memory of one GPU in GiB (default: this machine's first GPU's, or "
+                   f"{NO_GPU_MEMORY_GB:g} without one)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    for name in ("num_gpus", "num_nodes", "block_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
+        p.error("--gpu_memory_gb must be positive")
+    return args
+
+
+def plan(args) -> dict:
+    ds_config = read_ds_config(args.ds_config)
+    teacher_config = teacher_ds_config(
+        ds_config, read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None)
+    model = resolve_model(args.model)
+    teacher = resolve_model(args.teacher or args.model)
+    if args.gradient_checkpointing:
+        check_gradient_checkpointing(model, "--model")
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    dtype = torch_dtype_of(ds_config)
+    student = model_shape(model, dtype, micro_batch, args.block_size, args.attn_implementation)
+    teacher_shape = None if args.no_teacher else model_shape(
+        teacher, torch_dtype_of(teacher_config), micro_batch, args.block_size,
+        args.attn_implementation, what="--teacher")
+    setup = Setup(num_gpus=args.num_gpus, num_nodes=args.num_nodes, block_size=args.block_size,
+                  micro_batch=micro_batch, gradient_checkpointing=args.gradient_checkpointing,
+                  attn_implementation=args.attn_implementation)
+    result = estimate(student, teacher_shape, ds_config, teacher_config, setup,
+                      loss_chunk_size=args.loss_chunk_size)
+    memory = args.gpu_memory_gb if args.gpu_memory_gb is not None else local_gpu_memory_gb()
+    floor = result.student_states_bytes + setup.runtime_bytes
+    if floor > memory * GiB:
+        raise UsageError(
+            f"the student's sharded model states alone need {floor / GiB:.1f} GiB per GPU, more "
+            f"than --gpu_memory_gb {memory:g}: use more GPUs (--num_gpus, --num_nodes) or "
+            "offload the optimizer (ds_configs/zero3_offload.json)")
+    return {"model": model, "teacher": None if args.no_teacher else teacher,
+            "ds_config": args.ds_config, "dtype": str(dtype).removeprefix("torch."),
+            "num_gpus": args.num_gpus, "num_nodes": args.num_nodes,
+            "block_size": args.block_size, "micro_batch": micro_batch,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "attn_implementation": args.attn_implementation, "gpu_memory_gb": memory,
+            "student_params": student.params,
+            "teacher_params": None if teacher_shape is None else teacher_shape.params,
+            "fits": result.total_bytes <= memory * GiB, **result.as_dict()}
+
+
+def format_table(p: dict) -> str:
+    gib = lambda n: f"{n / GiB:8.2f}"  # noqa: E731
+    teacher = f"teacher {p['teacher']} ({p['teacher_params'] / 1e9:.2f}B)" if p["teacher"] \
+        else "no teacher engine"
+    lines = [f"student {p['model']} ({p['student_params'] / 1e9:.2f}B), {teacher}",
+             f"{p['num_nodes']} node(s) x {p['num_gpus']} GPUs, {p['dtype']}, micro-batch "
+             f"{p['micro_batch']} x {p['block_size']} tokens, {p['attn_implementation']}, "
+             f"checkpointing {'on' if p['gradient_checkpointing'] else 'off'}",
+             "", f"{'per GPU':30s} {'GiB':>8s}  what"]
+    lines += [f"{row['what']:30s} {gib(row['bytes'])}  {row['note']}" for row in p["rows"]]
+    verdict = "fits" if p["fits"] else "does NOT fit"
+    lines += [f"{'total':30s} {gib(p['total_bytes'])}  {verdict} in {p['gpu_memory_gb']:g} GiB"]
+    if p["host_bytes_per_node"]:
+        lines.append(f"{'host memory per node':30s} {gib(p['host_bytes_per_node'])}  offloaded "
+                     "states (DeepSpeed's estimate)")
+    lines += ["", "received per rank per micro-batch (GiB): "
+              f"student all-gather {p['student_allgather_bytes'] / GiB:.2f}, reduce-scatter "
+              f"{p['student_reduce_scatter_bytes'] / GiB:.2f}; teacher all-gather "
+              f"{p['teacher_allgather_bytes'] / GiB:.2f} (across nodes "
+              f"{p['teacher_allgather_internode_bytes'] / GiB:.2f})"]
+    if not p["fits"] and not p["gradient_checkpointing"]:
+        lines.append("hint: --gradient_checkpointing keeps one block's activations instead of "
+                     "every block's")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = plan(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return EXIT_COMPLETED
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Per-GPU memory and per-micro-batch all-gather traffic of a QAT-KD run, before it launches.
+
+The student's model states come from DeepSpeed's own ZeRO-3 estimator
+(`estimate_zero3_model_states_mem_needs`); the rest is what tsld-ds adds around them, each
+term sized from the model's config and the DeepSpeed configs:
+
+- the gathered working set: ZeRO-3 gathers a module's full parameters for its forward and
+  backward and prefetches the next ones up to `stage3_prefetch_bucket_size` elements (at most
+  `stage3_max_live_parameters`); the fused loss holds both lm_heads gathered at once;
+- the reduce bucket: with `contiguous_gradients` ZeRO-3 allocates `reduce_bucket_size` gradient
+  elements up front;
+- activations: what autograd saves for backward, counted by running the model on the `meta`
+  device (no memory, exact shapes) under `saved_tensors_hooks`;
+- the fused loss: two float32 [chunk, V] blocks, the float32 lm_head gradient accumulator and
+  the hidden states' gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+
+from tsld_ds.errors import UsageError
+from tsld_ds.losses.fused import default_chunk_size
+from tsld_ds.models import torch_dtype_of
+
+GiB = 1 << 30
+# DeepSpeed's ZeRO-3 defaults, used where a config leaves a key out.
+ZERO3_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
+                  "stage3_max_live_parameters": 1e9, "contiguous_gradients": True}
+# What a CUDA process holds before any tensor: context, cuBLAS/NCCL workspaces, kernels.
+CUDA_RUNTIME_BYTES = 1 * GiB
+# Allocator fragmentation: PyTorch's caching allocator keeps freed blocks for reuse; this share of
+# everything above is what it typically cannot hand back to a request of another size.
+FRAGMENTATION = 0.10
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a model, read from its config on the meta device."""
+    name: str
+    params: int                 # all elements
+    largest_module_params: int  # DeepSpeed's "largest layer": one module's own parameters
+    lm_head_params: int
+    hidden_size: int
+    vocab_size: int
+    layers: int
+    dtype_bytes: int
+    block_activation_bytes: int  # saved for backward by one decoder block (one micro-batch)
+    other_activation_bytes: int  # saved outside the blocks (embeddings, final norm)
+    block_input_bytes: int       # one block's input: all that checkpointing keeps per block
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A run's shape: what `launch/train.py` would be given."""
+    num_gpus: int               # per node
+    num_nodes: int
+    block_size: int
+    micro_batch: int
+    gradient_checkpointing: bool
+    attn_implementation: str    # eager, sdpa or flash_attention_2
+    runtime_bytes: int = CUDA_RUNTIME_BYTES
+
+    @property
+    def world(self) -> int:
+        return self.num_gpus * self.num_nodes
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    bytes: int
+    note: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    rows: list[Row]             # per GPU
+    total_bytes: int
+    host_bytes_per_node: int    # offloaded states (DeepSpeed's CPU estimate), 0 without offload
+    student_allgather_bytes: int   # received per rank per micro-batch
+    student_reduce_scatter_bytes: int
+    teacher_allgather_bytes: int
+    teacher_allgather_internode_bytes: int
+    student_states_bytes: int   # the part that cannot shrink but with more GPUs or offload
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["total_gib"] = self.total_bytes / GiB
+        return d
+
+
+def read_config(name_or_path: str, what: str):
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read the config of {what} '{name_or_path}': {first}; pass a "
+                         "local model directory, a shipped config name or a Hugging Face id "
+                         "that this machine can reach") from None
+
+
+def model_shape(name_or_path: str, dtype: torch.dtype, micro_batch: int, block_size: int,
+                attn_implementation: str, what: str = "--model") -> ModelShape:
+    config = read_config(name_or_path, what)
+    # What eager attention saves for backward, or (sdpa, flash) what fused kernels save.
+    traced = "eager" if attn_implementation == "eager" else _FLASH_SAVES
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=traced)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{what} '{name_or_path}' is not a causal LM transformers can build: "
+                         f"{e}") from None
+    # DeepSpeed's `model_to_params`, less its data_ptr() dedup (every meta pointer is 0):
+    # parameters() already yields a tied weight once.
+    params = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    blocks, other = _saved_activation_bytes(model, micro_batch, block_size)
+    head = model.get_output_embeddings().weight
+    element = torch.finfo(dtype).bits // 8
+    return ModelShape(name=name_or_path, params=params, largest_module_params=largest,
+                      lm_head_params=head.numel(), hidden_size=head.shape[1],
+                      vocab_size=head.shape[0], layers=len(blocks), dtype_bytes=element,
+                      block_activation_bytes=max(blocks), other_activation_bytes=other,
+                      block_input_bytes=micro_batch * block_size * head.shape[1] * element)
+
+
+class _FusedAttentionSaves(torch.autograd.Function):
+    """Keeps for backward what flash and memory-efficient attention kernels keep (query, key and
+    value as given, the output, a float32 log-sum-exp per head and position): for counting on
+    the meta device, where sdpa would take its math path and keep [L, L] scores."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = torch.empty_like(query)
+        ctx.save_for_backward(query, key, value, out,
+                              query.new_empty(query.shape[:3], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("only for counting saved tensors")
+
+
+def _fused_attention_saves(module, query, key, value, attention_mask, **kwargs):
+    return _FusedAttentionSaves.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+_FLASH_SAVES = "tsld_fused_attention_saves"
+AttentionInterface.register(_FLASH_SAVES, _fused_attention_saves)
+
+
+def _decoder_blocks(model) -> list[torch.nn.Module]:
+    """The repeated blocks: the longest ModuleList in the model."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise UsageError(f"{type(model).__name__} has no list of decoder blocks")
+    return list(max(lists, key=len))
+
+
+def _saved_activation_bytes(model, micro_batch: int, block_size: int):
+    """Bytes autograd saves for backward in one micro-batch's forward, per decoder block and
+    outside them, from a forward on the meta device: each saved tensor once (a view as its
+    base), parameters not at all."""
+    parameters = {id(p) for p in model.parameters()}
+    saved: dict[int, torch.Tensor] = {}
+    owner: dict[int, int] = {}
+    current = [-1]
+    blocks = _decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda *_, i=index: current.__setitem__(0, i))
+        block.register_forward_hook(lambda *_: current.__setitem__(0, -1))
+
+    def pack(tensor):
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) not in parameters:
+            saved.setdefault(id(base), base)   # the dict keeps it alive: ids stay unique
+            owner.setdefault(id(base), current[0])
+        return tensor
+
+    ids = torch.zeros(micro_batch, block_size, dtype=torch.long, device="meta")
+    # A ready additive 4-D mask: transformers then builds none (building one reads values, which
+    # meta tensors lack), and adding it saves nothing, as the causal mask it builds in training.
+    mask = torch.zeros(micro_batch, 1, block_size, block_size, device="meta",
+                       dtype=next(model.parameters()).dtype)
+    positions = torch.arange(block_size, device="meta").expand(micro_batch, -1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=False)
+    per_block = [0] * len(blocks)
+    other = 0
+    for key, tensor in saved.items():
+        size = tensor.numel() * tensor.element_size()
+        if owner[key] >= 0:
+            per_block[owner[key]] += size
+        else:
+            other += size
+    return per_block, other
+
+
+def zero_config(ds_config: dict) -> dict:
+    zero = dict(ZERO3_DEFAULTS)
+    zero.update(ds_config.get("zero_optimization", {}))
+    return zero
+
+
+def _offloads(zero: dict, key: str) -> bool:
+    return zero.get(key, {}).get("device", "none") in ("cpu", "nvme")
+
+
+def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
+             teacher_config: dict | None, setup: Setup, loss_chunk_size: int | None = None
+             ) -> Estimate:
+    world, rows = setup.world, []
+    zero = zero_config(ds_config)
+    offload_optimizer, offload_params = _offloads(zero, "offload_optimizer"), \
+        _offloads(zero, "offload_param")
+    s = student.dtype_bytes
+
+    # Model states: DeepSpeed's estimate, less its largest-layer allowance (the working set
+    # below sizes that from the config). Its per-parameter counts assume 16-bit parameters;
+    # float32 compute keeps 4-byte ones, 2 more bytes a parameter where they live on the GPU.
+    host, gpu, largest_layer = estimate_zero3_model_states_mem_needs(
+        student.params, student.largest_module_params, num_gpus_per_node=setup.num_gpus,
+        num_nodes=setup.num_nodes, cpu_offload=offload_optimizer or offload_params,
+        cpu_offload_params=offload_params, zero_init=True, additional_buffer_factor=1.0)
+    states = gpu - largest_layer
+    if s == 4 and not offload_params:
+        states += 2 * student.params // world
+    note = ("parameters, gradients and Adam states, 1/" f"{world} each (DeepSpeed's ZeRO-3 "
+            "estimate)")
+    if offload_optimizer or offload_params:
+        note += "; offloaded to the host: " + ", ".join(
+            k for k, on in (("optimizer", offload_optimizer), ("parameters", offload_params))
+            if on)
+    rows.append(Row("student model states", states, note))
+
+    live = int(zero["stage3_max_live_parameters"])
+    prefetch = int(zero["stage3_prefetch_bucket_size"])
+    gathered = min(live, student.largest_module_params + prefetch, student.params)
+    gathered = max(gathered, student.lm_head_params)
+    rows.append(Row("student gathered parameters", gathered * s,
+                    f"largest module + prefetch bucket ({prefetch:.3g}), at most max live "
+                    f"({live:.3g}), at least the lm_head the loss reads"))
+    grad_bytes = 4 if s == 4 else s
+    if zero["contiguous_gradients"] and not offload_optimizer:
+        bucket = int(zero["reduce_bucket_size"]) * grad_bytes
+        rows.append(Row("student reduce bucket", bucket,
+                        f"reduce_bucket_size {zero['reduce_bucket_size']:.3g} gradient elements"))
+    rows.append(Row("student module gradients", student.largest_module_params * s,
+                    "the largest module's full gradient before it is reduce-scattered"))
+
+    blocks = student.layers * student.block_activation_bytes
+    if setup.gradient_checkpointing:
+        on_host = ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False)
+        inputs = 0 if on_host else student.layers * student.block_input_bytes
+        activations = inputs + student.other_activation_bytes + 2 * student.block_activation_bytes
+        where = " on the host" if on_host else ""
+        note = (f"{student.layers} block inputs kept{where}; one block recomputed in backward "
+                "with its gradients")
+    else:
+        activations = blocks + student.other_activation_bytes + student.block_activation_bytes
+        note = f"{student.layers} blocks' saved tensors, plus one block's gradients in backward"
+    rows.append(Row("student activations", activations,
+                    f"{note} (micro-batch {setup.micro_batch} x {setup.block_size}, "
+                    f"{setup.attn_implementation})"))
+
+    tokens = setup.micro_batch * setup.block_size
+    chunk = min(loss_chunk_size or default_chunk_size(student.vocab_size, student.hidden_size),
+                tokens)
+    loss = (2 * chunk * student.vocab_size * 4 + student.lm_head_params * 4
+            + tokens * student.hidden_size * s)
+    rows.append(Row("fused loss buffers", loss,
+                    f"2 float32 [{chunk}, {student.vocab_size}] blocks, the float32 lm_head "
+                    "gradient, the hidden states' gradient"))
+
+    teacher_allgather = teacher_internode = 0
+    if teacher is not None:
+        t_zero = zero_config(teacher_config or {"zero_optimization": {"stage": 3}})
+        t = teacher.dtype_bytes
+        stage = t_zero.get("stage", 3)
+        sharded = stage == 3
+        t_offload = _offloads(t_zero, "offload_param")
+        shards = 0 if t_offload else teacher.params * t // (world if sharded else 1)
+        hpz = int(t_zero.get("zero_hpz_partition_size", 1)) if sharded else 1
+        if hpz > 1:
+            shards += teacher.params * t // hpz   # the secondary copy inside the node
+        rows.append(Row("teacher parameters", shards,
+                        ("offloaded to the host" if t_offload else
+                         f"ZeRO-3, 1/{world}" if sharded else f"stage {stage}, replicated")
+                        + (f" + a secondary 1/{hpz} copy in the node (hpZ)" if hpz > 1 else "")))
+        if sharded:
+            t_live = int(t_zero["stage3_max_live_parameters"])
+            t_prefetch = int(t_zero["stage3_prefetch_bucket_size"])
+            t_gathered = max(min(t_live, teacher.largest_module_params + t_prefetch,
+                                 teacher.params), teacher.lm_head_params)
+            rows.append(Row("teacher gathered parameters", t_gathered * t,
+                            "largest module + prefetch; its lm_head is held through the loss"))
+            teacher_allgather = teacher.params * t * (world - 1) // world
+            if hpz <= 1 and setup.num_nodes > 1:
+                teacher_internode = teacher.params * t * (world - setup.num_gpus) // world
+        rows.append(Row("teacher forward", teacher.block_activation_bytes
+                        + tokens * teacher.hidden_size * t,
+                        "one block's intermediates at a time (no_grad) and its final hidden "
+                        "states"))
+
+    subtotal = sum(row.bytes for row in rows)
+    rows.append(Row("allocator fragmentation", int(FRAGMENTATION * subtotal),
+                    f"{FRAGMENTATION:.0%} of the above"))
+    rows.append(Row("runtime", setup.runtime_bytes, "CUDA context, libraries' workspaces"))
+
+    gathers = 3 if setup.gradient_checkpointing else 2   # forward, (recompute,) backward
+    student_allgather = 0 if offload_params and world == 1 else \
+        gathers * student.params * s * (world - 1) // world
+    return Estimate(rows=rows, total_bytes=sum(row.bytes for row in rows),
+                    host_bytes_per_node=host if (offload_optimizer or offload_params) else 0,
+                    student_allgather_bytes=student_allgather,
+                    student_reduce_scatter_bytes=student.params * grad_bytes * (world - 1)
+                    // world,
+                    teacher_allgather_bytes=teacher_allgather,
+                    teacher_allgather_internode_bytes=teacher_internode,
+                    student_states_bytes=states)
+
+
+def gib(n: int) -> float:
+    return n / GiB

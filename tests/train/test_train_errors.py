@@ -139,6 +139,11 @@ def test_options_out_of_range(option, value, message, tmp_path, capsys):
                                "gradient_accumulation_steps 1 x 1 rank(s) = 2"),
     ({"optimizer": {"type": "Adamm", "params": {}}}, "unknown optimizer type 'Adamm'"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be a whole number"),
+    ({"activation_checkpointing": {"partition_activations": True}},
+     "partition_activations splits checkpoints across tensor-parallel ranks, which tsld-ds does "
+     "not use; drop it"),
+    ({"activation_checkpointing": {"cpu_checkpointing": True}},
+     "cpu_checkpointing acts on checkpointed blocks; add --gradient_checkpointing"),
 ])
 def test_deepspeed_config_that_cannot_work(config, message, tmp_path):
     proc = run_train(["--ds_config", write_ds_config(tmp_path / "ds.json", **config),

@@ -16,11 +16,12 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
 from tsld_ds import gpu_extras
 from tsld_ds.data import ResumableDistributedSampler, check_tokenizers_match, dataset_rows
-from tsld_ds.devices import set_local_device
+from tsld_ds.devices import pins_memory, set_local_device
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import Objective
 from tsld_ds.models import (check_block_size, check_gradient_checkpointing, check_model_source,
@@ -286,19 +287,43 @@ def open_teacher_cache(args, tokenizer, train_rows) -> TeacherCache:
     return cache
 
 
-def enable_gradient_checkpointing(model) -> None:
+def checkpoints_on_host(ds_config: dict, path: str, gradient_checkpointing: bool) -> bool:
+    """Whether the DeepSpeed config's `activation_checkpointing` asks for the block inputs kept
+    for the recompute to wait in host memory (`cpu_checkpointing`). Its `partition_activations`
+    splits them across tensor-parallel ranks, which a ZeRO-3 run has none of: refused."""
+    section = ds_config.get("activation_checkpointing", {})
+    if section.get("partition_activations"):
+        raise UsageError(f"DeepSpeed config '{path}': activation_checkpointing."
+                         "partition_activations splits checkpoints across tensor-parallel ranks, "
+                         "which tsld-ds does not use; drop it (cpu_checkpointing works)")
+    on_host = bool(section.get("cpu_checkpointing"))
+    if on_host and not gradient_checkpointing:
+        raise UsageError(f"DeepSpeed config '{path}': activation_checkpointing.cpu_checkpointing "
+                         "acts on checkpointed blocks; add --gradient_checkpointing")
+    return on_host
+
+
+def enable_gradient_checkpointing(model, *, on_host: bool = False) -> None:
     """Every decoder block of `model` recomputes its activations in backward: non-reentrant, the
-    kind that composes with ZeRO-3's gathering hooks (they run again in the recompute)."""
-    # transformers 5 renamed it; 4.x has only the old name
-    enable = getattr(model, "activation_checkpointing_enable", None) or \
-        model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
+    kind that composes with ZeRO-3's gathering hooks (they run again in the recompute).
+    `on_host`: the block inputs kept for the recompute wait in pinned host memory."""
+    # transformers 5 renamed it; 4.x has only the old name, without host offload
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    # On the CPU accelerator they are in host memory already (and pinning needs a device).
+    on_host = on_host and pins_memory(get_accelerator().device_name())
+    if enable is not None:
+        enable({"use_reentrant": False}, offload=on_host)
+    elif on_host:
+        raise UsageError("activation_checkpointing.cpu_checkpointing needs transformers 5")
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
 
 
 def build_run(args) -> Run:
     """Checks the inputs, starts the process group and builds both engines."""
     ds_config = read_ds_config(args.ds_config)
     teacher_config = read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None
+    host_checkpoints = checkpoints_on_host(ds_config, args.ds_config, args.gradient_checkpointing)
     resume_from = check_inputs(args)
     objective = objective_of(args)
     quant_config = quant_config_of(args)
@@ -342,7 +367,7 @@ def build_run(args) -> Run:
                          f"{teacher.vocab_size} tokens but student '{args.model}' predicts "
                          f"{vocab_size_of(student_model)}: their vocabularies differ")
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(student_model)
+        enable_gradient_checkpointing(student_model, on_host=host_checkpoints)
     if quant_config is not None:
         quantize_model(student_model, quant_config)
     student = DistillationStudent(student_model, objective)

@@ -22,14 +22,15 @@ _SHARED_KEYS = ("train_micro_batch_size_per_gpu", "bf16", "fp16", "steps_per_pri
 def teacher_ds_config(student_config: dict, teacher_config: dict | None = None) -> dict:
     """The teacher's engine config: the given one, or ZeRO-3 inference derived from the student's.
 
-    The micro-batch always follows the student's (both engines see the same batches)."""
+    Precision and logging follow the student's where the given config does not set them; the
+    micro-batch always does (both engines see the same batches)."""
+    config = {k: copy.deepcopy(v) for k, v in student_config.items() if k in _SHARED_KEYS}
     if teacher_config is None:
-        teacher_config = {k: copy.deepcopy(v) for k, v in student_config.items() if k in _SHARED_KEYS}
-        teacher_config["zero_optimization"] = {"stage": 3}
+        teacher_config = {"zero_optimization": {"stage": 3}}
         offload = student_config.get("zero_optimization", {}).get("offload_param")
         if offload:
             teacher_config["zero_optimization"]["offload_param"] = copy.deepcopy(offload)
-    config = copy.deepcopy(teacher_config)
+    config.update(copy.deepcopy(teacher_config))
     for key in ("optimizer", "scheduler", "train_batch_size", "gradient_accumulation_steps"):
         config.pop(key, None)
     config["train_micro_batch_size_per_gpu"] = student_config["train_micro_batch_size_per_gpu"]

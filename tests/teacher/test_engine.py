@@ -1,0 +1,27 @@
+"""tsld_ds/teacher/engine.py: the teacher's engine config derived from the student's."""
+from tsld_ds.teacher import teacher_ds_config
+
+STUDENT = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8,
+           "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {}},
+           "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
+           "steps_per_print": 10}
+
+
+def test_derived_config_is_zero3_inference_in_the_students_precision():
+    config = teacher_ds_config(STUDENT)
+    assert config == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                      "bf16": {"enabled": True}, "steps_per_print": 10,
+                      "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+
+
+def test_given_config_keeps_its_own_keys_and_inherits_the_rest():
+    given = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD"},
+             "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}
+    config = teacher_ds_config(STUDENT, given)
+    assert config["bf16"] == {"enabled": True}                 # inherited
+    assert config["zero_optimization"] == given["zero_optimization"]   # its own, not offloaded
+    assert config["train_micro_batch_size_per_gpu"] == 4       # the student's batches
+    assert "optimizer" not in config
+    fp16 = teacher_ds_config(STUDENT, {**given, "bf16": {"enabled": False},
+                                       "fp16": {"enabled": True}})
+    assert fp16["bf16"] == {"enabled": False} and fp16["fp16"] == {"enabled": True}

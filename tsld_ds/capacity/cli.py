@@ -152,6 +152,10 @@ def format_table(p: dict) -> str:
               f"{p['student_reduce_scatter_bytes'] / GiB:.2f}; teacher all-gather "
               f"{p['teacher_allgather_bytes'] / GiB:.2f} (across nodes "
               f"{p['teacher_allgather_internode_bytes'] / GiB:.2f})"]
+    lines.append(f"student activations: {gib(p['activations_stored_bytes']).strip()} GiB "
+                 "stored, "
+                 f"{gib(p['activations_checkpointed_bytes']).strip()} GiB with "
+                 "--gradient_checkpointing")
     if not p["fits"] and not p["gradient_checkpointing"]:
         lines.append("hint: --gradient_checkpointing keeps one block's activations instead of "
                      "every block's")

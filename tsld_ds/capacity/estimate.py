@@ -87,6 +87,8 @@ class Estimate:
     teacher_allgather_bytes: int
     teacher_allgather_internode_bytes: int
     student_states_bytes: int   # the part that cannot shrink but with more GPUs or offload
+    activations_stored_bytes: int        # the student's, without checkpointing
+    activations_checkpointed_bytes: int  # with it
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -255,20 +257,17 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
     rows.append(Row("student module gradients", student.largest_module_params * s,
                     "the largest module's full gradient before it is reduce-scattered"))
 
-    blocks = student.layers * student.block_activation_bytes
+    on_host = ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False)
+    stored, checkpointed = (activation_bytes(student, c, on_host) for c in (False, True))
     if setup.gradient_checkpointing:
-        on_host = ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False)
-        inputs = 0 if on_host else student.layers * student.block_input_bytes
-        activations = inputs + student.other_activation_bytes + 2 * student.block_activation_bytes
         where = " on the host" if on_host else ""
         note = (f"{student.layers} block inputs kept{where}; one block recomputed in backward "
                 "with its gradients")
     else:
-        activations = blocks + student.other_activation_bytes + student.block_activation_bytes
         note = f"{student.layers} blocks' saved tensors, plus one block's gradients in backward"
-    rows.append(Row("student activations", activations,
-                    f"{note} (micro-batch {setup.micro_batch} x {setup.block_size}, "
-                    f"{setup.attn_implementation})"))
+    rows.append(Row("student activations", checkpointed if setup.gradient_checkpointing
+                    else stored, f"{note} (micro-batch {setup.micro_batch} x "
+                    f"{setup.block_size}, {setup.attn_implementation})"))
 
     tokens = setup.micro_batch * setup.block_size
     chunk = min(loss_chunk_size or default_chunk_size(student.vocab_size, student.hidden_size),
@@ -324,7 +323,19 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
                     // world,
                     teacher_allgather_bytes=teacher_allgather,
                     teacher_allgather_internode_bytes=teacher_internode,
-                    student_states_bytes=states)
+                    student_states_bytes=states,
+                    activations_stored_bytes=stored,
+                    activations_checkpointed_bytes=checkpointed)
+
+
+def activation_bytes(student: ModelShape, checkpointed: bool, inputs_on_host: bool) -> int:
+    """The student's activations at their peak in backward: every block's saved tensors, or
+    (checkpointed) every block's input (unless on the host) and one recomputed block's; plus
+    one block's worth of gradients flowing back."""
+    if checkpointed:
+        inputs = 0 if inputs_on_host else student.layers * student.block_input_bytes
+        return inputs + student.other_activation_bytes + 2 * student.block_activation_bytes
+    return (student.layers + 1) * student.block_activation_bytes + student.other_activation_bytes
 
 
 def gib(n: int) -> float:

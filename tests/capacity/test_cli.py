@@ -23,7 +23,8 @@ def test_json_for_a_shipped_config(capsys):
                          "--gradient_checkpointing", "--gpu_memory_gb", "80")
     assert plan["student_params"] == plan["teacher_params"] == 6_738_415_616
     assert plan["dtype"] == "bfloat16" and plan["micro_batch"] == 4
-    assert plan["total_bytes"] == sum(row["bytes"] for row in plan["rows"])
+    assert plan["total_bytes"] == sum(row["bytes"] for row in plan["rows"]
+                                      if row["phase"] in ("held", plan["peak_phase"]))
     assert plan["fits"] is True
     tight = estimate_json(capsys, "--model", "llama-2-7b", "--ds_config",
                           str(REPO / "ds_configs" / "zero3_bf16.json"), "--num_gpus", "8",

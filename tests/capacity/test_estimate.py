@@ -83,7 +83,8 @@ def test_model_states_shard_and_the_total_adds_up(llama7b):
     assert row(one, "student model states") == 18 * llama7b.params
     assert row(eight, "student model states") == pytest.approx(18 * llama7b.params / 8, abs=8)
     assert row(eight, "teacher parameters") == 2 * llama7b.params // 8
-    assert eight.total_bytes == sum(r.bytes for r in eight.rows)
+    assert eight.total_bytes == sum(r.bytes for r in eight.rows
+                                    if r.phase in ("held", eight.peak_phase))
     llama7b_fp32 = dataclasses.replace(llama7b, dtype_bytes=4)
     fp32 = estimate(llama7b_fp32, llama7b_fp32, {"zero_optimization": {"stage": 3}}, None,
                     setup(8))
@@ -93,20 +94,24 @@ def test_model_states_shard_and_the_total_adds_up(llama7b):
 def test_checkpointing_keeps_block_inputs_only(llama7b):
     plain, checkpointed = (estimate(llama7b, None, BF16, None, setup(checkpointing=c))
                            for c in (False, True))
-    layers = llama7b.layers
-    assert row(plain, "student activations") == \
-        (layers + 1) * llama7b.block_activation_bytes + llama7b.other_activation_bytes
-    assert row(checkpointed, "student activations") == \
-        layers * llama7b.block_input_bytes + llama7b.other_activation_bytes \
-        + 2 * llama7b.block_activation_bytes
-    assert row(checkpointed, "student activations") < row(plain, "student activations") / 5
+    layers, block = llama7b.layers, llama7b.block_activation_bytes
+    assert row(plain, "student activations kept") == \
+        layers * block + llama7b.other_activation_bytes
+    assert row(plain, "student activations in backward") == \
+        row(plain, "student activations kept") + block
+    assert row(checkpointed, "student activations kept") == \
+        layers * llama7b.block_input_bytes + llama7b.other_activation_bytes
+    assert row(checkpointed, "student activations in backward") == \
+        row(checkpointed, "student activations kept") + 2 * block
+    assert plain.total_bytes - checkpointed.total_bytes > 10 * 2**30   # LLaMA-2-7B, 2048 tokens
     for result in (plain, checkpointed):   # both figures, whichever the run uses
-        assert result.activations_stored_bytes == row(plain, "student activations")
-        assert result.activations_checkpointed_bytes == row(checkpointed, "student activations")
+        assert result.activations_stored_bytes == row(plain, "student activations in backward")
+        assert result.activations_checkpointed_bytes == \
+            row(checkpointed, "student activations in backward")
     on_host = estimate(llama7b, None, {**BF16, "activation_checkpointing": {
         "cpu_checkpointing": True}}, None, setup())
-    assert row(checkpointed, "student activations") - row(on_host, "student activations") == \
-        layers * llama7b.block_input_bytes
+    assert row(checkpointed, "student activations kept") - \
+        row(on_host, "student activations kept") == layers * llama7b.block_input_bytes
 
 
 def test_teacher_traffic_and_hierarchical_partitioning(llama7b):

@@ -140,12 +140,14 @@ def format_table(p: dict) -> str:
              f"{p['num_nodes']} node(s) x {p['num_gpus']} GPUs, {p['dtype']}, micro-batch "
              f"{p['micro_batch']} x {p['block_size']} tokens, {p['attn_implementation']}, "
              f"checkpointing {'on' if p['gradient_checkpointing'] else 'off'}",
-             "", f"{'per GPU':30s} {'GiB':>8s}  what"]
-    lines += [f"{row['what']:30s} {gib(row['bytes'])}  {row['note']}" for row in p["rows"]]
+             "", f"{'per GPU':32s} {'GiB':>8s}  {'when':16s} what"]
+    lines += [f"{row['what']:32s} {gib(row['bytes'])}  {row['phase']:16s} {row['note']}"
+              for row in p["rows"]]
     verdict = "fits" if p["fits"] else "does NOT fit"
-    lines += [f"{'total':30s} {gib(p['total_bytes'])}  {verdict} in {p['gpu_memory_gb']:g} GiB"]
+    lines += [f"{'total':32s} {gib(p['total_bytes'])}  the held rows and the {p['peak_phase']} "
+              f"rows, the largest phase: {verdict} in {p['gpu_memory_gb']:g} GiB"]
     if p["host_bytes_per_node"]:
-        lines.append(f"{'host memory per node':30s} {gib(p['host_bytes_per_node'])}  offloaded "
+        lines.append(f"{'host memory per node':32s} {gib(p['host_bytes_per_node'])}  offloaded "
                      "states (DeepSpeed's estimate)")
     lines += ["", "received per rank per micro-batch (GiB): "
               f"student all-gather {p['student_allgather_bytes'] / GiB:.2f}, reduce-scatter "

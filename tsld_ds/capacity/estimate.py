@@ -2,17 +2,21 @@
 
 The student's model states come from DeepSpeed's own ZeRO-3 estimator
 (`estimate_zero3_model_states_mem_needs`); the rest is what tsld-ds adds around them, each
-term sized from the model's config and the DeepSpeed configs:
+term sized from the model's config and the DeepSpeed configs. Some are held through the whole
+step (model states, the teacher's shards, ZeRO-3's reduce bucket of `reduce_bucket_size`
+gradient elements); the others live in one phase of it and are freed before the next, so the
+peak is the held bytes plus the largest phase:
 
-- the gathered working set: ZeRO-3 gathers a module's full parameters for its forward and
-  backward and prefetches the next ones up to `stage3_prefetch_bucket_size` elements (at most
-  `stage3_max_live_parameters`); the fused loss holds both lm_heads gathered at once;
-- the reduce bucket: with `contiguous_gradients` ZeRO-3 allocates `reduce_bucket_size` gradient
-  elements up front;
-- activations: what autograd saves for backward, counted by running the model on the `meta`
-  device (no memory, exact shapes) under `saved_tensors_hooks`;
-- the fused loss: two float32 [chunk, V] blocks, the float32 lm_head gradient accumulator and
-  the hidden states' gradient.
+- teacher forward: the teacher's gathered parameters (the module in use and the prefetched ones,
+  `stage3_prefetch_bucket_size`, at most `stage3_max_live_parameters`) and one block's
+  intermediates;
+- student forward + loss: the activations kept for backward, both lm_heads gathered, the fused
+  loss's two float32 [chunk, V] blocks and float32 lm_head gradient;
+- backward: the activations at their peak (with checkpointing, one block recomputed), the
+  student's gathered parameters, a module's full gradient before it is reduce-scattered.
+
+Activations are what autograd saves for backward, counted by running the model on the `meta`
+device (no memory, exact shapes) under `saved_tensors_hooks`.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ ZERO3_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
 # What a CUDA process holds before any tensor: context, cuBLAS/NCCL workspaces, kernels.
 CUDA_RUNTIME_BYTES = 1 * GiB
 # Allocator fragmentation: PyTorch's caching allocator keeps freed blocks for reuse; this share of
-# everything above is what it typically cannot hand back to a request of another size.
+# the transient memory is what it typically cannot hand back to a request of another size.
 FRAGMENTATION = 0.10
 
 
@@ -70,17 +74,24 @@ class Setup:
         return self.num_gpus * self.num_nodes
 
 
+# When a row's bytes are held: throughout the step, or in one phase (freed before the next).
+HELD, TEACHER_FORWARD, LOSS, BACKWARD = "held", "teacher forward", "forward + loss", "backward"
+PHASES = (TEACHER_FORWARD, LOSS, BACKWARD)
+
+
 @dataclass(frozen=True)
 class Row:
     what: str
     bytes: int
+    phase: str
     note: str
 
 
 @dataclass(frozen=True)
 class Estimate:
     rows: list[Row]             # per GPU
-    total_bytes: int
+    total_bytes: int            # held rows + the peak phase's rows
+    peak_phase: str
     host_bytes_per_node: int    # offloaded states (DeepSpeed's CPU estimate), 0 without offload
     student_allgather_bytes: int   # received per rank per micro-batch
     student_reduce_scatter_bytes: int
@@ -218,15 +229,19 @@ def _offloads(zero: dict, key: str) -> bool:
 def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
              teacher_config: dict | None, setup: Setup, loss_chunk_size: int | None = None
              ) -> Estimate:
+    """Per-GPU memory at the step's peak: what is held throughout (states, shards, buckets, the
+    runtime) plus the largest of the phases' transients (each freed before the next phase), plus
+    fragmentation of that transient; and the traffic of one micro-batch."""
     world, rows = setup.world, []
     zero = zero_config(ds_config)
     offload_optimizer, offload_params = _offloads(zero, "offload_optimizer"), \
         _offloads(zero, "offload_param")
     s = student.dtype_bytes
+    tokens = setup.micro_batch * setup.block_size
 
-    # Model states: DeepSpeed's estimate, less its largest-layer allowance (the working set
-    # below sizes that from the config). Its per-parameter counts assume 16-bit parameters;
-    # float32 compute keeps 4-byte ones, 2 more bytes a parameter where they live on the GPU.
+    # Model states: DeepSpeed's estimate, less its largest-layer allowance (the phases below
+    # size the gathered parameters from the config). Its per-parameter counts assume 16-bit
+    # parameters; float32 compute keeps 4-byte ones, 2 more bytes a parameter on the GPU.
     host, gpu, largest_layer = estimate_zero3_model_states_mem_needs(
         student.params, student.largest_module_params, num_gpus_per_node=setup.num_gpus,
         num_nodes=setup.num_nodes, cpu_offload=offload_optimizer or offload_params,
@@ -234,49 +249,17 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
     states = gpu - largest_layer
     if s == 4 and not offload_params:
         states += 2 * student.params // world
-    note = ("parameters, gradients and Adam states, 1/" f"{world} each (DeepSpeed's ZeRO-3 "
-            "estimate)")
+    note = f"parameters, gradients and Adam states, 1/{world} each (DeepSpeed's ZeRO-3 estimate)"
     if offload_optimizer or offload_params:
         note += "; offloaded to the host: " + ", ".join(
             k for k, on in (("optimizer", offload_optimizer), ("parameters", offload_params))
             if on)
-    rows.append(Row("student model states", states, note))
-
-    live = int(zero["stage3_max_live_parameters"])
-    prefetch = int(zero["stage3_prefetch_bucket_size"])
-    gathered = min(live, student.largest_module_params + prefetch, student.params)
-    gathered = max(gathered, student.lm_head_params)
-    rows.append(Row("student gathered parameters", gathered * s,
-                    f"largest module + prefetch bucket ({prefetch:.3g}), at most max live "
-                    f"({live:.3g}), at least the lm_head the loss reads"))
+    rows.append(Row("student model states", states, HELD, note))
     grad_bytes = 4 if s == 4 else s
     if zero["contiguous_gradients"] and not offload_optimizer:
-        bucket = int(zero["reduce_bucket_size"]) * grad_bytes
-        rows.append(Row("student reduce bucket", bucket,
-                        f"reduce_bucket_size {zero['reduce_bucket_size']:.3g} gradient elements"))
-    rows.append(Row("student module gradients", student.largest_module_params * s,
-                    "the largest module's full gradient before it is reduce-scattered"))
-
-    on_host = ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False)
-    stored, checkpointed = (activation_bytes(student, c, on_host) for c in (False, True))
-    if setup.gradient_checkpointing:
-        where = " on the host" if on_host else ""
-        note = (f"{student.layers} block inputs kept{where}; one block recomputed in backward "
-                "with its gradients")
-    else:
-        note = f"{student.layers} blocks' saved tensors, plus one block's gradients in backward"
-    rows.append(Row("student activations", checkpointed if setup.gradient_checkpointing
-                    else stored, f"{note} (micro-batch {setup.micro_batch} x "
-                    f"{setup.block_size}, {setup.attn_implementation})"))
-
-    tokens = setup.micro_batch * setup.block_size
-    chunk = min(loss_chunk_size or default_chunk_size(student.vocab_size, student.hidden_size),
-                tokens)
-    loss = (2 * chunk * student.vocab_size * 4 + student.lm_head_params * 4
-            + tokens * student.hidden_size * s)
-    rows.append(Row("fused loss buffers", loss,
-                    f"2 float32 [{chunk}, {student.vocab_size}] blocks, the float32 lm_head "
-                    "gradient, the hidden states' gradient"))
+        rows.append(Row("student reduce bucket", int(zero["reduce_bucket_size"]) * grad_bytes,
+                        HELD, f"reduce_bucket_size {zero['reduce_bucket_size']:.3g} gradient "
+                        "elements, allocated once"))
 
     teacher_allgather = teacher_internode = 0
     if teacher is not None:
@@ -289,34 +272,68 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
         hpz = int(t_zero.get("zero_hpz_partition_size", 1)) if sharded else 1
         if hpz > 1:
             shards += teacher.params * t // hpz   # the secondary copy inside the node
-        rows.append(Row("teacher parameters", shards,
+        rows.append(Row("teacher parameters", shards, HELD,
                         ("offloaded to the host" if t_offload else
                          f"ZeRO-3, 1/{world}" if sharded else f"stage {stage}, replicated")
                         + (f" + a secondary 1/{hpz} copy in the node (hpZ)" if hpz > 1 else "")))
         if sharded:
-            t_live = int(t_zero["stage3_max_live_parameters"])
-            t_prefetch = int(t_zero["stage3_prefetch_bucket_size"])
-            t_gathered = max(min(t_live, teacher.largest_module_params + t_prefetch,
-                                 teacher.params), teacher.lm_head_params)
-            rows.append(Row("teacher gathered parameters", t_gathered * t,
-                            "largest module + prefetch; its lm_head is held through the loss"))
+            rows.append(Row("teacher gathered parameters",
+                            _gathered(teacher, t_zero) * t, TEACHER_FORWARD,
+                            "largest module + prefetch bucket, at most max live"))
             teacher_allgather = teacher.params * t * (world - 1) // world
             if hpz <= 1 and setup.num_nodes > 1:
                 teacher_internode = teacher.params * t * (world - setup.num_gpus) // world
         rows.append(Row("teacher forward", teacher.block_activation_bytes
-                        + tokens * teacher.hidden_size * t,
-                        "one block's intermediates at a time (no_grad) and its final hidden "
-                        "states"))
+                        + tokens * teacher.hidden_size * t, TEACHER_FORWARD,
+                        "one block's intermediates at a time (no_grad), its final hidden states"))
 
-    subtotal = sum(row.bytes for row in rows)
-    rows.append(Row("allocator fragmentation", int(FRAGMENTATION * subtotal),
-                    f"{FRAGMENTATION:.0%} of the above"))
-    rows.append(Row("runtime", setup.runtime_bytes, "CUDA context, libraries' workspaces"))
+    on_host = ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False)
+    stored, checkpointed = (activation_bytes(student, c, on_host) for c in (False, True))
+    kept = kept_activation_bytes(student, setup.gradient_checkpointing, on_host)
+    where = f", micro-batch {setup.micro_batch} x {setup.block_size}, " \
+        f"{setup.attn_implementation}"
+    if setup.gradient_checkpointing:
+        place = " on the host" if on_host else ""
+        rows.append(Row("student activations kept", kept, LOSS,
+                        f"{student.layers} blocks' inputs{place}{where}"))
+    else:
+        rows.append(Row("student activations kept", kept, LOSS,
+                        f"{student.layers} blocks' saved tensors{where}"))
+    heads = student.lm_head_params * s + (teacher.lm_head_params * teacher.dtype_bytes
+                                          if teacher is not None else 0)
+    rows.append(Row("lm_heads gathered for the loss", heads, LOSS,
+                    "the student's" + (" and the teacher's" if teacher is not None else "")))
+    chunk = min(loss_chunk_size or default_chunk_size(student.vocab_size, student.hidden_size),
+                tokens)
+    loss = (2 * chunk * student.vocab_size * 4 + student.lm_head_params * 4
+            + tokens * student.hidden_size * s)
+    rows.append(Row("fused loss buffers", loss, LOSS,
+                    f"2 float32 [{chunk}, {student.vocab_size}] blocks, the float32 lm_head "
+                    "gradient, the hidden states' gradient"))
+
+    rows.append(Row("student activations in backward",
+                    checkpointed if setup.gradient_checkpointing else stored, BACKWARD,
+                    ("the kept inputs, one block recomputed" if setup.gradient_checkpointing
+                     else "every block's saved tensors") + " and one block's gradients"))
+    rows.append(Row("student gathered parameters", _gathered(student, zero) * s, BACKWARD,
+                    f"largest module + prefetch bucket "
+                    f"({zero['stage3_prefetch_bucket_size']:.3g}), at most max live "
+                    f"({zero['stage3_max_live_parameters']:.3g})"))
+    rows.append(Row("student module gradients", student.largest_module_params * s, BACKWARD,
+                    "the largest module's full gradient before it is reduce-scattered"))
+
+    phase_bytes = {phase: sum(r.bytes for r in rows if r.phase == phase) for phase in PHASES}
+    peak_phase = max(phase_bytes, key=phase_bytes.get)
+    rows.append(Row("allocator fragmentation", int(FRAGMENTATION * phase_bytes[peak_phase]),
+                    HELD, f"{FRAGMENTATION:.0%} of the largest phase's transients"))
+    rows.append(Row("runtime", setup.runtime_bytes, HELD,
+                    "CUDA context, libraries' workspaces"))
+    total = sum(r.bytes for r in rows if r.phase == HELD) + phase_bytes[peak_phase]
 
     gathers = 3 if setup.gradient_checkpointing else 2   # forward, (recompute,) backward
     student_allgather = 0 if offload_params and world == 1 else \
         gathers * student.params * s * (world - 1) // world
-    return Estimate(rows=rows, total_bytes=sum(row.bytes for row in rows),
+    return Estimate(rows=rows, total_bytes=total, peak_phase=peak_phase,
                     host_bytes_per_node=host if (offload_optimizer or offload_params) else 0,
                     student_allgather_bytes=student_allgather,
                     student_reduce_scatter_bytes=student.params * grad_bytes * (world - 1)
@@ -328,15 +345,25 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
                     activations_checkpointed_bytes=checkpointed)
 
 
-def activation_bytes(student: ModelShape, checkpointed: bool, inputs_on_host: bool) -> int:
-    """The student's activations at their peak in backward: every block's saved tensors, or
-    (checkpointed) every block's input (unless on the host) and one recomputed block's; plus
-    one block's worth of gradients flowing back."""
+def _gathered(model: ModelShape, zero: dict) -> int:
+    """Elements ZeRO-3 holds gathered at once: the module in use and the prefetched ones."""
+    return min(int(zero["stage3_max_live_parameters"]),
+               model.largest_module_params + int(zero["stage3_prefetch_bucket_size"]),
+               model.params)
+
+
+def kept_activation_bytes(student: ModelShape, checkpointed: bool, inputs_on_host: bool) -> int:
+    """The student's activations held from its forward into backward: every block's saved
+    tensors, or (checkpointed) every block's input unless it waits on the host."""
     if checkpointed:
         inputs = 0 if inputs_on_host else student.layers * student.block_input_bytes
-        return inputs + student.other_activation_bytes + 2 * student.block_activation_bytes
-    return (student.layers + 1) * student.block_activation_bytes + student.other_activation_bytes
+        return inputs + student.other_activation_bytes
+    return student.layers * student.block_activation_bytes + student.other_activation_bytes
 
 
-def gib(n: int) -> float:
-    return n / GiB
+def activation_bytes(student: ModelShape, checkpointed: bool, inputs_on_host: bool) -> int:
+    """The student's activations at their peak in backward: those kept, plus (checkpointed) one
+    recomputed block's saved tensors, plus one block's worth of gradients flowing back."""
+    recomputed = student.block_activation_bytes if checkpointed else 0
+    return kept_activation_bytes(student, checkpointed, inputs_on_host) + recomputed \
+        + student.block_activation_bytes

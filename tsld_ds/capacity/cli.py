@@ -122,7 +122,8 @@ def plan(args) -> dict:
             f"than --gpu_memory_gb {memory:g}: use more GPUs (--num_gpus, --num_nodes) or "
             "offload the optimizer (ds_configs/zero3_offload.json)")
     return {"model": model, "teacher": None if args.no_teacher else teacher,
-            "ds_config": args.ds_config, "dtype": str(dtype).removeprefix("torch."),
+            "ds_config": args.ds_config, "teacher_ds_config": args.teacher_ds_config,
+            "dtype": str(dtype).removeprefix("torch."),
             "num_gpus": args.num_gpus, "num_nodes": args.num_nodes,
             "block_size": args.block_size, "micro_batch": micro_batch,
             "gradient_checkpointing": args.gradient_checkpointing,

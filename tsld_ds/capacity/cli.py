@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -23,7 +22,7 @@ from tsld_ds.teacher.engine import teacher_ds_config
 from tsld_ds.train.build import read_ds_config
 
 SHIPPED_CONFIGS = ASSETS / "model_configs"
-DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json"
+DEFAULT_DS_CONFIG = "ds_configs/zero3.json"   # as launch/train.py's, from the repository
 NO_GPU_MEMORY_GB = 80.0
 
 
@@ -58,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher, as --model (default: --model)")
     p.add_argument("--no_teacher", action="store_true",
                    help="no teacher engine: --kd gt, or the teacher's outputs from a cache")
-    p.add_argument("--ds_config", default=str(DEFAULT_DS_CONFIG),
+    p.add_argument("--ds_config", default=DEFAULT_DS_CONFIG,
                    help="the student's DeepSpeed config; it gives precision and micro-batch "
-                   "(default: ds_configs/zero3.json)")
+                   "(default: %(default)s)")
     p.add_argument("--teacher_ds_config", default=None,
                    help="the teacher's DeepSpeed config (default: ZeRO-3 derived from "
                    "--ds_config, as launch/train.py does)")

@@ -29,7 +29,6 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 from tsld_ds.errors import UsageError
 from tsld_ds.losses.fused import default_chunk_size
-from tsld_ds.models import torch_dtype_of
 
 GiB = 1 << 30
 # DeepSpeed's ZeRO-3 defaults, used where a config leaves a key out.

@@ -20,7 +20,8 @@ Stages, in order:
                 bf16 matmul at M = 1, 16, 256 for 4096x4096 and 4096x11008 weights
   llama_1b      a randomly initialised LLaMA of 1.1B parameters
                 (tsld_ds/assets/model_configs/llama-1b) QAT-KD for 20 steps at block 2048 in bf16:
-                tokens/s and MFU = (6 N_student + 2 N_teacher) tokens/s / the GPU's dense bf16 peak
+                tokens/s and MFU = (6 N_student + 2 N_teacher) tokens/s / the GPU's dense bf16 peak;
+                the GPU's peak memory in use (nvidia-smi) beside tsld-estimate's total for it
 
 It writes OUT/report.json (each stage's status, seconds, commands and figures) and OUT/log.txt
 (everything the stages printed), and exits 1 when a stage failed. `--dry-run` runs the same stages
@@ -51,6 +52,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -274,6 +276,39 @@ def bf16_peak_tflops(args) -> tuple:
     return next((peak for fragment, peak in BF16_PEAK_TFLOPS if fragment in name), None), name
 
 
+class GpuMemoryPeak(threading.Thread):
+    """The most memory nvidia-smi reports in use on GPU 0 while it runs (context and caching
+    allocator included: what `tsld-estimate`'s total stands for); None without nvidia-smi."""
+
+    def __init__(self, period: float = 0.25):
+        super().__init__(daemon=True)
+        self.period, self.peak_mib, self.done = period, None, threading.Event()
+
+    def read_mib(self):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--id=0",
+                                  "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True, timeout=10)
+            return float(out.stdout.split()[0]) if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+            return None
+
+    def run(self):
+        while not self.done.is_set():
+            used = self.read_mib()
+            if used is not None:
+                self.peak_mib = max(self.peak_mib or 0.0, used)
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join()
+
+
 def stage_llama_1b(check: Check, args) -> dict:
     model_dir = check.out / "runs" / ("llama-tiny-random" if check.dry_run else "llama-1b-random")
     proc = check.run("llama_1b", [sys.executable, __file__, "--make-model", model_dir,
@@ -286,10 +321,19 @@ def stage_llama_1b(check: Check, args) -> dict:
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config_file = check.out / "llama_1b_ds.json"
     config_file.write_text(json.dumps(config, indent=2))
-    summary = train(check, "llama_1b", [
-        "--model", model_dir, "--ds_config", config_file, "--block_size", block,
-        "--max_steps", steps, "--log_every", log_every, "--eval_every", 0, "--eval_max_blocks",
-        2, "--no_export"], check.out / "runs" / "llama_1b", 600)
+    with GpuMemoryPeak() as memory:
+        idle_mib = memory.read_mib()
+        summary = train(check, "llama_1b", [
+            "--model", model_dir, "--ds_config", config_file, "--block_size", block,
+            "--max_steps", steps, "--log_every", log_every, "--eval_every", 0,
+            "--eval_max_blocks", 2, "--no_export"], check.out / "runs" / "llama_1b", 600)
+    proc = check.run("llama_1b estimate", [
+        sys.executable, "launch/estimate.py", "--model", model_dir, "--ds_config", config_file,
+        "--num_gpus", 1, "--block_size", block, "--gpu_memory_gb", 1024, "--json"], 120)
+    if proc.returncode != 0:
+        raise StageFailed("llama_1b: tsld-estimate failed")
+    estimate_mib = json.loads(proc.stdout)["total_bytes"] / 2**20
+    measured_mib = None if memory.peak_mib is None else memory.peak_mib - (idle_mib or 0.0)
     windows = summary["window_tokens_per_s"]
     steady = sum(windows[1:]) / len(windows[1:])  # the first window holds the warm-up
     peak, device = bf16_peak_tflops(args)
@@ -300,9 +344,14 @@ def stage_llama_1b(check: Check, args) -> dict:
                "tokens_per_s_run": summary["tokens_per_s"], "window_tokens_per_s": windows,
                "bf16_peak_tflops": peak, "mfu": mfu,
                "student_ppl_before": summary["student_ppl_before"],
-               "student_ppl_after": summary["student_ppl_after"]}
+               "student_ppl_after": summary["student_ppl_after"],
+               "memory_peak_mib": measured_mib, "memory_estimate_mib": estimate_mib,
+               "memory_peak_over_estimate": None if measured_mib is None
+               else measured_mib / estimate_mib}
     check.say(f"llama_1b: {parameters / 1e9:.3f}B parameters, {steady:.0f} tokens/s after the "
-              f"first window, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f} %'}")
+              f"first window, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f} %'}; GPU "
+              f"memory peak {'n/a' if measured_mib is None else f'{measured_mib:.0f} MiB'} "
+              f"against tsld-estimate's {estimate_mib:.0f} MiB")
     return figures
 
 

@@ -1,7 +1,7 @@
 """tsld-estimate against measured memory: a LLaMA-7B-width slice trained on the CPU.
 
-    python benchmarks/scale.py                      # 2 layers, block 2048, 1 and 2 ranks
-    python benchmarks/scale.py --layers 1 --block_size 512 --ranks 2
+    python benchmarks/scale.py                      # 1 layer, block 2048, 1 and 2 ranks
+    python benchmarks/scale.py --layers 2 --ranks 1
 
 The slice is LLaMA-2-7B's config (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000,
 larger than the built-in tokenizer's) with --layers blocks and random weights, saved once under
@@ -41,7 +41,8 @@ MiB = 1 << 20
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=2, help="decoder blocks (default: 2)")
+    p.add_argument("--layers", type=int, default=1,
+                   help="decoder blocks; 2 does not fit 2 ranks in 24 GB (default: 1)")
     p.add_argument("--hidden_size", type=int, default=4096)
     p.add_argument("--intermediate_size", type=int, default=11008)
     p.add_argument("--heads", type=int, default=32)
@@ -51,7 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--output_root", default="runs/bench-scale")
     p.add_argument("--json", default=None, help="also write every figure to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be at least 2: the held memory is read between steps")
+    return args
 
 
 def make_slice(path: Path, *, layers, hidden_size, intermediate_size, heads, vocab_size) -> Path:
@@ -122,8 +126,7 @@ def free_port() -> int:
 def write_ds_config(path: Path, params: int) -> Path:
     """zero3.json at micro-batch 1, its reduce bucket (DeepSpeed's default 5e8 elements) at most
     an eighth of the model: the CPU maps a buffer's pages only once they are written, a GPU
-    holds all of it, so the bucket must fill for the CPU to show what a GPU would (and the
-    2-layer slice's two ranks then fit this machine's 24 GB)."""
+    holds all of it, so the bucket must fill for the CPU to show what a GPU would."""
     config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 1
     config["zero_optimization"]["reduce_bucket_size"] = min(int(5e8), params // 8)
@@ -137,7 +140,10 @@ def measure(model_dir: Path, ds_config: Path, ranks: int, block_size: int, steps
     its least RSS after the first step (what is held between steps) and every sample (kept in
     OUTPUT_DIR/memory.json: a finished measurement is reused)."""
     done = output_dir / "memory.json"
-    if done.is_file():
+    settings = {"model": json.loads((model_dir / "config.json").read_text()),
+                "ds_config": json.loads(ds_config.read_text()), "ranks": ranks,
+                "block_size": block_size, "steps": steps}
+    if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         return json.loads(done.read_text())
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(free_port()), str(TRAIN), "--ds_config", str(ds_config),
@@ -163,7 +169,8 @@ def measure(model_dir: Path, ds_config: Path, ranks: int, block_size: int, steps
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     step_ends = sorted(r["time"] for r in records if "loss" in r)   # after each optimizer step
     first = min(r["time"] for r in records if r["step"] == 0)       # the first step starts
-    result = {"ranks": ranks, "wall_s": round(time.time() - start, 1), "per_rank": []}
+    result = {"ranks": ranks, "wall_s": round(time.time() - start, 1), "settings": settings,
+              "per_rank": []}
     for rank in range(ranks):
         mine = [(t, rss) for t, r, rss in sampler.samples if r == rank]
         result["per_rank"].append({

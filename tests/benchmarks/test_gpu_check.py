@@ -32,6 +32,7 @@ def test_dry_run_runs_every_stage(tmp_path):
     llama = stages["llama_1b"]
     assert llama["status"] == "passed" and llama["tokens_per_s_steady"] > 0
     assert llama["mfu"] is None and 1e5 < llama["parameters"] < 1e7  # the tiny stand-in
+    assert llama["memory_peak_mib"] is None and llama["memory_estimate_mib"] > 0  # no nvidia-smi
     log = (out / "log.txt").read_text()
     assert all(f"=== {name} ===" in log for name in stages)
 

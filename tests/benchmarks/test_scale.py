@@ -10,7 +10,7 @@ from helpers import REPO
 SCRIPT = REPO / "benchmarks" / "scale.py"
 
 
-def test_estimate_within_thirty_percent_of_measured_memory(tmp_path):
+def test_estimate_near_measured_memory(tmp_path):
     figures_path = tmp_path / "figures.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -39,7 +39,7 @@ def test_table_from_the_launch_script():
                           "--gpu_memory_gb", "141"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "student model states" in out and "received per rank per micro-batch" in out
-    assert "student /" in out and "(6.66B), teacher" in out
+    assert out.startswith("student opt-6.7b (6.66B), teacher opt-6.7b (6.66B)")
     as_json = subprocess.run([sys.executable, str(REPO / "launch" / "estimate.py"), "--model",
                               "opt-6.7b", "--block_size", "128", "--json"],
                              cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -51,6 +51,7 @@ def test_table_from_the_launch_script():
     (["--model", "llama-2-70b", "--num_gpus", "2", "--gpu_memory_gb", "80"],
      "sharded model states alone need 643.4 GiB per GPU, more than --gpu_memory_gb 80: use "
      "more GPUs (--num_gpus, --num_nodes) or offload the optimizer"),
+
     (["--ds_config", "/no/such/config.json"], "/no/such/config.json"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message, monkeypatch):
@@ -59,6 +60,33 @@ def test_bad_input_is_one_line(capsys, argv, message, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert message in err
+
+
+@pytest.mark.parametrize("zero, extra, message", [
+    ({"offload_param": {"device": "cpu"}}, {},
+     "offload_param without offload_optimizer is not estimated"),
+    ({}, {"activation_checkpointing": {"partition_activations": True}},
+     "partition_activations splits checkpoints across tensor-parallel ranks"),
+    ({}, {"train_batch_size": 24}, "train_batch_size 24 is not train_micro_batch_size_per_gpu 4 x "
+                                   "gradient_accumulation_steps 1 x 8 rank(s) = 32"),
+])
+def test_config_that_training_refuses_is_refused(capsys, tmp_path, zero, extra, message):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"].update(zero)
+    config.update(extra)
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    assert main(["--ds_config", str(tmp_path / "ds.json"), "--num_gpus", "8"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_batch_sizes_are_checked_against_the_planned_gpus(capsys, tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["train_batch_size"] = 64   # micro-batch 4 x 2 accumulation x 8 GPUs
+    del config["gradient_accumulation_steps"]
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    assert estimate_json(capsys, "--ds_config", str(tmp_path / "ds.json"),
+                         "--num_gpus", "8")["micro_batch"] == 4
 
 
 def test_checkpointing_refused_for_a_model_that_cannot(capsys, no_checkpointing_dir):

@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM, OPTConfig
 from helpers import tiny_llama_config
 from tsld_ds.capacity.cli import SHIPPED_CONFIGS
 from tsld_ds.capacity.estimate import Setup, estimate, model_shape
+from tsld_ds.teacher import teacher_ds_config
 
 # Parameter counts of the published checkpoints these configs come from.
-PUBLISHED_PARAMS = {"llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248,
+PUBLISHED_PARAMS = {"llama-1b": 1_100_048_384, "llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248,
                     "opt-6.7b": 6_658_473_984, "llama-2-70b": 68_976_648_192,
                     "llama-3-70b": 70_553_706_496}
 
@@ -70,7 +71,9 @@ def setup(gpus=8, nodes=1, checkpointing=True):
                  gradient_checkpointing=checkpointing, attn_implementation="sdpa")
 
 
-BF16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+BF16 = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 3}}
+TEACHER = teacher_ds_config(BF16)   # what launch/train.py derives: ZeRO-3, bf16
 
 
 def row(result, what):
@@ -78,7 +81,7 @@ def row(result, what):
 
 
 def test_model_states_shard_and_the_total_adds_up(llama7b):
-    one, eight = (estimate(llama7b, llama7b, BF16, None, setup(gpus)) for gpus in (1, 8))
+    one, eight = (estimate(llama7b, llama7b, BF16, TEACHER, setup(gpus)) for gpus in (1, 8))
     # DeepSpeed's 18 bytes a parameter (16-bit weights, fp32 gradients, master and Adam).
     assert row(one, "student model states") == 18 * llama7b.params
     assert row(eight, "student model states") == pytest.approx(18 * llama7b.params / 8, abs=8)
@@ -86,8 +89,8 @@ def test_model_states_shard_and_the_total_adds_up(llama7b):
     assert eight.total_bytes == sum(r.bytes for r in eight.rows
                                     if r.phase in ("held", eight.peak_phase))
     llama7b_fp32 = dataclasses.replace(llama7b, dtype_bytes=4)
-    fp32 = estimate(llama7b_fp32, llama7b_fp32, {"zero_optimization": {"stage": 3}}, None,
-                    setup(8))
+    fp32 = estimate(llama7b_fp32, llama7b_fp32, {"zero_optimization": {"stage": 3}},
+                    {"zero_optimization": {"stage": 3}}, setup(8))
     assert row(fp32, "student model states") == pytest.approx(20 * llama7b.params / 8, abs=8)
 
 
@@ -115,17 +118,18 @@ def test_checkpointing_keeps_block_inputs_only(llama7b):
 
 
 def test_teacher_traffic_and_hierarchical_partitioning(llama7b):
-    two_nodes = estimate(llama7b, llama7b, BF16, None, setup(8, 2))
+    two_nodes = estimate(llama7b, llama7b, BF16, TEACHER, setup(8, 2))
     full = 2 * llama7b.params
     assert two_nodes.teacher_allgather_bytes == full * 15 // 16
     assert two_nodes.teacher_allgather_internode_bytes == full * 8 // 16
     hpz = {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8},
            "bf16": {"enabled": True}}
-    with_hpz = estimate(llama7b, llama7b, BF16, hpz, setup(8, 2))
+    with_hpz = estimate(llama7b, llama7b, BF16, {**hpz, "bf16": {"enabled": True}},
+                        setup(8, 2))
     assert with_hpz.teacher_allgather_internode_bytes == 0
     assert row(with_hpz, "teacher parameters") == full // 16 + full // 8
-    replicated = estimate(llama7b, llama7b, BF16, {"zero_optimization": {"stage": 0},
-                                                   "bf16": {"enabled": True}}, setup(8, 2))
+    # a given config without a stage is DeepSpeed's stage 0: replicated
+    replicated = estimate(llama7b, llama7b, BF16, {"bf16": {"enabled": True}}, setup(8, 2))
     assert row(replicated, "teacher parameters") == full
     assert replicated.teacher_allgather_bytes == 0
 
@@ -133,7 +137,14 @@ def test_teacher_traffic_and_hierarchical_partitioning(llama7b):
 def test_optimizer_offload_moves_states_to_the_host(llama7b):
     offload = {"bf16": {"enabled": True},
                "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
-    result = estimate(llama7b, llama7b, offload, None, setup(8))
+    result = estimate(llama7b, llama7b, offload, TEACHER, setup(8))
     assert row(result, "student model states") == pytest.approx(2 * llama7b.params / 8, abs=8)
-    # DeepSpeed's host estimate with the parameters on the GPUs: 16 bytes a parameter.
-    assert result.host_bytes_per_node == 16 * llama7b.params
+    # DeepSpeed's host estimate with the parameters on the GPUs: 16 bytes a parameter, times
+    # its default buffer factor 1.5.
+    assert result.host_bytes_per_node == 24 * llama7b.params
+    assert row(result, "student reduce bucket") > 0   # allocated with the optimizer offloaded
+    teacher_offload = {"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 3, "offload_param": {"device": "cpu"}, "zero_hpz_partition_size": 8}}
+    result = estimate(llama7b, llama7b, offload, teacher_offload, setup(8, 2))
+    assert row(result, "teacher parameters") == 0   # no hpZ copy on the GPUs either
+    assert result.host_bytes_per_node == 24 * llama7b.params // 2 + 2 * llama7b.params // 2

@@ -19,7 +19,7 @@ from tsld_ds.capacity.estimate import GiB, Setup, estimate, model_shape
 from tsld_ds.errors import EXIT_COMPLETED, EXIT_USAGE, UsageError
 from tsld_ds.models import ASSETS, BUILTIN_MODEL, check_gradient_checkpointing, torch_dtype_of
 from tsld_ds.teacher.engine import teacher_ds_config
-from tsld_ds.train.build import read_ds_config
+from tsld_ds.train.build import checkpoints_on_host, read_ds_config
 
 SHIPPED_CONFIGS = ASSETS / "model_configs"
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"   # as launch/train.py's, from the repository
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss_chunk_size", type=int, default=None,
                    help="tokens per chunk of the fused loss (default: launch/train.py's choice)")
     p.add_argument("--gpu_memory_gb", type=float, default=None,
-                   help="memory of one GPU in GiB (default: this machine's first GPU's, or "
+                   help="memory of one GPU in GiB, 2^30 bytes: an '80 GB' GPU has about 80 "
+                   "(default: this machine's first GPU's, or "
                    f"{NO_GPU_MEMORY_GB:g} without one)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return p
@@ -95,9 +96,11 @@ def parse_args(argv=None):
 
 
 def plan(args) -> dict:
-    ds_config = read_ds_config(args.ds_config)
-    teacher_config = teacher_ds_config(
-        ds_config, read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None)
+    world = args.num_gpus * args.num_nodes
+    ds_config = read_ds_config(args.ds_config, world=world)
+    teacher_config = teacher_ds_config(ds_config, read_ds_config(
+        args.teacher_ds_config, world=world) if args.teacher_ds_config else None)
+    checkpoints_on_host(ds_config, args.ds_config, args.gradient_checkpointing)
     model = resolve_model(args.model)
     teacher = resolve_model(args.teacher or args.model)
     if args.gradient_checkpointing:
@@ -119,8 +122,10 @@ def plan(args) -> dict:
         raise UsageError(
             f"the student's sharded model states alone need {floor / GiB:.1f} GiB per GPU, more "
             f"than --gpu_memory_gb {memory:g}: use more GPUs (--num_gpus, --num_nodes) or "
-            "offload the optimizer (ds_configs/zero3_offload.json)")
-    return {"model": model, "teacher": None if args.no_teacher else teacher,
+            "offload the optimizer (offload_optimizer, as in "
+            "ds_configs/llama7b_8x40gb_offload.json)")
+    return {"model": args.model,
+            "teacher": None if args.no_teacher else args.teacher or args.model,
             "ds_config": args.ds_config, "teacher_ds_config": args.teacher_ds_config,
             "dtype": str(dtype).removeprefix("torch."),
             "num_gpus": args.num_gpus, "num_nodes": args.num_nodes,

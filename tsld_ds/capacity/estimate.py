@@ -44,11 +44,10 @@ FRAGMENTATION = 0.10
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimate needs of a model, read from its config on the meta device."""
-    name: str
     params: int                 # all elements
     largest_module_params: int  # DeepSpeed's "largest layer": one module's own parameters
     lm_head_params: int
-    hidden_size: int
+    hidden_size: int            # the lm_head's input width (the final hidden states')
     vocab_size: int
     layers: int
     dtype_bytes: int
@@ -91,7 +90,7 @@ class Estimate:
     rows: list[Row]             # per GPU
     total_bytes: int            # held rows + the peak phase's rows
     peak_phase: str
-    host_bytes_per_node: int    # offloaded states (DeepSpeed's CPU estimate), 0 without offload
+    host_bytes_per_node: int    # offloaded states (DeepSpeed's host estimate) and teacher
     student_allgather_bytes: int   # received per rank per micro-batch
     student_reduce_scatter_bytes: int
     teacher_allgather_bytes: int
@@ -135,11 +134,11 @@ def model_shape(name_or_path: str, dtype: torch.dtype, micro_batch: int, block_s
     blocks, other = _saved_activation_bytes(model, micro_batch, block_size)
     head = model.get_output_embeddings().weight
     element = torch.finfo(dtype).bits // 8
-    return ModelShape(name=name_or_path, params=params, largest_module_params=largest,
+    return ModelShape(params=params, largest_module_params=largest,
                       lm_head_params=head.numel(), hidden_size=head.shape[1],
                       vocab_size=head.shape[0], layers=len(blocks), dtype_bytes=element,
                       block_activation_bytes=max(blocks), other_activation_bytes=other,
-                      block_input_bytes=micro_batch * block_size * head.shape[1] * element)
+                      block_input_bytes=micro_batch * block_size * config.hidden_size * element)
 
 
 class _FusedAttentionSaves(torch.autograd.Function):
@@ -237,6 +236,9 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
         _offloads(zero, "offload_param")
     s = student.dtype_bytes
     tokens = setup.micro_batch * setup.block_size
+    if offload_params and not offload_optimizer:
+        raise UsageError("offload_param without offload_optimizer is not estimated: offload "
+                         "both (ds_configs/zero3_offload.json) or the optimizer alone")
 
     # Model states: DeepSpeed's estimate, less its largest-layer allowance (the phases below
     # size the gathered parameters from the config). Its per-parameter counts assume 16-bit
@@ -244,8 +246,9 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
     host, gpu, largest_layer = estimate_zero3_model_states_mem_needs(
         student.params, student.largest_module_params, num_gpus_per_node=setup.num_gpus,
         num_nodes=setup.num_nodes, cpu_offload=offload_optimizer or offload_params,
-        cpu_offload_params=offload_params, zero_init=True, additional_buffer_factor=1.0)
+        cpu_offload_params=offload_params, zero_init=True)
     states = gpu - largest_layer
+    host_bytes = host if offload_optimizer else 0   # DeepSpeed's per-node host figure
     if s == 4 and not offload_params:
         states += 2 * student.params // world
     note = f"parameters, gradients and Adam states, 1/{world} each (DeepSpeed's ZeRO-3 estimate)"
@@ -254,23 +257,25 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
             k for k, on in (("optimizer", offload_optimizer), ("parameters", offload_params))
             if on)
     rows.append(Row("student model states", states, HELD, note))
-    grad_bytes = 4 if s == 4 else s
-    if zero["contiguous_gradients"] and not offload_optimizer:
-        rows.append(Row("student reduce bucket", int(zero["reduce_bucket_size"]) * grad_bytes,
+    if zero["contiguous_gradients"]:
+        rows.append(Row("student reduce bucket", int(zero["reduce_bucket_size"]) * s,
                         HELD, f"reduce_bucket_size {zero['reduce_bucket_size']:.3g} gradient "
                         "elements, allocated once"))
 
     teacher_allgather = teacher_internode = 0
+    sharded = False
     if teacher is not None:
-        t_zero = zero_config(teacher_config or {"zero_optimization": {"stage": 3}})
+        t_zero = zero_config(teacher_config)
         t = teacher.dtype_bytes
-        stage = t_zero.get("stage", 3)
+        stage = t_zero.get("stage", 0)   # DeepSpeed's default
         sharded = stage == 3
         t_offload = _offloads(t_zero, "offload_param")
         shards = 0 if t_offload else teacher.params * t // (world if sharded else 1)
-        hpz = int(t_zero.get("zero_hpz_partition_size", 1)) if sharded else 1
+        hpz = int(t_zero.get("zero_hpz_partition_size", 1)) if sharded and not t_offload else 1
         if hpz > 1:
             shards += teacher.params * t // hpz   # the secondary copy inside the node
+        if t_offload:
+            host_bytes += teacher.params * t // setup.num_nodes
         rows.append(Row("teacher parameters", shards, HELD,
                         ("offloaded to the host" if t_offload else
                          f"ZeRO-3, 1/{world}" if sharded else f"stage {stage}, replicated")
@@ -282,9 +287,8 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
             teacher_allgather = teacher.params * t * (world - 1) // world
             if hpz <= 1 and setup.num_nodes > 1:
                 teacher_internode = teacher.params * t * (world - setup.num_gpus) // world
-        rows.append(Row("teacher forward", teacher.block_activation_bytes
-                        + tokens * teacher.hidden_size * t, TEACHER_FORWARD,
-                        "one block's intermediates at a time (no_grad), its final hidden states"))
+        rows.append(Row("teacher forward", teacher.block_activation_bytes, TEACHER_FORWARD,
+                        "one block's intermediates at a time (no_grad)"))
 
     on_host = ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False)
     stored, checkpointed = (activation_bytes(student, c, on_host) for c in (False, True))
@@ -298,17 +302,23 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
     else:
         rows.append(Row("student activations kept", kept, LOSS,
                         f"{student.layers} blocks' saved tensors{where}"))
-    heads = student.lm_head_params * s + (teacher.lm_head_params * teacher.dtype_bytes
-                                          if teacher is not None else 0)
+    # The teacher's lm_head is gathered apart from its shards only under ZeRO-3; its final
+    # hidden states wait for the loss.
+    teacher_gathers = teacher is not None and sharded
+    heads = student.lm_head_params * s + (teacher.lm_head_params * t if teacher_gathers else 0)
     rows.append(Row("lm_heads gathered for the loss", heads, LOSS,
-                    "the student's" + (" and the teacher's" if teacher is not None else "")))
+                    "the student's" + (" and the teacher's" if teacher_gathers else "")))
+    if teacher is not None:
+        rows.append(Row("teacher hidden states", tokens * teacher.hidden_size * t, LOSS,
+                        "the teacher's final hidden states, read by the loss"))
     chunk = min(loss_chunk_size or default_chunk_size(student.vocab_size, student.hidden_size),
                 tokens)
+    # The lm_head gradient accumulates in float32 and is returned in the model's dtype.
     loss = (2 * chunk * student.vocab_size * 4 + student.lm_head_params * 4
-            + tokens * student.hidden_size * s)
+            + (student.lm_head_params * s if s != 4 else 0) + tokens * student.hidden_size * s)
     rows.append(Row("fused loss buffers", loss, LOSS,
                     f"2 float32 [{chunk}, {student.vocab_size}] blocks, the float32 lm_head "
-                    "gradient, the hidden states' gradient"))
+                    "gradient (and its copy in the model's dtype), the hidden states' gradient"))
 
     rows.append(Row("student activations in backward",
                     checkpointed if setup.gradient_checkpointing else stored, BACKWARD,
@@ -330,12 +340,11 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
     total = sum(r.bytes for r in rows if r.phase == HELD) + phase_bytes[peak_phase]
 
     gathers = 3 if setup.gradient_checkpointing else 2   # forward, (recompute,) backward
-    student_allgather = 0 if offload_params and world == 1 else \
-        gathers * student.params * s * (world - 1) // world
+    student_allgather = gathers * student.params * s * (world - 1) // world
     return Estimate(rows=rows, total_bytes=total, peak_phase=peak_phase,
-                    host_bytes_per_node=host if (offload_optimizer or offload_params) else 0,
+                    host_bytes_per_node=host_bytes,
                     student_allgather_bytes=student_allgather,
-                    student_reduce_scatter_bytes=student.params * grad_bytes * (world - 1)
+                    student_reduce_scatter_bytes=student.params * s * (world - 1)
                     // world,
                     teacher_allgather_bytes=teacher_allgather,
                     teacher_allgather_internode_bytes=teacher_internode,

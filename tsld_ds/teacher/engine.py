@@ -25,6 +25,9 @@ def teacher_ds_config(student_config: dict, teacher_config: dict | None = None) 
     Precision and logging follow the student's where the given config does not set them; the
     micro-batch always does (both engines see the same batches)."""
     config = {k: copy.deepcopy(v) for k, v in student_config.items() if k in _SHARED_KEYS}
+    if teacher_config is not None and ("bf16" in teacher_config or "fp16" in teacher_config):
+        config.pop("bf16", None)   # a config that sets its precision sets all of it
+        config.pop("fp16", None)
     if teacher_config is None:
         teacher_config = {"zero_optimization": {"stage": 3}}
         offload = student_config.get("zero_optimization", {}).get("offload_param")

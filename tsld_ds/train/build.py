@@ -55,10 +55,10 @@ class Run:
     resume_from: Path | None       # the checkpoint to continue from (--resume)
 
 
-def read_ds_config(path: str) -> dict:
-    """The DeepSpeed config at `path`, checked: its batch sizes agree with this world size
-    (gradient_accumulation_steps is derived from train_batch_size when only that is given) and
-    its optimizer is one DeepSpeed can build."""
+def read_ds_config(path: str, world: int | None = None) -> dict:
+    """The DeepSpeed config at `path`, checked: its batch sizes agree with the world size (the
+    launcher's, unless `world` is given; gradient_accumulation_steps is derived from
+    train_batch_size when only that is given) and its optimizer is one DeepSpeed can build."""
     try:
         with open(path) as f:
             config = json.load(f)
@@ -68,7 +68,7 @@ def read_ds_config(path: str) -> dict:
         raise UsageError(f"DeepSpeed config '{path}' is not valid JSON: {e}") from None
     if not isinstance(config, dict) or "train_micro_batch_size_per_gpu" not in config:
         raise UsageError(f"DeepSpeed config '{path}' must set train_micro_batch_size_per_gpu")
-    _check_batch_sizes(config, path, _launched_world_size())
+    _check_batch_sizes(config, path, world or _launched_world_size())
     optimizer = config.get("optimizer", {}).get("type")
     if optimizer is not None and optimizer.lower() not in DEEPSPEED_OPTIMIZERS and \
             getattr(torch.optim, optimizer, None) is None:

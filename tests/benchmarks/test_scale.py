@@ -27,4 +27,6 @@ def test_estimate_near_measured_memory(tmp_path):
             assert 0.75 <= rank["held_bytes"] / estimate["held_bytes"] <= 1.3, (run, rank)
         held[run["ranks"]] = max(r["held_bytes"] for r in run["per_rank"]) \
             - run["runtime_bytes"]
-    assert 0.45 <= held[2] / held[1] <= 0.7   # the states halve, the bucket does not
+    # The states halve; at this size the bucket, gloo's buffers and the allocator do not
+    # (measured 0.60-0.70); unsharded states would give about 1.
+    assert 0.45 <= held[2] / held[1] <= 0.8

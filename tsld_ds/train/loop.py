@@ -106,6 +106,7 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
     hooks = hooks or TrainHooks()
     wall_start = time.time()
     run = build_run(args)
+    hooks.run_built(run)
     engine, sampler = run.engine, run.sampler
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default: 8)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
                    help="tsld-ds's rank counts (default: 1 2)")
+    p.add_argument("--before", default=None, metavar="CHECKOUT",
+                   help="another checkout of tsld-ds (say, an earlier commit's git worktree): "
+                   "its launch/train.py at 1 rank joins every round as 'before'")
     p.add_argument("--memory", action="store_true",
                    help="measure peak memory per rank on the 7B-width slice instead")
     p.add_argument("--block_size", type=int, default=None,
@@ -59,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write every figure to this file")
     p.add_argument("--worker", choices=("plain", "tsld"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--repo", default=str(REPO), help=argparse.SUPPRESS)
     args, train_argv = p.parse_known_args(argv)
     if args.worker is None and train_argv:
         p.error(f"unrecognized arguments: {' '.join(train_argv)}")
@@ -217,41 +221,49 @@ def plain_worker(args) -> None:
     timer.write(args.result, micro * targs.block_size)
 
 
-def run_variant(args, variant: str, ranks: int, out: Path) -> dict:
-    """One fresh run of `variant` ('plain' or 'tsld') and its timings."""
-    result = out / f"{variant}-r{ranks}.json"
-    run_dir = out / f"{variant}-r{ranks}"
+def run_variant(args, variant: str, ranks: int, out: Path, repo: Path = REPO) -> dict:
+    """One fresh run of `variant` ('plain' or 'tsld', the latter of the checkout `repo`) and its
+    timings."""
+    name = f"{variant}-r{ranks}" if repo == REPO else "before"
+    result = out / f"{name}.json"
+    run_dir = out / name
+    config = Path(args.ds_config).resolve()
+    if repo != REPO and config.is_relative_to(REPO):   # that checkout's own copy of the config
+        config = repo / config.relative_to(REPO)
     train = ["--max_steps", str(args.steps), "--eval_max_blocks", "1", "--no_export",
              "--output_dir", str(run_dir), "--overwrite_output_dir"]
-    me = [str(Path(__file__).resolve()), "--worker", variant, "--result", str(result),
-          "--ds_config", args.ds_config, "--block_size", str(args.block_size)]
+    me = [str(Path(__file__).resolve()), "--worker", variant, "--repo", str(repo),
+          "--result", str(result), "--ds_config", str(config), "--block_size", str(args.block_size)]
     if variant == "plain":
         cmd = [sys.executable, *me, *train]
     else:
         from scale import free_port
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(free_port()), *me, *train]
-    log = out / f"{variant}-r{ranks}.log"
+    log = out / f"{name}.log"
     with open(log, "w") as f:
-        code = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(cmd, cwd=repo, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"{variant} at {ranks} rank(s) failed (exit {code}); see {log}")
     timings = json.loads(result.read_text())
     steps = timings["steps"][args.warmup - 1:]   # steps[0] is the second step
     wall = statistics.fmean(s["wall"] for s in steps)
-    phases = {name: statistics.fmean(s.get(name, 0.0) for s in steps) for name in PHASES}
+    phases = {p: statistics.fmean(s.get(p, 0.0) for s in steps) for p in PHASES}
     phases["other"] = wall - sum(phases.values())
     return {"tokens_per_s": timings["tokens_per_step"] / wall, "step_s": wall, "phases": phases}
 
 
 def throughput(args) -> dict:
-    variants = [("plain", 1)] + [("tsld", r) for r in args.ranks]
+    variants = [("plain", 1, REPO)] + [("tsld", r, REPO) for r in args.ranks]
+    if args.before:
+        variants.insert(1, ("tsld", 1, Path(args.before).resolve()))
     rounds = []
     with tempfile.TemporaryDirectory(prefix="step-overhead-") as tmp:
         for i in range(args.rounds):
             row = {}
-            for variant, ranks in variants:
-                row[f"{variant}-r{ranks}"] = run_variant(args, variant, ranks, Path(tmp))
+            for variant, ranks, repo in variants:
+                result = run_variant(args, variant, ranks, Path(tmp), repo)
+                row["before" if repo != REPO else f"{variant}-r{ranks}"] = result
             rounds.append(row)
             print(f"round {i + 1}/{args.rounds}: " + ", ".join(
                 f"{name} {r['tokens_per_s']:.0f} tokens/s" for name, r in row.items()),
@@ -275,7 +287,7 @@ def format_throughput(figures: dict) -> str:
              f"{'variant':<9} {'tokens/s':>9} {'x plain':>8} {'x 1 rank':>9} " +
              " ".join(f"{p:>{max(len(p), 7)}}" for p in (*PHASES, "other"))]
     for name, s in summary.items():
-        vs_one = f"{s['tokens_per_s'] / one:.2f}" if one and name.startswith("tsld") else "-"
+        vs_one = f"{s['tokens_per_s'] / one:.2f}" if one and name != "plain-r1" else "-"
         lines.append(f"{name:<9} {s['tokens_per_s']:>9.0f} {s['tokens_per_s'] / plain:>8.2f} "
                      f"{vs_one:>9} " + " ".join(f"{s['phases_ms'][p]:>{max(len(p), 7)}.1f}"
                                                 for p in (*PHASES, "other")))
@@ -311,6 +323,7 @@ def format_memory(figures: dict) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.path.insert(0, args.repo)   # a worker of --before imports that checkout's tsld_ds
     if args.worker == "plain":
         return plain_worker(args)
     if args.worker == "tsld":

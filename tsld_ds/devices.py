@@ -6,7 +6,12 @@ because every device is the CPU:
   accelerator device for this rank (cuda:LOCAL_RANK with NCCL, cpu with gloo): NCCL takes CUDA
   tensors only.
 """
+import os
+
 import torch
+
+# How launchers tell a rank how many ranks share its node: DeepSpeed's, torchrun's, SLURM's srun.
+_LOCAL_WORLD_SIZE = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
 
 
 def set_local_device(local_rank: int) -> None:
@@ -28,3 +33,18 @@ def to_device(batch: dict, device) -> dict:
     orders them before any later kernel on the stream, so the batch is ready when used."""
     return {name: tensor.to(device, non_blocking=tensor.is_pinned())
             for name, tensor in batch.items()}
+
+
+def set_threads_per_rank() -> str:
+    """Gives this rank's intra-op threads its share of the node's cores (the cores it may run on,
+    divided by the ranks on the node), unless OMP_NUM_THREADS says otherwise; returns what was
+    chosen, for the log. Each rank would otherwise start a thread per core, and the ranks'
+    threads would take turns on the same cores."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} threads per rank (OMP_NUM_THREADS)"
+    cores = len(os.sched_getaffinity(0))
+    ranks = next((int(os.environ[name]) for name in _LOCAL_WORLD_SIZE
+                  if os.environ.get(name, "").isdigit()), 1)
+    threads = max(1, cores // max(ranks, 1))
+    torch.set_num_threads(threads)
+    return f"{threads} threads per rank ({cores} cores, {ranks} rank(s) on this node)"

@@ -21,7 +21,7 @@ from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
 from tsld_ds import gpu_extras
 from tsld_ds.data import ResumableDistributedSampler, check_tokenizers_match, dataset_rows
-from tsld_ds.devices import pins_memory, set_local_device
+from tsld_ds.devices import pins_memory, set_local_device, set_threads_per_rank
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import Objective
 from tsld_ds.models import (check_block_size, check_gradient_checkpointing, check_model_source,
@@ -190,8 +190,11 @@ def init_distributed(timeout_s: float) -> None:
         # (under torchrun the agent itself serves the rendezvous on MASTER_PORT)
         _check_master_port_free(int(os.environ["MASTER_PORT"]))
     set_local_device(int(os.environ.get("LOCAL_RANK", 0)))
+    threads = set_threads_per_rank()
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     _unlink_shm_allreduce_buffer()
+    if dist.get_rank() == 0:
+        print(threads, flush=True)
 
 
 def _check_master_port_free(port: int) -> None:

@@ -189,8 +189,8 @@ def estimated(model_dir: Path, ds_config: Path, ranks: int, block_size: int,
 
     from tsld_ds.capacity.estimate import HELD, Setup, estimate, model_shape
     from tsld_ds.teacher.engine import teacher_ds_config
-    from tsld_ds.train.build import read_ds_config
-    config = read_ds_config(str(ds_config))
+    from tsld_ds.train.build import read_ds_config, resolve_zero_sizes
+    config = resolve_zero_sizes(read_ds_config(str(ds_config), world=ranks), str(model_dir), ranks)
     shape = model_shape(str(model_dir), torch.float32, config["train_micro_batch_size_per_gpu"],
                         block_size, "sdpa")
     setup = Setup(num_gpus=ranks, num_nodes=1, block_size=block_size,

@@ -35,6 +35,22 @@ def to_device(batch: dict, device) -> dict:
             for name, tensor in batch.items()}
 
 
+def local_world_size() -> int:
+    """The ranks on this node, as the launcher said; 1 without one."""
+    return next((int(os.environ[name]) for name in _LOCAL_WORLD_SIZE
+                 if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0), 1)
+
+
+def memory_per_rank() -> int:
+    """Bytes of accelerator memory this rank may plan with: its GPU's, or on the CPU accelerator
+    its share of the host's memory, which the node's ranks split."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    total = accelerator.total_memory()
+    return total // local_world_size() if accelerator.device_name() == "cpu" else total
+
+
 def set_threads_per_rank() -> str:
     """Gives this rank's intra-op threads its share of the node's cores (the cores it may run on,
     divided by the ranks on the node), unless OMP_NUM_THREADS says otherwise; returns what was
@@ -42,9 +58,7 @@ def set_threads_per_rank() -> str:
     threads would take turns on the same cores."""
     if os.environ.get("OMP_NUM_THREADS"):
         return f"{torch.get_num_threads()} threads per rank (OMP_NUM_THREADS)"
-    cores = len(os.sched_getaffinity(0))
-    ranks = next((int(os.environ[name]) for name in _LOCAL_WORLD_SIZE
-                  if os.environ.get(name, "").isdigit()), 1)
-    threads = max(1, cores // max(ranks, 1))
+    cores, ranks = len(os.sched_getaffinity(0)), local_world_size()
+    threads = max(1, cores // ranks)
     torch.set_num_threads(threads)
     return f"{threads} threads per rank ({cores} cores, {ranks} rank(s) on this node)"

@@ -19,7 +19,7 @@ from tsld_ds.capacity.estimate import GiB, Setup, estimate, model_shape
 from tsld_ds.errors import EXIT_COMPLETED, EXIT_USAGE, UsageError
 from tsld_ds.models import ASSETS, BUILTIN_MODEL, check_gradient_checkpointing, torch_dtype_of
 from tsld_ds.teacher.engine import teacher_ds_config
-from tsld_ds.train.build import checkpoints_on_host, read_ds_config
+from tsld_ds.train.build import checkpoints_on_host, read_ds_config, resolve_zero_sizes
 
 SHIPPED_CONFIGS = ASSETS / "model_configs"
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"   # as launch/train.py's, from the repository
@@ -97,12 +97,13 @@ def parse_args(argv=None):
 
 def plan(args) -> dict:
     world = args.num_gpus * args.num_nodes
-    ds_config = read_ds_config(args.ds_config, world=world)
-    teacher_config = teacher_ds_config(ds_config, read_ds_config(
-        args.teacher_ds_config, world=world) if args.teacher_ds_config else None)
-    checkpoints_on_host(ds_config, args.ds_config, args.gradient_checkpointing)
     model = resolve_model(args.model)
     teacher = resolve_model(args.teacher or args.model)
+    ds_config = resolve_zero_sizes(read_ds_config(args.ds_config, world=world), model, world)
+    teacher_config = teacher_ds_config(ds_config, resolve_zero_sizes(read_ds_config(
+        args.teacher_ds_config, world=world), teacher, world, "--teacher")
+        if args.teacher_ds_config else None)
+    checkpoints_on_host(ds_config, args.ds_config, args.gradient_checkpointing)
     if args.gradient_checkpointing:
         check_gradient_checkpointing(model, "--model")
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]

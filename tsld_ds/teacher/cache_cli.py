@@ -111,12 +111,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_cache(args) -> Path:
     """Builds (or completes) the cache and returns its directory."""
-    from tsld_ds.train.build import (check_writable_dir, init_distributed, load_blocks,
-                                     on_rank_zero, read_ds_config, seed_everything)
+    from tsld_ds.train.build import (check_writable_dir, init_distributed, launched_world_size,
+                                     load_blocks, on_rank_zero, read_ds_config,
+                                     resolve_zero_sizes, seed_everything)
 
     ds_config = read_ds_config(args.ds_config)
-    teacher_config = read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None
     check_model_source(args.teacher, "--teacher")
+    teacher_config = resolve_zero_sizes(read_ds_config(args.teacher_ds_config), args.teacher,
+                                        launched_world_size(), "--teacher") \
+        if args.teacher_ds_config else None
     if args.tokenizer:
         check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
     check_block_size(args.teacher, args.block_size, warn=os.environ.get("RANK", "0") == "0")

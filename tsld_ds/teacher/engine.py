@@ -23,16 +23,19 @@ def teacher_ds_config(student_config: dict, teacher_config: dict | None = None) 
     """The teacher's engine config: the given one, or ZeRO-3 inference derived from the student's.
 
     Precision and logging follow the student's where the given config does not set them; the
-    micro-batch always does (both engines see the same batches)."""
+    micro-batch always does (both engines see the same batches). The derived ZeRO-3 config also
+    takes the student's offload_param and memory_efficient_linear: DeepSpeed's memory-efficient
+    linear replaces torch's F.linear for the whole process, the student's layers included."""
     config = {k: copy.deepcopy(v) for k, v in student_config.items() if k in _SHARED_KEYS}
     if teacher_config is not None and ("bf16" in teacher_config or "fp16" in teacher_config):
         config.pop("bf16", None)   # a config that sets its precision sets all of it
         config.pop("fp16", None)
     if teacher_config is None:
         teacher_config = {"zero_optimization": {"stage": 3}}
-        offload = student_config.get("zero_optimization", {}).get("offload_param")
-        if offload:
-            teacher_config["zero_optimization"]["offload_param"] = copy.deepcopy(offload)
+        student_zero = student_config.get("zero_optimization", {})
+        for key in ("offload_param", "memory_efficient_linear"):
+            if key in student_zero:
+                teacher_config["zero_optimization"][key] = copy.deepcopy(student_zero[key])
     config.update(copy.deepcopy(teacher_config))
     for key in ("optimizer", "scheduler", "train_batch_size", "gradient_accumulation_steps"):
         config.pop(key, None)

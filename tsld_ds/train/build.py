@@ -21,7 +21,10 @@ from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
 from tsld_ds import gpu_extras
 from tsld_ds.data import ResumableDistributedSampler, check_tokenizers_match, dataset_rows
-from tsld_ds.devices import pins_memory, set_local_device, set_threads_per_rank
+from tsld_ds.capacity.estimate import Setup
+from tsld_ds.capacity.placement import choose_teacher_config
+from tsld_ds.devices import (local_world_size, memory_per_rank, pins_memory, set_local_device,
+                             set_threads_per_rank)
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import Objective
 from tsld_ds.models import (check_block_size, check_gradient_checkpointing, check_model_source,
@@ -68,7 +71,7 @@ def read_ds_config(path: str, world: int | None = None) -> dict:
         raise UsageError(f"DeepSpeed config '{path}' is not valid JSON: {e}") from None
     if not isinstance(config, dict) or "train_micro_batch_size_per_gpu" not in config:
         raise UsageError(f"DeepSpeed config '{path}' must set train_micro_batch_size_per_gpu")
-    _check_batch_sizes(config, path, world or _launched_world_size())
+    _check_batch_sizes(config, path, world or launched_world_size())
     optimizer = config.get("optimizer", {}).get("type")
     if optimizer is not None and optimizer.lower() not in DEEPSPEED_OPTIMIZERS and \
             getattr(torch.optim, optimizer, None) is None:
@@ -81,7 +84,32 @@ def read_ds_config(path: str, world: int | None = None) -> dict:
     return config
 
 
-def _launched_world_size() -> int:
+# ZeRO-3 sizes a config may leave to the model, as Hugging Face's Trainer fills them ("auto").
+AUTO_SIZES = ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+              "stage3_param_persistence_threshold")
+
+
+def resolve_zero_sizes(config: dict, model: str, world: int, what: str = "--model") -> dict:
+    """`config` with its "auto" ZeRO sizes filled from `model`'s width h, as transformers' Trainer
+    fills them: reduce bucket h^2 and prefetch bucket 0.9 h^2 elements (DeepSpeed's constants,
+    5e8 and 5e7, exceed a small model, and its reduce bucket is allocated whole), parameters of
+    at most 10 h elements kept whole on every rank. With one rank, sharding saves nothing unless
+    parameters are offloaded: every parameter is kept whole (no gathers)."""
+    zero = config.get("zero_optimization", {})
+    auto = [key for key in AUTO_SIZES if zero.get(key) == "auto"]
+    if not auto:
+        return config
+    from tsld_ds.capacity.estimate import read_config
+    hidden = read_config(model, what).hidden_size
+    persist_all = world == 1 and not zero.get("offload_param")
+    sizes = {"reduce_bucket_size": hidden * hidden,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "stage3_param_persistence_threshold": sys.maxsize if persist_all else 10 * hidden}
+    zero.update({key: sizes[key] for key in auto})
+    return config
+
+
+def launched_world_size() -> int:
     """The world size the launcher set (DeepSpeed's and torchrun's WORLD_SIZE, Open MPI's, PMI's);
     1 for a plain `python launch/train.py`."""
     for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
@@ -322,12 +350,25 @@ def enable_gradient_checkpointing(model, *, on_host: bool = False) -> None:
         model.gradient_checkpointing_enable({"use_reentrant": False})
 
 
+def _setup(args, ds_config: dict, attn_implementation: str | None) -> Setup:
+    """This run's shape, as the capacity planner takes it."""
+    world, local = dist.get_world_size(), local_world_size()
+    return Setup(num_gpus=local, num_nodes=max(1, world // local), block_size=args.block_size,
+                 micro_batch=ds_config["train_micro_batch_size_per_gpu"], gradient_checkpointing=args.gradient_checkpointing,
+                 attn_implementation=attn_implementation or "sdpa")
+
+
 def build_run(args) -> Run:
     """Checks the inputs, starts the process group and builds both engines."""
     ds_config = read_ds_config(args.ds_config)
     teacher_config = read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None
     host_checkpoints = checkpoints_on_host(ds_config, args.ds_config, args.gradient_checkpointing)
     resume_from = check_inputs(args)
+    world = launched_world_size()
+    ds_config = resolve_zero_sizes(ds_config, args.model, world)
+    if teacher_config is not None:
+        teacher_config = resolve_zero_sizes(teacher_config, args.teacher or args.model, world,
+                                            "--teacher")
     objective = objective_of(args)
     quant_config = quant_config_of(args)
     init_distributed(args.dist_timeout)
@@ -355,6 +396,14 @@ def build_run(args) -> Run:
     # before the student's surgery. The layer term needs attention maps: eager attention.
     attn = "eager" if objective.layers else args.attn_implementation
     if runs_teacher:
+        if teacher_config is None:
+            teacher_config, placement = on_rank_zero(lambda: choose_teacher_config(
+                args.model, teacher_name, ds_config, _setup(args, ds_config, attn),
+                memory_per_rank(), loss_chunk_size=args.loss_chunk_size))
+        else:
+            placement = f"as --teacher_ds_config {args.teacher_ds_config} says"
+        if rank == 0:
+            print(f"teacher weights: {placement}", flush=True)
         teacher_model = load_causal_lm(teacher_name, teacher_ds_config(ds_config, teacher_config),
                                        attn_implementation=attn, what="--teacher")
     student_model = load_causal_lm(args.model, ds_config, from_scratch=args.from_scratch,

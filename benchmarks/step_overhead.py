@@ -42,9 +42,10 @@ MiB = 1 << 20
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"),
-                   help="tsld-ds's DeepSpeed config; its micro-batch, optimizer settings and "
-                   "gradient clipping are the plain loop's too (default: %(default)s)")
+    p.add_argument("--ds_config", nargs="+", default=[str(REPO / "ds_configs" / "zero3.json")],
+                   help="tsld-ds's DeepSpeed configs, each a variant; the first one's "
+                   "micro-batch, optimizer settings and gradient clipping are the plain loop's "
+                   "(default: %(default)s)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default: 40)")
     p.add_argument("--warmup", type=int, default=5,
                    help="first steps of each run left out of the timing (default: 5)")
@@ -64,13 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--repo", default=str(REPO), help=argparse.SUPPRESS)
     args, train_argv = p.parse_known_args(argv)
+    args.ds_config = [str(Path(c).resolve()) for c in args.ds_config]
     if args.worker is None and train_argv:
         p.error(f"unrecognized arguments: {' '.join(train_argv)}")
-    # the options this script shares with launch/train.py go on to it
-    args.train_argv = [*train_argv, "--ds_config", args.ds_config,
-                       "--block_size", str(args.block_size)]
     if args.block_size is None:
         args.block_size = 512 if args.memory else 128
+    # the options this script shares with launch/train.py go on to it
+    args.train_argv = [*train_argv, "--ds_config", args.ds_config[0],
+                       "--block_size", str(args.block_size)]
     if args.steps <= args.warmup:
         p.error("--steps must exceed --warmup")
     return args
@@ -153,7 +155,7 @@ def tsld_worker(args) -> None:
     if code != 0:
         raise SystemExit(code)
     if os.environ.get("RANK", "0") == "0":
-        micro = json.loads(Path(args.ds_config).read_text())["train_micro_batch_size_per_gpu"]
+        micro = json.loads(Path(args.ds_config[0]).read_text())["train_micro_batch_size_per_gpu"]
         world = int(os.environ.get("WORLD_SIZE", "1"))
         timer.write(args.result, micro * args.block_size * world)
 
@@ -172,7 +174,7 @@ def plain_worker(args) -> None:
     from tsld_ds.train.schedule import lr_lambda
 
     targs = train_args(args.train_argv)
-    config = json.loads(Path(args.ds_config).read_text())
+    config = json.loads(Path(args.ds_config[0]).read_text())
     seed_everything(targs.seed)
     tokenizer = load_tokenizer(targs.model)
     train_rows, _ = dataset_rows(targs.dataset, tokenizer, targs.block_size, seed=targs.seed)
@@ -221,13 +223,12 @@ def plain_worker(args) -> None:
     timer.write(args.result, micro * targs.block_size)
 
 
-def run_variant(args, variant: str, ranks: int, out: Path, repo: Path = REPO) -> dict:
-    """One fresh run of `variant` ('plain' or 'tsld', the latter of the checkout `repo`) and its
-    timings."""
-    name = f"{variant}-r{ranks}" if repo == REPO else "before"
+def run_variant(args, variant: str, ranks: int, config: Path, out: Path, name: str,
+                repo: Path = REPO) -> dict:
+    """One fresh run of `variant` ('plain', or 'tsld': launch/train.py of the checkout `repo` with
+    the DeepSpeed config `config`) and its timings."""
     result = out / f"{name}.json"
     run_dir = out / name
-    config = Path(args.ds_config).resolve()
     if repo != REPO and config.is_relative_to(REPO):   # that checkout's own copy of the config
         config = repo / config.relative_to(REPO)
     train = ["--max_steps", str(args.steps), "--eval_max_blocks", "1", "--no_export",
@@ -254,16 +255,19 @@ def run_variant(args, variant: str, ranks: int, out: Path, repo: Path = REPO) ->
 
 
 def throughput(args) -> dict:
-    variants = [("plain", 1, REPO)] + [("tsld", r, REPO) for r in args.ranks]
+    # (name, variant, ranks, DeepSpeed config, checkout)
+    first = Path(args.ds_config[0])
+    variants = [("plain", "plain", 1, first, REPO)]
     if args.before:
-        variants.insert(1, ("tsld", 1, Path(args.before).resolve()))
+        variants.append(("before", "tsld", 1, first, Path(args.before).resolve()))
+    for config in map(Path, args.ds_config):
+        variants += [(f"{config.stem} r{r}", "tsld", r, config, REPO) for r in args.ranks]
     rounds = []
     with tempfile.TemporaryDirectory(prefix="step-overhead-") as tmp:
         for i in range(args.rounds):
-            row = {}
-            for variant, ranks, repo in variants:
-                result = run_variant(args, variant, ranks, Path(tmp), repo)
-                row["before" if repo != REPO else f"{variant}-r{ranks}"] = result
+            row = {name: run_variant(args, variant, ranks, config, Path(tmp),
+                                     name.replace(" ", "-"), repo)
+                   for name, variant, ranks, config, repo in variants}
             rounds.append(row)
             print(f"round {i + 1}/{args.rounds}: " + ", ".join(
                 f"{name} {r['tokens_per_s']:.0f} tokens/s" for name, r in row.items()),
@@ -274,23 +278,26 @@ def throughput(args) -> dict:
                                     for p in (*PHASES, "other")}}
                for name in names}
     return {"rounds": rounds, "summary": summary, "steps": args.steps, "warmup": args.warmup,
-            "block_size": args.block_size, "ds_config": args.ds_config}
+            "block_size": args.block_size, "ds_configs": args.ds_config,
+            "one_rank": f"{first.stem} r1"}
 
 
 def format_throughput(figures: dict) -> str:
     summary = figures["summary"]
-    plain = summary["plain-r1"]["tokens_per_s"]
-    one = summary.get("tsld-r1", {}).get("tokens_per_s")
+    plain = summary["plain"]["tokens_per_s"]
+    one = summary.get(figures["one_rank"], {}).get("tokens_per_s")
+    width = max(map(len, summary))
     lines = [f"{len(figures['rounds'])} rounds, {figures['steps']} steps each (first "
-             f"{figures['warmup']} left out), block {figures['block_size']}, "
-             f"{Path(figures['ds_config']).name}; median tokens/s over rounds, mean ms per step",
-             f"{'variant':<9} {'tokens/s':>9} {'x plain':>8} {'x 1 rank':>9} " +
+             f"{figures['warmup']} left out), block {figures['block_size']}; median tokens/s over "
+             f"rounds, mean ms per step; 'x 1 rank' against {figures['one_rank']}",
+             f"{'variant':<{width}} {'tokens/s':>9} {'x plain':>8} {'x 1 rank':>9} " +
              " ".join(f"{p:>{max(len(p), 7)}}" for p in (*PHASES, "other"))]
     for name, s in summary.items():
-        vs_one = f"{s['tokens_per_s'] / one:.2f}" if one and name != "plain-r1" else "-"
-        lines.append(f"{name:<9} {s['tokens_per_s']:>9.0f} {s['tokens_per_s'] / plain:>8.2f} "
-                     f"{vs_one:>9} " + " ".join(f"{s['phases_ms'][p]:>{max(len(p), 7)}.1f}"
-                                                for p in (*PHASES, "other")))
+        vs_one = f"{s['tokens_per_s'] / one:.2f}" if one and name != "plain" else "-"
+        lines.append(f"{name:<{width}} {s['tokens_per_s']:>9.0f} "
+                     f"{s['tokens_per_s'] / plain:>8.2f} {vs_one:>9} " +
+                     " ".join(f"{s['phases_ms'][p]:>{max(len(p), 7)}.1f}"
+                              for p in (*PHASES, "other")))
     return "\n".join(lines)
 
 
@@ -299,14 +306,14 @@ def memory(args) -> dict:
     root = Path(args.output_root)
     model_dir = make_slice(root / "slice-1x4096-v4096", layers=1, hidden_size=4096,
                            intermediate_size=11008, heads=32, vocab_size=4096)
-    config = json.loads(Path(args.ds_config).read_text())
+    config = json.loads(Path(args.ds_config[0]).read_text())
     config["train_micro_batch_size_per_gpu"] = 1
     ds_config = root / "ds_config-memory.json"
     ds_config.write_text(json.dumps(config, indent=1))
     runs = [measure(model_dir, ds_config, ranks, args.block_size, 3,
                     root / f"memory-b{args.block_size}-r{ranks}")
             for ranks in args.ranks]
-    return {"runs": runs, "block_size": args.block_size, "ds_config": args.ds_config}
+    return {"runs": runs, "block_size": args.block_size, "ds_config": args.ds_config[0]}
 
 
 def format_memory(figures: dict) -> str:

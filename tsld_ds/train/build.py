@@ -212,8 +212,10 @@ def init_distributed(timeout_s: float) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        # LOCAL_SIZE as DeepSpeed's launcher sets it: without it, its CPU accelerator counts
+        # devices by running `numactl` in a subprocess, dozens of times a step.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     elif os.environ["RANK"] == "0" and "TORCHELASTIC_RUN_ID" not in os.environ:
         # (under torchrun the agent itself serves the rendezvous on MASTER_PORT)
         _check_master_port_free(int(os.environ["MASTER_PORT"]))

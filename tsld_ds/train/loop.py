@@ -33,12 +33,12 @@ from tsld_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
 from tsld_ds.train.signals import StopSignals
 
 
-def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int,
-               hooks: TrainHooks) -> dict | None:
+def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, stop: StopSignals, step: int,
+               hooks: TrainHooks) -> tuple[dict | None, str | None]:
     """One micro-batch: teacher outputs -> student forward and loss -> backward -> engine step
     (DeepSpeed applies the optimizer at the gradient-accumulation boundary). Returns the loss
     terms (detached, on the engine's device), or None when the loss is NaN/inf on some rank: then
-    no rank runs backward."""
+    no rank runs backward; and the stop signal any rank has received, or None."""
     rows = batch.pop("index")  # stays on the host: a teacher cache reads its rows by it
     batch = to_device(batch, run.engine.device)
     input_ids, labels = batch["input_ids"], batch["labels"]
@@ -50,11 +50,28 @@ def micro_step(run: Run, batch: dict, nonfinite: NonFiniteGuard, step: int,
                                  want_layers=objective.layers) as teacher:
             losses = run.engine(input_ids, labels, teacher)
     losses = hooks.loss_terms(losses)
-    if not nonfinite.all_finite(losses, step):
-        return None
+    values, signum = _gather_from_ranks(losses, stop.received)
+    stopping = StopSignals.name(signum)
+    if not nonfinite.all_finite(list(losses), values, step, dist.get_rank()):
+        return None, stopping
     run.engine.backward(losses["loss"])
     run.engine.step()
-    return {name: value.detach() for name, value in losses.items()}
+    return {name: value.detach() for name, value in losses.items()}, stopping
+
+
+def _gather_from_ranks(losses: dict, stop_signal: int) -> tuple[torch.Tensor, int]:
+    """The one collective and host read of a micro-batch: every rank's loss terms (a [ranks,
+    terms] float64 tensor on the host) for the NaN/inf check, and the largest stop signal any
+    rank has received (0: none)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # Each rank fills its own row; the sum hands every rank all ranks' values.
+    values = torch.zeros(world, len(losses) + 1, dtype=torch.float64,
+                         device=losses["loss"].device)
+    values[rank, :-1] = torch.stack([v.detach().double() for v in losses.values()])
+    values[rank, -1] = stop_signal
+    dist.all_reduce(values)
+    values = values.cpu()
+    return values[:, :-1], int(values[:, -1].max())
 
 
 def student_perplexity(run: Run, args) -> float:
@@ -151,7 +168,7 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
                                  saved_step=step if run.resume_from is not None else None,
                                  options=defining_options(args), needed_bytes=needed_bytes,
                                  keep=args.keep_checkpoints, hooks=hooks)
-    stopping = None  # the stop signal all ranks agreed on
+    stopping = None  # the stop signal any rank received, as all ranks learn it together
     train_seconds, train_tokens = 0.0, 0
     engine.train()
     while step < run.total_steps:
@@ -162,7 +179,7 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
             while terms is None:  # a batch with a NaN/inf loss on any rank is dropped on all ranks
                 batch = next(batches)
                 try:
-                    terms = micro_step(run, batch, nonfinite, step + 1, hooks)
+                    terms, stopping = micro_step(run, batch, nonfinite, stop, step + 1, hooks)
                 except NonFiniteLoss:  # stop, with the weights of the last good step saved
                     saver.save(step, _client_state(step, sampler))
                     raise
@@ -172,7 +189,6 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
         window.seconds += seconds
         train_seconds += seconds
         train_tokens += tokens_per_micro_step * run.accumulation
-        stopping = stop.agreed(engine.device)
 
         if step % args.log_every == 0 or step == run.total_steps or stopping:
             record = window.mean_over_ranks()

@@ -5,7 +5,6 @@ message naming the loss terms that went bad and where."""
 import sys
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 
@@ -18,21 +17,16 @@ class NonFiniteGuard:
         self.limit = limit
         self.in_a_row = 0
 
-    def all_finite(self, losses: dict, step: int) -> bool:
-        """Collective, for a batch of step `step`. True when every rank's loss terms are finite;
-        False when this batch must be dropped. Raises NonFiniteLoss at the `limit`-th bad batch in
-        a row."""
-        rank, world = dist.get_rank(), dist.get_world_size()
-        # Each rank fills its own row; the sum hands every rank all ranks' values.
-        values = torch.zeros(world, len(losses), dtype=torch.float64,
-                             device=losses["loss"].device)
-        values[rank] = torch.stack([v.detach().double() for v in losses.values()])
-        dist.all_reduce(values)
+    def all_finite(self, names: list, values: torch.Tensor, step: int, rank: int) -> bool:
+        """For a batch of step `step`, from every rank's loss terms (`values` [ranks, terms], the
+        same on every rank, as the loop's one collective per micro-batch hands them out): True
+        when all are finite; False when this batch must be dropped. Raises NonFiniteLoss at the
+        `limit`-th bad batch in a row."""
         if torch.isfinite(values).all():
             self.in_a_row = 0
             return True
         self.in_a_row += 1
-        where = _describe(list(losses), values.cpu())
+        where = _describe(names, values)
         if self.in_a_row >= self.limit:
             raise NonFiniteLoss(f"non-finite loss in {self.in_a_row} batch(es) in a row, the last "
                                 f"at step {step}: {where} (--max_nonfinite_batches "

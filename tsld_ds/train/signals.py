@@ -2,8 +2,8 @@
 `--signal=USR1@120`), SIGTERM (preemption, scancel, the DeepSpeed launcher's shutdown) and SIGINT
 (Ctrl-C) ask a run to stop cleanly.
 
-The handler only records the signal. Once per step every rank asks `agreed()`, so all ranks stop
-after the same step even when the signal reached only some of them; the loop then saves a
+The handler only records the signal. Every rank hands `received` to the loop's one collective per
+micro-batch, so all ranks stop after the same step even when the signal reached only some of them; the loop then saves a
 checkpoint and the process exits with EXIT_STOPPED (tsld_ds.errors). Repeats are ignored: a second signal while the
 checkpoint is being written must not cut it short. Only a second Ctrl-C aborts at once.
 """
@@ -36,12 +36,7 @@ class StopSignals:
                   file=sys.stderr, flush=True)
             os._exit(EXIT_ABORTED)
 
-    def agreed(self, device) -> str | None:
-        """Collective: the name of the stop signal any rank has received, or None."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item())
+    @staticmethod
+    def name(signum: int) -> str | None:
+        """The name of the signal `signum` ('SIGTERM'); None for 0, no signal."""
         return signal.Signals(signum).name if signum else None

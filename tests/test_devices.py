@@ -88,3 +88,41 @@ def test_batches_reach_models_and_losses_through_to_device(tiny_teacher_dir, sma
     assert checked.get("decoder body", 0) >= 2 * 2 + 3 + 1, checked
     assert checked.get("objective", 0) == 2, checked
     assert checked.get("cross entropy", 0) >= 3 + 1, checked
+
+
+def test_threads_per_rank_share_the_cores_unless_omp_num_threads_says(monkeypatch):
+    from tsld_ds.devices import set_threads_per_rank
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", str(cores * 2))   # more ranks than cores: one each
+        assert set_threads_per_rank().startswith("1 threads per rank")
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOCAL_SIZE", "1")
+        set_threads_per_rank()
+        assert torch.get_num_threads() == cores
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert "OMP_NUM_THREADS" in set_threads_per_rank()
+        assert torch.get_num_threads() == 1    # the user's setting stands
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ranks_on_a_cpu_node_share_its_memory(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    from tsld_ds.devices import local_world_size, memory_per_rank
+    for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert local_world_size() == 1
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2(x3)")   # not a count of this node's ranks
+    assert local_world_size() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert local_world_size() == 4
+    total = get_accelerator().total_memory()
+    expected = total // 4 if get_accelerator().device_name() == "cpu" else total
+    assert memory_per_rank() == expected

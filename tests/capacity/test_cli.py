@@ -18,19 +18,40 @@ def estimate_json(capsys, *argv):
 
 
 def test_json_for_a_shipped_config(capsys):
-    plan = estimate_json(capsys, "--model", "llama-2-7b", "--ds_config",
-                         str(REPO / "ds_configs" / "zero3_bf16.json"), "--num_gpus", "8",
-                         "--gradient_checkpointing", "--gpu_memory_gb", "80")
+    def plan_at(memory_gb):
+        return estimate_json(capsys, "--model", "llama-2-7b", "--ds_config",
+                             str(REPO / "ds_configs" / "zero3_bf16.json"), "--num_gpus", "8",
+                             "--gradient_checkpointing", "--gpu_memory_gb", str(memory_gb))
+
+    plan = plan_at(80)
     assert plan["student_params"] == plan["teacher_params"] == 6_738_415_616
     assert plan["dtype"] == "bfloat16" and plan["micro_batch"] == 4
     assert plan["total_bytes"] == sum(row["bytes"] for row in plan["rows"]
                                       if row["phase"] in ("held", plan["peak_phase"]))
     assert plan["fits"] is True
-    tight = estimate_json(capsys, "--model", "llama-2-7b", "--ds_config",
-                          str(REPO / "ds_configs" / "zero3_bf16.json"), "--num_gpus", "8",
-                          "--gpu_memory_gb", str(plan["total_bytes"] / GiB - 1),
-                          "--gradient_checkpointing")
-    assert tight["fits"] is False
+    assert plan["teacher_placement"].startswith("replicated")   # as launch/train.py would
+    # Below that, the teacher is sharded, as launch/train.py would shard it; below the sharded
+    # plan, nothing fits.
+    sharded = plan_at(plan["total_bytes"] / GiB - 1)
+    assert sharded["teacher_placement"].startswith("ZeRO-3")
+    assert sharded["fits"] is True and sharded["total_bytes"] < plan["total_bytes"]
+    assert plan_at(sharded["total_bytes"] / GiB - 0.5)["fits"] is False
+
+
+def test_the_planner_names_zero2_when_the_student_fits_unsharded(capsys):
+    small = estimate_json(capsys, "--num_gpus", "2", "--block_size", "128",
+                          "--gpu_memory_gb", "80")
+    assert small["zero2"]["fits"] is True
+    assert small["zero2"]["total_bytes"] > small["total_bytes"]   # parameters whole, more bytes
+    big = estimate_json(capsys, "--model", "llama-2-70b", "--num_gpus", "8", "--num_nodes", "4",
+                        "--ds_config", str(REPO / "ds_configs" / "zero3_bf16.json"),
+                        "--gradient_checkpointing", "--gpu_memory_gb", "80", "--no_teacher")
+    assert big["zero2"]["fits"] is False
+    table = subprocess.run([sys.executable, str(REPO / "launch" / "estimate.py"), "--num_gpus",
+                            "2", "--block_size", "128", "--gpu_memory_gb", "80"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+    assert "hint: the student fits unsharded: ZeRO stage 2 (ds_configs/zero2.json)" in table
+    assert "teacher weights: replicated, ZeRO stage 0" in table
 
 
 def test_table_from_the_launch_script():

@@ -37,7 +37,8 @@ def _recording_to_device(batch, device):
 
 
 def _check(where: str, name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
+    # (the capacity planner's forward on the meta device holds no data and goes nowhere)
+    if not isinstance(tensor, torch.Tensor) or tensor.is_meta:
         return
     checked[where] = checked.get(where, 0) + 1
     if (tensor.data_ptr(), tuple(tensor.shape)) not in placed:

@@ -35,3 +35,16 @@ def test_recipe_trains_on_two_ranks(student, teacher, tiny_teacher_dir, small_co
                          **options))
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 2 and all(loss == loss for loss in losses)
+
+
+def test_zero2_trains_as_zero3_does(tiny_teacher_dir, small_corpus_dir, tmp_path):
+    """ds_configs/zero2.json (parameters whole on each rank) takes the same steps as zero3.json
+    (sharded), to float32 round-off: the stage changes where the states live, not the math."""
+    losses = {}
+    for name in ("zero2.json", "zero3.json"):
+        out = tmp_path / f"run-{name}"
+        run_train(train_args(tiny_teacher_dir, small_corpus_dir, out, recipe(tmp_path, name),
+                             max_steps=3, no_export=True, eval_max_blocks=4))
+        losses[name] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses["zero2.json"]) == 3
+    assert losses["zero2.json"] == pytest.approx(losses["zero3.json"], rel=1e-5)

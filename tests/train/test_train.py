@@ -6,15 +6,21 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from helpers import read_metrics, run_train, step_losses, train_args, write_ds_config
+from helpers import REPO, read_metrics, run_train, step_losses, train_args, write_ds_config
+
+
+# --kd logit runs its teacher under ZeRO-3 (the given config); the others let the run choose,
+# and the tiny teacher fits replicated.
+SHARDED_TEACHER = {"logit": str(REPO / "ds_configs" / "teacher_zero3.json")}
 
 
 @pytest.mark.parametrize("kd", ["gt", "logit", "logit_gt", "l2l", "tsld"])
 def test_each_objective_trains_on_two_ranks(kd, tiny_teacher_dir, small_corpus_dir, tmp_path):
     out = tmp_path / "run"
     ds = write_ds_config(tmp_path / "ds.json")
-    run_train(train_args(tiny_teacher_dir, small_corpus_dir, out, ds, **{"kd": kd,
-                                                                       "max_steps": 20}))
+    teacher = {"teacher_ds_config": SHARDED_TEACHER[kd]} if kd in SHARDED_TEACHER else {}
+    proc = run_train(train_args(tiny_teacher_dir, small_corpus_dir, out, ds,
+                                **{"kd": kd, "max_steps": 20, **teacher}))
     losses = step_losses(out)
     assert sorted(losses) == list(range(1, 21))
     assert all(math.isfinite(v) for v in losses.values())
@@ -24,9 +30,13 @@ def test_each_objective_trains_on_two_ranks(kd, tiny_teacher_dir, small_corpus_d
     # 2x32-token batch, whose spread (+-0.4 nats) hides 20 steps of progress.
     assert summary["student_ppl_after"] < 0.97 * summary["student_ppl_before"], summary
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000020"
-    if kd != "gt":
+    if kd in SHARDED_TEACHER:
         # ZeRO-3 partitioned the teacher: each rank holds about half of it.
         assert summary["teacher_numel_this_rank"] <= summary["teacher_numel"] // 2 + 64
+        assert "teacher weights: as --teacher_ds_config" in proc.stdout
+    elif kd != "gt":
+        assert summary["teacher_numel_this_rank"] == summary["teacher_numel"]
+        assert "teacher weights: replicated, ZeRO stage 0 (tsld-estimate: " in proc.stdout
     terms = {k for r in read_metrics(out) for k in r}
     expected = {"gt": {"gt"}, "logit": {"logit"}, "logit_gt": {"logit", "gt"},
                 "l2l": {"logit", "l2l"}, "tsld": {"gt", "tsld"}}[kd]

@@ -16,6 +16,7 @@ with contextlib.redirect_stdout(sys.stderr):
     import deepspeed  # noqa: F401
 
 from tsld_ds.capacity.estimate import GiB, Setup, estimate, model_shape
+from tsld_ds.capacity.placement import choose_teacher_config
 from tsld_ds.errors import EXIT_COMPLETED, EXIT_USAGE, UsageError
 from tsld_ds.models import ASSETS, BUILTIN_MODEL, check_gradient_checkpointing, torch_dtype_of
 from tsld_ds.teacher.engine import teacher_ds_config
@@ -100,24 +101,31 @@ def plan(args) -> dict:
     model = resolve_model(args.model)
     teacher = resolve_model(args.teacher or args.model)
     ds_config = resolve_zero_sizes(read_ds_config(args.ds_config, world=world), model, world)
-    teacher_config = teacher_ds_config(ds_config, resolve_zero_sizes(read_ds_config(
-        args.teacher_ds_config, world=world), teacher, world, "--teacher")
-        if args.teacher_ds_config else None)
+    given_teacher_config = resolve_zero_sizes(read_ds_config(
+        args.teacher_ds_config, world=world), teacher, world, "--teacher") \
+        if args.teacher_ds_config else None
     checkpoints_on_host(ds_config, args.ds_config, args.gradient_checkpointing)
     if args.gradient_checkpointing:
         check_gradient_checkpointing(model, "--model")
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     dtype = torch_dtype_of(ds_config)
+    memory = args.gpu_memory_gb if args.gpu_memory_gb is not None else local_gpu_memory_gb()
     student = model_shape(model, dtype, micro_batch, args.block_size, args.attn_implementation)
-    teacher_shape = None if args.no_teacher else model_shape(
-        teacher, torch_dtype_of(teacher_config), micro_batch, args.block_size,
-        args.attn_implementation, what="--teacher")
     setup = Setup(num_gpus=args.num_gpus, num_nodes=args.num_nodes, block_size=args.block_size,
                   micro_batch=micro_batch, gradient_checkpointing=args.gradient_checkpointing,
                   attn_implementation=args.attn_implementation)
+    teacher_shape, placement = None, None
+    if not args.no_teacher:
+        teacher_shape = model_shape(teacher, torch_dtype_of(teacher_ds_config(
+            ds_config, given_teacher_config)), micro_batch, args.block_size,
+            args.attn_implementation, what="--teacher")
+        if given_teacher_config is None:   # launch/train.py's choice
+            given_teacher_config, placement = choose_teacher_config(
+                student, teacher_shape, ds_config, setup, int(memory * GiB),
+                loss_chunk_size=args.loss_chunk_size)
+    teacher_config = teacher_ds_config(ds_config, given_teacher_config)
     result = estimate(student, teacher_shape, ds_config, teacher_config, setup,
                       loss_chunk_size=args.loss_chunk_size)
-    memory = args.gpu_memory_gb if args.gpu_memory_gb is not None else local_gpu_memory_gb()
     floor = result.student_states_bytes + setup.runtime_bytes
     if floor > memory * GiB:
         raise UsageError(
@@ -125,9 +133,17 @@ def plan(args) -> dict:
             f"than --gpu_memory_gb {memory:g}: use more GPUs (--num_gpus, --num_nodes) or "
             "offload the optimizer (offload_optimizer, as in "
             "ds_configs/llama7b_8x40gb_offload.json)")
+    zero2 = None
+    if ds_config.get("zero_optimization", {}).get("stage") == 3 and not \
+            ds_config["zero_optimization"].get("offload_param"):
+        alternative = estimate(student, teacher_shape, at_zero_stage_2(ds_config),
+                               teacher_config, setup, loss_chunk_size=args.loss_chunk_size)
+        zero2 = {"total_bytes": alternative.total_bytes,
+                 "fits": alternative.total_bytes <= memory * GiB}
     return {"model": args.model,
             "teacher": None if args.no_teacher else args.teacher or args.model,
             "ds_config": args.ds_config, "teacher_ds_config": args.teacher_ds_config,
+            "teacher_placement": placement,
             "dtype": str(dtype).removeprefix("torch."),
             "num_gpus": args.num_gpus, "num_nodes": args.num_nodes,
             "block_size": args.block_size, "micro_batch": micro_batch,
@@ -135,7 +151,18 @@ def plan(args) -> dict:
             "attn_implementation": args.attn_implementation, "gpu_memory_gb": memory,
             "student_params": student.params,
             "teacher_params": None if teacher_shape is None else teacher_shape.params,
-            "fits": result.total_bytes <= memory * GiB, **result.as_dict()}
+            "fits": result.total_bytes <= memory * GiB, "zero2": zero2, **result.as_dict()}
+
+
+def at_zero_stage_2(ds_config: dict) -> dict:
+    """`ds_config` with the student at ZeRO stage 2, as ds_configs/zero2.json: parameters whole on
+    every GPU, gradients and optimizer states sharded; its buckets and offload kept."""
+    zero = ds_config["zero_optimization"]
+    config = dict(ds_config)
+    config["zero_optimization"] = {"stage": 2, **{
+        k: v for k, v in zero.items() if k in ("offload_optimizer", "overlap_comm",
+                                               "contiguous_gradients", "reduce_bucket_size")}}
+    return config
 
 
 def format_table(p: dict) -> str:
@@ -164,6 +191,13 @@ def format_table(p: dict) -> str:
                  "stored, "
                  f"{gib(p['activations_checkpointed_bytes']).strip()} GiB with "
                  "--gradient_checkpointing")
+    if p["teacher_placement"]:
+        lines.append(f"teacher weights: {p['teacher_placement']}, as launch/train.py chooses "
+                     "without --teacher_ds_config")
+    if p["zero2"] is not None and p["zero2"]["fits"]:
+        lines.append(f"hint: the student fits unsharded: ZeRO stage 2 (ds_configs/zero2.json) "
+                     f"needs {p['zero2']['total_bytes'] / GiB:.2f} GiB per GPU and skips "
+                     "ZeRO-3's parameter gathers and hooks, faster for a model this size")
     if not p["fits"] and not p["gradient_checkpointing"]:
         lines.append("hint: --gradient_checkpointing keeps one block's activations instead of "
                      "every block's")

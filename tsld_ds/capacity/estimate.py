@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 from tsld_ds.errors import UsageError
@@ -240,18 +241,27 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
         raise UsageError("offload_param without offload_optimizer is not estimated: offload "
                          "both (ds_configs/zero3_offload.json) or the optimizer alone")
 
-    # Model states: DeepSpeed's estimate, less its largest-layer allowance (the phases below
-    # size the gathered parameters from the config). Its per-parameter counts assume 16-bit
-    # parameters; float32 compute keeps 4-byte ones, 2 more bytes a parameter on the GPU.
-    host, gpu, largest_layer = estimate_zero3_model_states_mem_needs(
-        student.params, student.largest_module_params, num_gpus_per_node=setup.num_gpus,
-        num_nodes=setup.num_nodes, cpu_offload=offload_optimizer or offload_params,
-        cpu_offload_params=offload_params, zero_init=True)
-    states = gpu - largest_layer
+    # Model states: DeepSpeed's estimate (ZeRO-3: less its largest-layer allowance; the phases
+    # below size the gathered parameters from the config). Its per-parameter counts assume
+    # 16-bit parameters; float32 compute keeps 4-byte ones, 2 more bytes a parameter on the GPU.
+    sharded = zero.get("stage", 0) == 3
+    if sharded:
+        host, gpu, largest_layer = estimate_zero3_model_states_mem_needs(
+            student.params, student.largest_module_params, num_gpus_per_node=setup.num_gpus,
+            num_nodes=setup.num_nodes, cpu_offload=offload_optimizer or offload_params,
+            cpu_offload_params=offload_params, zero_init=True)
+        states = gpu - largest_layer
+        note = f"parameters, gradients and Adam states, 1/{world} each (DeepSpeed's ZeRO-3 " \
+            "estimate)"
+    else:
+        host, states = estimate_zero2_model_states_mem_needs(
+            student.params, num_gpus_per_node=setup.num_gpus, num_nodes=setup.num_nodes,
+            cpu_offload=offload_optimizer)
+        note = f"parameters whole, gradients and Adam states 1/{world} each (DeepSpeed's ZeRO-2 " \
+            "estimate)"
     host_bytes = host if offload_optimizer else 0   # DeepSpeed's per-node host figure
     if s == 4 and not offload_params:
-        states += 2 * student.params // world
-    note = f"parameters, gradients and Adam states, 1/{world} each (DeepSpeed's ZeRO-3 estimate)"
+        states += 2 * student.params // (world if sharded else 1)
     if offload_optimizer or offload_params:
         note += "; offloaded to the host: " + ", ".join(
             k for k, on in (("optimizer", offload_optimizer), ("parameters", offload_params))
@@ -263,24 +273,25 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
                         "elements, allocated once"))
 
     teacher_allgather = teacher_internode = 0
-    sharded = False
+    teacher_sharded = False
     if teacher is not None:
         t_zero = zero_config(teacher_config)
         t = teacher.dtype_bytes
         stage = t_zero.get("stage", 0)   # DeepSpeed's default
-        sharded = stage == 3
+        teacher_sharded = stage == 3
         t_offload = _offloads(t_zero, "offload_param")
-        shards = 0 if t_offload else teacher.params * t // (world if sharded else 1)
-        hpz = int(t_zero.get("zero_hpz_partition_size", 1)) if sharded and not t_offload else 1
+        shards = 0 if t_offload else teacher.params * t // (world if teacher_sharded else 1)
+        hpz = int(t_zero.get("zero_hpz_partition_size", 1)) \
+            if teacher_sharded and not t_offload else 1
         if hpz > 1:
             shards += teacher.params * t // hpz   # the secondary copy inside the node
         if t_offload:
             host_bytes += teacher.params * t // setup.num_nodes
         rows.append(Row("teacher parameters", shards, HELD,
                         ("offloaded to the host" if t_offload else
-                         f"ZeRO-3, 1/{world}" if sharded else f"stage {stage}, replicated")
+                         f"ZeRO-3, 1/{world}" if teacher_sharded else f"stage {stage}, replicated")
                         + (f" + a secondary 1/{hpz} copy in the node (hpZ)" if hpz > 1 else "")))
-        if sharded:
+        if teacher_sharded:
             rows.append(Row("teacher gathered parameters",
                             _gathered(teacher, t_zero) * t, TEACHER_FORWARD,
                             "largest module + prefetch bucket, at most max live"))
@@ -302,12 +313,15 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
     else:
         rows.append(Row("student activations kept", kept, LOSS,
                         f"{student.layers} blocks' saved tensors{where}"))
-    # The teacher's lm_head is gathered apart from its shards only under ZeRO-3; its final
-    # hidden states wait for the loss.
-    teacher_gathers = teacher is not None and sharded
-    heads = student.lm_head_params * s + (teacher.lm_head_params * t if teacher_gathers else 0)
-    rows.append(Row("lm_heads gathered for the loss", heads, LOSS,
-                    "the student's" + (" and the teacher's" if teacher_gathers else "")))
+    # An lm_head is gathered apart from its shards only under ZeRO-3; the teacher's final hidden
+    # states wait for the loss.
+    teacher_gathers = teacher is not None and teacher_sharded
+    heads = (student.lm_head_params * s if sharded else 0) + \
+        (teacher.lm_head_params * t if teacher_gathers else 0)
+    if heads:
+        rows.append(Row("lm_heads gathered for the loss", heads, LOSS,
+                        " and ".join(w for w, on in (("the student's", sharded),
+                                                     ("the teacher's", teacher_gathers)) if on)))
     if teacher is not None:
         rows.append(Row("teacher hidden states", tokens * teacher.hidden_size * t, LOSS,
                         "the teacher's final hidden states, read by the loss"))
@@ -324,10 +338,11 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
                     checkpointed if setup.gradient_checkpointing else stored, BACKWARD,
                     ("the kept inputs, one block recomputed" if setup.gradient_checkpointing
                      else "every block's saved tensors") + " and one block's gradients"))
-    rows.append(Row("student gathered parameters", _gathered(student, zero) * s, BACKWARD,
-                    f"largest module + prefetch bucket "
-                    f"({zero['stage3_prefetch_bucket_size']:.3g}), at most max live "
-                    f"({zero['stage3_max_live_parameters']:.3g})"))
+    if sharded:
+        rows.append(Row("student gathered parameters", _gathered(student, zero) * s, BACKWARD,
+                        f"largest module + prefetch bucket "
+                        f"({zero['stage3_prefetch_bucket_size']:.3g}), at most max live "
+                        f"({zero['stage3_max_live_parameters']:.3g})"))
     rows.append(Row("student module gradients", student.largest_module_params * s, BACKWARD,
                     "the largest module's full gradient before it is reduce-scattered"))
 
@@ -339,7 +354,8 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
                     "CUDA context, libraries' workspaces"))
     total = sum(r.bytes for r in rows if r.phase == HELD) + phase_bytes[peak_phase]
 
-    gathers = 3 if setup.gradient_checkpointing else 2   # forward, (recompute,) backward
+    # ZeRO-3: forward, (recompute,) backward; ZeRO-2: the updated parameters after the step
+    gathers = (3 if setup.gradient_checkpointing else 2) if sharded else 1
     student_allgather = gathers * student.params * s * (world - 1) // world
     return Estimate(rows=rows, total_bytes=total, peak_phase=peak_phase,
                     host_bytes_per_node=host_bytes,

@@ -1,25 +1,22 @@
 """Where the frozen teacher's weights live when no --teacher_ds_config says: replicated on every
 rank (ZeRO stage 0: no gathers, no hooks) when `tsld-estimate` puts the whole step within this
-rank's memory that way, else sharded by ZeRO-3 like the student."""
-from tsld_ds.capacity.estimate import GiB, Setup, estimate, model_shape
-from tsld_ds.models import torch_dtype_of
+rank's memory that way, else sharded by ZeRO-3 like the student. launch/train.py and
+tsld-estimate both ask here."""
+from tsld_ds.capacity.estimate import GiB, ModelShape, Setup, estimate
 from tsld_ds.teacher.engine import teacher_ds_config
 
 REPLICATED = {"zero_optimization": {"stage": 0}}
 
 
-def choose_teacher_config(student: str, teacher: str, ds_config: dict, setup: Setup,
-                          memory_bytes: int, loss_chunk_size: int | None = None
+def choose_teacher_config(student: ModelShape, teacher: ModelShape, ds_config: dict,
+                          setup: Setup, memory_bytes: int, loss_chunk_size: int | None = None
                           ) -> tuple[dict | None, str]:
     """(the teacher's config for `teacher_ds_config`: REPLICATED, or None for its ZeRO-3 default;
-    the reason, for the run log)."""
+    the reason, for the run log). `ds_config` is the student's, its "auto" sizes resolved."""
     if ds_config.get("zero_optimization", {}).get("offload_param"):
         return None, "ZeRO-3, offloaded like the student's parameters (offload_param)"
-    shapes = [model_shape(name, torch_dtype_of(ds_config), setup.micro_batch, setup.block_size,
-                          setup.attn_implementation, what=what)
-              for name, what in ((student, "--model"), (teacher, "--teacher"))]
-    planned = estimate(*shapes, ds_config, teacher_ds_config(ds_config, REPLICATED), setup,
-                       loss_chunk_size=loss_chunk_size)
+    planned = estimate(student, teacher, ds_config, teacher_ds_config(ds_config, REPLICATED),
+                       setup, loss_chunk_size=loss_chunk_size)
     figures = f"{planned.total_bytes / GiB:.1f} GiB per rank replicated, of {memory_bytes / GiB:.1f}"
     if planned.total_bytes <= memory_bytes:
         return REPLICATED, f"replicated, ZeRO stage 0 (tsld-estimate: {figures})"

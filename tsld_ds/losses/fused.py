@@ -39,15 +39,16 @@ if TYPE_CHECKING:  # the objective calls this module
 
 
 def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
-    """Tokens per chunk when none is given: min(H // 2, 2^27 // V), floored to a multiple of 16
-    and at least 16.
+    """Tokens per chunk when none is given: min(max(H // 4, 2^22 // V), 2^27 // V), floored to a
+    multiple of 16 and at least 16.
 
-    A chunk works in two float32 [chunk, V] buffers, so chunk <= H/2 keeps them within the size
-    of the float32 [V, H] weight-gradient accumulator that the loss holds anyway (chunking never
-    dominates the footprint), and 2^27 // V caps one buffer at 512 MiB. Larger chunks make
-    larger, more efficient matmuls.
+    A chunk works in two float32 [chunk, V] buffers. chunk <= H/4 keeps them within half the size
+    of the float32 [V, H] weight-gradient accumulator that the loss holds anyway, so that the
+    loss adds at most 1.5x that accumulator; a buffer of up to 16 MiB (2^22 // V) is always
+    allowed, so that a small model's batch takes few, large matmuls; and 2^27 // V caps one
+    buffer at 512 MiB.
     """
-    chunk = min(hidden_size // 2, (1 << 27) // vocab_size)
+    chunk = min(max(hidden_size // 4, (1 << 22) // vocab_size), (1 << 27) // vocab_size)
     return max(16, chunk // 16 * 16)
 
 

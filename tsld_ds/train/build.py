@@ -21,14 +21,14 @@ from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
 from tsld_ds import gpu_extras
 from tsld_ds.data import ResumableDistributedSampler, check_tokenizers_match, dataset_rows
-from tsld_ds.capacity.estimate import Setup
+from tsld_ds.capacity.estimate import Setup, model_shape
 from tsld_ds.capacity.placement import choose_teacher_config
 from tsld_ds.devices import (local_world_size, memory_per_rank, pins_memory, set_local_device,
                              set_threads_per_rank)
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import Objective
 from tsld_ds.models import (check_block_size, check_gradient_checkpointing, check_model_source,
-                            load_causal_lm, load_tokenizer, vocab_size_of)
+                            load_causal_lm, load_tokenizer, torch_dtype_of, vocab_size_of)
 from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.teacher import CacheIdentity, TeacherCache, TeacherEngine, teacher_ds_config
 from tsld_ds.teacher.cache import read_manifest
@@ -352,12 +352,20 @@ def enable_gradient_checkpointing(model, *, on_host: bool = False) -> None:
         model.gradient_checkpointing_enable({"use_reentrant": False})
 
 
-def _setup(args, ds_config: dict, attn_implementation: str | None) -> Setup:
-    """This run's shape, as the capacity planner takes it."""
+def _teacher_placement(args, ds_config: dict, attn_implementation: str | None):
+    """`choose_teacher_config` for this run: its models, its shape, this rank's memory."""
     world, local = dist.get_world_size(), local_world_size()
-    return Setup(num_gpus=local, num_nodes=max(1, world // local), block_size=args.block_size,
-                 micro_batch=ds_config["train_micro_batch_size_per_gpu"], gradient_checkpointing=args.gradient_checkpointing,
-                 attn_implementation=attn_implementation or "sdpa")
+    setup = Setup(num_gpus=local, num_nodes=max(1, world // local), block_size=args.block_size,
+                  micro_batch=ds_config["train_micro_batch_size_per_gpu"],
+                  gradient_checkpointing=args.gradient_checkpointing,
+                  attn_implementation=attn_implementation or "sdpa")
+    dtype = torch_dtype_of(ds_config)
+    student, teacher = (model_shape(name, dtype, setup.micro_batch, args.block_size,
+                                    setup.attn_implementation, what=what)
+                        for name, what in ((args.model, "--model"),
+                                           (args.teacher or args.model, "--teacher")))
+    return choose_teacher_config(student, teacher, ds_config, setup, memory_per_rank(),
+                                 loss_chunk_size=args.loss_chunk_size)
 
 
 def build_run(args) -> Run:
@@ -399,9 +407,8 @@ def build_run(args) -> Run:
     attn = "eager" if objective.layers else args.attn_implementation
     if runs_teacher:
         if teacher_config is None:
-            teacher_config, placement = on_rank_zero(lambda: choose_teacher_config(
-                args.model, teacher_name, ds_config, _setup(args, ds_config, attn),
-                memory_per_rank(), loss_chunk_size=args.loss_chunk_size))
+            teacher_config, placement = on_rank_zero(
+                lambda: _teacher_placement(args, ds_config, attn))
         else:
             placement = f"as --teacher_ds_config {args.teacher_ds_config} says"
         if rank == 0:

@@ -135,14 +135,17 @@ def write_ds_config(path: Path, params: int) -> Path:
 
 
 def measure(model_dir: Path, ds_config: Path, ranks: int, block_size: int, steps: int,
-            output_dir: Path) -> dict:
-    """Trains under the DeepSpeed launcher; returns each rank's peak RSS over the training steps,
-    its least RSS after the first step (what is held between steps) and every sample (kept in
-    OUTPUT_DIR/memory.json: a finished measurement is reused)."""
+            output_dir: Path, extra_args: tuple = ()) -> dict:
+    """Trains under the DeepSpeed launcher (launch/train.py's `extra_args` added); returns each
+    rank's peak RSS over the training steps, its least RSS after the first step (what is held
+    between steps) and every sample (kept in OUTPUT_DIR/memory.json: a finished measurement is
+    reused)."""
     done = output_dir / "memory.json"
     settings = {"model": json.loads((model_dir / "config.json").read_text()),
                 "ds_config": json.loads(ds_config.read_text()), "ranks": ranks,
                 "block_size": block_size, "steps": steps}
+    if extra_args:
+        settings["extra_args"] = list(extra_args)
     if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         return json.loads(done.read_text())
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
@@ -150,7 +153,7 @@ def measure(model_dir: Path, ds_config: Path, ranks: int, block_size: int, steps
            "--model", str(model_dir), "--block_size", str(block_size),
            "--gradient_checkpointing", "--max_steps", str(steps), "--log_every", "1",
            "--eval_max_blocks", "1", "--no_export", "--output_dir", str(output_dir),
-           "--overwrite_output_dir"]
+           "--overwrite_output_dir", *extra_args]
     log = output_dir.with_suffix(".log")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -12,7 +12,9 @@ the given --ds_config, its steps timed by a `TrainHooks` object.
 
 Both time each optimizer step and its phases (teacher forward; student forward + loss; backward;
 optimizer step; the rest of the loop is "other"), the accelerator synchronized at each phase end.
-The first --warmup steps are left out. The variants run in interleaved rounds, each round one
+The first --warmup steps are left out. With more than one rank, "plain xN" runs N plain loops
+side by side, each with its share of the cores: what the machine gives N ranks with no
+communication at all, the ceiling of tsld-ds's scaling. The variants run in interleaved rounds, each round one
 fresh process per variant; the table gives the median over rounds of each variant's tokens/s and
 the ratios, and the mean per-phase milliseconds.
 
@@ -235,6 +237,8 @@ def run_variant(args, variant: str, ranks: int, config: Path, out: Path, name: s
              "--output_dir", str(run_dir), "--overwrite_output_dir"]
     me = [str(Path(__file__).resolve()), "--worker", variant, "--repo", str(repo),
           "--result", str(result), "--ds_config", str(config), "--block_size", str(args.block_size)]
+    if variant == "plain" and ranks > 1:
+        return plain_side_by_side(args, me, train, ranks, out, name, repo)
     if variant == "plain":
         cmd = [sys.executable, *me, *train]
     else:
@@ -246,7 +250,35 @@ def run_variant(args, variant: str, ranks: int, config: Path, out: Path, name: s
         code = subprocess.run(cmd, cwd=repo, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"{variant} at {ranks} rank(s) failed (exit {code}); see {log}")
-    timings = json.loads(result.read_text())
+    return summarize(args, json.loads(result.read_text()))
+
+
+def plain_side_by_side(args, me, train, ranks, out, name, repo) -> dict:
+    """`ranks` plain loops at once, each with its share of the cores (as tsld-ds's ranks get):
+    what this machine's cores give without any communication. Its tokens/s is their sum."""
+    cores = len(os.sched_getaffinity(0))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
+    procs = []
+    for i in range(ranks):
+        cmd = [sys.executable, *me, *train]
+        cmd[cmd.index("--result") + 1] = str(out / f"{name}-{i}.json")
+        cmd[cmd.index("--output_dir") + 1] = str(out / f"{name}-{i}")
+        log = open(out / f"{name}-{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, cwd=repo, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"plain loop {name} failed; see {log.name}")
+        log.close()
+    each = [summarize(args, json.loads((out / f"{name}-{i}.json").read_text()))
+            for i in range(ranks)]
+    return {"tokens_per_s": sum(e["tokens_per_s"] for e in each),
+            "step_s": statistics.fmean(e["step_s"] for e in each),
+            "phases": {p: statistics.fmean(e["phases"][p] for e in each)
+                       for p in each[0]["phases"]}}
+
+
+def summarize(args, timings: dict) -> dict:
     steps = timings["steps"][args.warmup - 1:]   # steps[0] is the second step
     wall = statistics.fmean(s["wall"] for s in steps)
     phases = {p: statistics.fmean(s.get(p, 0.0) for s in steps) for p in PHASES}
@@ -258,6 +290,8 @@ def throughput(args) -> dict:
     # (name, variant, ranks, DeepSpeed config, checkout)
     first = Path(args.ds_config[0])
     variants = [("plain", "plain", 1, first, REPO)]
+    if max(args.ranks) > 1:   # the machine's ceiling: as many plain loops side by side
+        variants.append((f"plain x{max(args.ranks)}", "plain", max(args.ranks), first, REPO))
     if args.before:
         variants.append(("before", "tsld", 1, first, Path(args.before).resolve()))
     for config in map(Path, args.ds_config):
@@ -289,11 +323,14 @@ def format_throughput(figures: dict) -> str:
     width = max(map(len, summary))
     lines = [f"{len(figures['rounds'])} rounds, {figures['steps']} steps each (first "
              f"{figures['warmup']} left out), block {figures['block_size']}; median tokens/s over "
-             f"rounds, mean ms per step; 'x 1 rank' against {figures['one_rank']}",
+             f"rounds, mean ms per step; 'x 1 rank' against {figures['one_rank']} (plain xN: N plain "
+             "loops side by side, each with its share of the cores, against one)",
              f"{'variant':<{width}} {'tokens/s':>9} {'x plain':>8} {'x 1 rank':>9} " +
              " ".join(f"{p:>{max(len(p), 7)}}" for p in (*PHASES, "other"))]
     for name, s in summary.items():
-        vs_one = f"{s['tokens_per_s'] / one:.2f}" if one and name != "plain" else "-"
+        # plain xN: against one plain loop, the machine's ceiling for N ranks
+        base = plain if name.startswith("plain x") else one if name != "plain" else None
+        vs_one = f"{s['tokens_per_s'] / base:.2f}" if base else "-"
         lines.append(f"{name:<{width}} {s['tokens_per_s']:>9.0f} "
                      f"{s['tokens_per_s'] / plain:>8.2f} {vs_one:>9} " +
                      " ".join(f"{s['phases_ms'][p]:>{max(len(p), 7)}.1f}"
@@ -302,6 +339,9 @@ def format_throughput(figures: dict) -> str:
 
 
 def memory(args) -> dict:
+    """Each rank's memory at 1 and 2 ranks with the teacher placed as the run chooses, and at 2
+    ranks also sharded by ZeRO-3 (ds_configs/teacher_zero3.json; over one rank it is whole
+    either way)."""
     from scale import make_slice, measure
     root = Path(args.output_root)
     model_dir = make_slice(root / "slice-1x4096-v4096", layers=1, hidden_size=4096,
@@ -310,21 +350,28 @@ def memory(args) -> dict:
     config["train_micro_batch_size_per_gpu"] = 1
     ds_config = root / "ds_config-memory.json"
     ds_config.write_text(json.dumps(config, indent=1))
-    runs = [measure(model_dir, ds_config, ranks, args.block_size, 3,
-                    root / f"memory-b{args.block_size}-r{ranks}")
-            for ranks in args.ranks]
+    sharded = ("--teacher_ds_config", str(REPO / "ds_configs" / "teacher_zero3.json"))
+    runs = []
+    for teacher, extra in (("as chosen", ()), ("ZeRO-3", sharded)):
+        for ranks in [r for r in args.ranks if r > 1 or not extra]:
+            run = measure(model_dir, ds_config, ranks, args.block_size, 3,
+                          root / f"memory-b{args.block_size}-r{ranks}-"
+                          f"{'chosen' if not extra else 'zero3'}", extra)
+            runs.append({**run, "teacher": teacher})
     return {"runs": runs, "block_size": args.block_size, "ds_config": args.ds_config[0]}
 
 
 def format_memory(figures: dict) -> str:
-    first = max(r["peak_bytes"] for r in figures["runs"][0]["per_rank"])
     lines = [f"7B-width slice (1 block), block {figures['block_size']}, micro-batch 1, "
-             f"{Path(figures['ds_config']).name}; MiB per rank",
-             f"{'ranks':>5} {'rank':>4} {'peak':>7} {'held':>7} {'peak x 1 rank':>14}"]
+             f"--gradient_checkpointing, {Path(figures['ds_config']).name}; MiB per rank",
+             f"{'teacher':>9} {'ranks':>5} {'rank':>4} {'peak':>7} {'held':>7} "
+             f"{'peak x 1 rank':>14}"]
+    first = max(r["peak_bytes"] for r in figures["runs"][0]["per_rank"])
     for run in figures["runs"]:
         for r in run["per_rank"]:
-            lines.append(f"{run['ranks']:>5} {r['rank']:>4} {r['peak_bytes'] / MiB:>7.0f} "
-                         f"{r['held_bytes'] / MiB:>7.0f} {r['peak_bytes'] / first:>14.2f}")
+            lines.append(f"{run['teacher']:>9} {run['ranks']:>5} {r['rank']:>4} "
+                         f"{r['peak_bytes'] / MiB:>7.0f} {r['held_bytes'] / MiB:>7.0f} "
+                         f"{r['peak_bytes'] / first:>14.2f}")
     return "\n".join(lines)
 
 

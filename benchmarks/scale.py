@@ -6,7 +6,8 @@
 The slice is LLaMA-2-7B's config (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000,
 larger than the built-in tokenizer's) with --layers blocks and random weights, saved once under
 --output_root and reused. Student and teacher are the slice; the student is ternary (train.py's
-defaults) with --gradient_checkpointing, ds_configs/zero3.json at micro-batch 1, fp32.
+defaults) with --gradient_checkpointing, ds_configs/zero3.json at micro-batch 1, fp32, the teacher
+sharded by ZeRO-3 (ds_configs/teacher_zero3.json).
 
 Each rank process's resident memory is sampled every 0.1 s; the figures are the peak from the
 first training step to the last one (evaluation and the final save excluded), and the resident
@@ -35,6 +36,9 @@ sys.path.insert(0, str(REPO))
 
 TRAIN = REPO / "launch" / "train.py"
 SLICE_OF = REPO / "tsld_ds" / "assets" / "model_configs" / "llama-2-7b"
+# The teacher sharded by ZeRO-3, as the estimate counts it (a run would replicate one that fits).
+TEACHER_CONFIG = REPO / "ds_configs" / "teacher_zero3.json"
+SHARDED_TEACHER = ("--teacher_ds_config", str(TEACHER_CONFIG))
 MiB = 1 << 20
 
 
@@ -200,7 +204,8 @@ def estimated(model_dir: Path, ds_config: Path, ranks: int, block_size: int,
                   micro_batch=config["train_micro_batch_size_per_gpu"],
                   gradient_checkpointing=True, attn_implementation="sdpa",
                   runtime_bytes=runtime_bytes)
-    result = estimate(shape, shape, config, teacher_ds_config(config), setup)
+    teacher_config = teacher_ds_config(config, json.loads(TEACHER_CONFIG.read_text()))
+    result = estimate(shape, shape, config, teacher_config, setup)
     held = sum(row.bytes for row in result.rows
                if row.phase == HELD and row.what != "allocator fragmentation")
     states = sum(row.bytes for row in result.rows
@@ -227,10 +232,11 @@ def compare(args) -> dict:
     figures = {"runs": []}
     for ranks in args.ranks:
         tiny = measure(tiny_dir, tiny_config, ranks, args.block_size, args.steps,
-                       root / f"runtime-b{args.block_size}-r{ranks}")
+                       root / f"runtime-b{args.block_size}-r{ranks}", SHARDED_TEACHER)
         runtime = max(r["peak_bytes"] for r in tiny["per_rank"])
         run = measure(model_dir, ds_config, ranks, args.block_size, args.steps,
-                      root / f"run-{args.layers}x{args.hidden_size}-b{args.block_size}-r{ranks}")
+                      root / f"run-{args.layers}x{args.hidden_size}-b{args.block_size}-r{ranks}",
+                      SHARDED_TEACHER)
         run["runtime_bytes"] = runtime
         run["estimate"] = estimated(model_dir, ds_config, ranks, args.block_size, runtime)
         figures["runs"].append(run)

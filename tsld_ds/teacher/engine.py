@@ -1,7 +1,8 @@
-"""The frozen teacher in its own DeepSpeed ZeRO-3 inference engine.
+"""The frozen teacher in its own DeepSpeed inference engine (no optimizer, no gradients).
 
-Its parameters are partitioned across ranks like the student's (no optimizer, no gradients), and
-it produces its outputs on the fly for each micro-batch. For the fused loss it returns final
+Its parameters are replicated on every rank (ZeRO stage 0) when they fit beside the student
+(`tsld_ds.capacity.placement` decides), else partitioned across ranks by ZeRO-3 like the
+student's; it produces its outputs on the fly for each micro-batch. For the fused loss it returns final
 hidden states and lends its lm_head (gathered) instead of [tokens, vocab] logits.
 """
 import contextlib

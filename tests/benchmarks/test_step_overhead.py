@@ -1,0 +1,28 @@
+"""benchmarks/step_overhead.py in small: the plain loop, two plain loops side by side and
+launch/train.py at 1 and 2 ranks, timed per phase (its figures: docs/benchmarks.md)."""
+import json
+import os
+import subprocess
+import sys
+
+from helpers import REPO
+
+SCRIPT = REPO / "benchmarks" / "step_overhead.py"
+PHASES = ("teacher forward", "student forward + loss", "backward", "optimizer step", "other")
+
+
+def test_every_variant_is_timed_per_phase(tmp_path):
+    figures_path = tmp_path / "figures.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "1", "--steps", "4",
+                          "--warmup", "1", "--ranks", "1", "2", "--json", str(figures_path)],
+                         cwd=REPO, env=env, check=True, capture_output=True, text=True,
+                         timeout=900).stdout
+    summary = json.loads(figures_path.read_text())["summary"]
+    assert list(summary) == ["plain", "plain x2", "zero3 r1", "zero3 r2"]
+    for name, figures in summary.items():
+        assert figures["tokens_per_s"] > 0, name
+        # every phase was timed: the hooks wrapped launch/train.py's teacher, forward, backward
+        # and step (a phase never entered would be 0)
+        assert all(figures["phases_ms"][p] > 0 for p in PHASES[:4]), (name, figures)
+    assert "zero3 r2" in out and "x plain" in out

@@ -360,10 +360,14 @@ def _teacher_placement(args, ds_config: dict, attn_implementation: str | None):
                   gradient_checkpointing=args.gradient_checkpointing,
                   attn_implementation=attn_implementation or "sdpa")
     dtype = torch_dtype_of(ds_config)
-    student, teacher = (model_shape(name, dtype, setup.micro_batch, args.block_size,
-                                    setup.attn_implementation, what=what)
-                        for name, what in ((args.model, "--model"),
-                                           (args.teacher or args.model, "--teacher")))
+
+    def shape(name, what):
+        return model_shape(name, dtype, setup.micro_batch, args.block_size,
+                           setup.attn_implementation, what=what)
+
+    student = shape(args.model, "--model")
+    # the default teacher is the student's own model: one meta-device trace serves both
+    teacher = student if args.teacher in (None, args.model) else shape(args.teacher, "--teacher")
     return choose_teacher_config(student, teacher, ds_config, setup, memory_per_rank(),
                                  loss_chunk_size=args.loss_chunk_size)
 

@@ -28,7 +28,7 @@ def test_each_kd_gives_its_terms_fused_as_naive(kd, device):
         results[impl] = out, torch.autograd.grad(out["loss"], hidden)
     (fused, fused_grad), (naive, naive_grad) = results["fused"], results["naive"]
     terms = {"gt": {"gt"}, "logit": {"logit"}, "logit_gt": {"logit", "gt"},
-             "l2l": {"logit", "l2l"}, "tsld": {"gt", "tsld"}}[kd]
+             "l2l": {"logit", "l2l"}, "tsld": {"gt", "tsld"}, "tsld_nogt": {"tsld"}}[kd]
     assert set(fused) == set(naive) == terms | {"loss"}
     for name in fused:
         torch.testing.assert_close(fused[name], naive[name], rtol=1e-10, atol=1e-14)

@@ -129,8 +129,12 @@ def test_resume_with_more_steps_follows_the_new_schedule_and_logs_each_step_once
     run, args = saved_run
     run = copy_of(run, tmp_path)
     run_train([*moved(args, saved_run[0], run), "--max_steps", 6, "--resume", "latest"])
-    lrs = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
+    records = read_metrics(run)
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
     assert sorted(lrs) == list(range(1, 7))  # each step once
+    # The summary keeps the perplexity measured before the first run's first step.
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["student_ppl_before"] == records[0]["eval_ppl"] and records[0]["step"] == 0
     assert lrs[5] == pytest.approx(3e-3 * (1 - 4 / 6))  # the linear decay of a 6-step run
     assert lrs[4] == pytest.approx(3e-3 * (1 - 3 / 4))  # the first run's own
 

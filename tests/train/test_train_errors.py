@@ -123,6 +123,7 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
     ("--lr", "-1", "--lr must be positive, got -1.0"),
     ("--kd_temperature", "0", "--kd_temperature must be positive, got 0.0"),
     ("--save_every", "-1", "--save_every must be 0 or more, got -1"),
+    ("--eval_train_blocks", "-2", "--eval_train_blocks must be 0 or more, got -2"),
     ("--keep_checkpoints", "0", "--keep_checkpoints must be positive, got 0"),
     ("--group_size", "64", "only meaningful with granularity='group'"),
 ])

@@ -24,6 +24,7 @@ _KD_TERMS = {
     "logit_gt": ("logit", True, False),
     "l2l": ("logit", False, True),
     "tsld": ("tsld", True, False),
+    "tsld_nogt": ("tsld", False, False),  # the token scale judged apart from the GT share
 }
 KD_CHOICES = tuple(_KD_TERMS)
 LOSS_IMPLS = ("fused", "naive")

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--kd", default="tsld", choices=KD_CHOICES,
                       help="training objective: gt (cross-entropy only), logit (teacher soft CE), "
                       "logit_gt, l2l (logit + layer-to-layer MSE), tsld (gt + token-scaled logit "
-                      "distillation, the paper's method) (default: %(default)s)")
+                      "distillation, the paper's method), tsld_nogt (the TSLD term alone) "
+                      "(default: %(default)s)")
     loss.add_argument("--kd_temperature", type=float, default=10.0,
                       help="temperature tau of the token-scale softmax over teacher CE "
                       "(default: %(default)s)")
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: %(default)s)")
     out.add_argument("--eval_max_blocks", type=int, default=None,
                      help="evaluate on at most this many validation blocks (default: all)")
+    out.add_argument("--eval_train_blocks", type=int, default=0,
+                     help="also the student's perplexity on the first N training blocks at "
+                     "each evaluation, logged as train_ppl: the training curve of objectives "
+                     "whose loss is not the CE, to see overfitting (default: %(default)s, none)")
     out.add_argument("--log_every", type=int, default=10,
                      help="metrics line every N steps (default: %(default)s)")
     out.add_argument("--save_every", type=int, default=0,
@@ -221,7 +226,7 @@ def read_run_args(run_dir) -> argparse.Namespace:
 _POSITIVE = ("block_size", "max_steps", "epochs", "lr", "kd_temperature", "init_scale",
              "loss_chunk_size", "loss_vocab_chunk_size", "dist_timeout", "max_nonfinite_batches",
              "eval_max_blocks", "log_every", "keep_checkpoints", "group_size")
-_NOT_NEGATIVE = ("warmup_steps", "eval_every", "save_every")
+_NOT_NEGATIVE = ("warmup_steps", "eval_every", "save_every", "eval_train_blocks")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -244,7 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.bits == 16 and args.quant_method is not None:
         parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full precision")
     if args.token_scale is not None and Objective.from_kd(args.kd).soft != "tsld":
-        parser.error(f"--token_scale weighs the TSLD term; it needs --kd tsld, not --kd {args.kd}")
+        parser.error(f"--token_scale weighs the TSLD term; it needs --kd tsld or tsld_nogt, "
+                     f"not --kd {args.kd}")
     args.token_scale = args.token_scale or "confidence"
     objective = objective_of(args)  # what could refuse it, argparse and the checks above have
     if args.teacher_cache is not None:

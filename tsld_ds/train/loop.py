@@ -74,15 +74,24 @@ def _gather_from_ranks(losses: dict, stop_signal: int) -> tuple[torch.Tensor, in
     return values[:, :-1], int(values[:, -1].max())
 
 
-def student_perplexity(run: Run, args) -> float:
+def student_perplexity(run: Run, blocks, max_blocks: int | None) -> float:
     def nll(input_ids, labels):
         return run.engine(input_ids, labels, nll_only=True)
 
     run.engine.eval()
-    ppl = perplexity(nll, run.val_blocks, run.micro_batch, device=run.engine.device,
-                     max_blocks=args.eval_max_blocks)
+    ppl = perplexity(nll, blocks, run.micro_batch, device=run.engine.device,
+                     max_blocks=max_blocks)
     run.engine.train()
     return ppl
+
+
+def evaluate(run: Run, args) -> dict:
+    """The student's validation perplexity (`eval_ppl`), and with --eval_train_blocks its
+    perplexity on the first training blocks (`train_ppl`)."""
+    ppls = {"eval_ppl": student_perplexity(run, run.val_blocks, args.eval_max_blocks)}
+    if args.eval_train_blocks:
+        ppls["train_ppl"] = student_perplexity(run, run.train_blocks, args.eval_train_blocks)
+    return ppls
 
 
 def teacher_perplexity(run: Run, args) -> float:
@@ -154,8 +163,11 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
         summary.teacher_numel, summary.teacher_numel_this_rank = run.teacher.partitioning()
         summary.teacher_ppl = teacher_perplexity(run, args)
     if step == 0:
-        summary.student_ppl_before = student_perplexity(run, args)
-        log.log(0, eval_ppl=summary.student_ppl_before, teacher_ppl=summary.teacher_ppl)
+        ppls = evaluate(run, args)
+        summary.student_ppl_before = ppls["eval_ppl"]
+        log.log(0, **ppls, teacher_ppl=summary.teacher_ppl)
+    else:  # measured when the run started; its log kept it
+        summary.student_ppl_before = log.earliest("eval_ppl")
 
     batches = EpochBatches(run.train_blocks, run.micro_batch, sampler,
                            pin_memory=pins_memory(engine.device))
@@ -202,9 +214,11 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
         if stopping:
             break
         if args.eval_every and step % args.eval_every == 0 and step < run.total_steps:
-            ppl = student_perplexity(run, args)
-            log.log(step, eval_ppl=ppl)
-            progress.write(f"step {step}: validation perplexity {ppl:.3f}")
+            ppls = evaluate(run, args)
+            log.log(step, **ppls)
+            progress.write(f"step {step}: validation perplexity {ppls['eval_ppl']:.3f}"
+                           + (f", training {ppls['train_ppl']:.3f}" if "train_ppl" in ppls
+                              else ""))
         if args.save_every and step % args.save_every == 0 and step < run.total_steps:
             saver.save(step, _client_state(step, sampler))
     progress.close()
@@ -218,8 +232,9 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
         log.close()
         return summary
 
-    summary.student_ppl_after = student_perplexity(run, args)
-    log.log(step, eval_ppl=summary.student_ppl_after)
+    ppls = evaluate(run, args)
+    summary.student_ppl_after = ppls["eval_ppl"]
+    log.log(step, **ppls)
     summary.checkpoint = str(saver.save(step, _client_state(step, sampler)))
     if not args.no_export:
         summary.hf_model = str(export_hf(run.student_model, run.tokenizer,

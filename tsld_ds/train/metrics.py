@@ -17,6 +17,7 @@ class MetricsLog:
         self.enabled = enabled
         self.file = None
         self.tensorboard = None
+        self.kept = []  # the records a resumed run keeps, as dicts
         if not enabled:
             return
         path = Path(output_dir)
@@ -25,6 +26,7 @@ class MetricsLog:
         if resumed_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text(errors="replace").splitlines(True)
                     if _step_of(line) is not None and _step_of(line) <= resumed_step]
+        self.kept = [json.loads(line) for line in kept]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, self.path)
@@ -35,6 +37,11 @@ class MetricsLog:
                                              purge_step=(resumed_step or 0) + 1)
         except ImportError:  # tensorboard is optional
             self.tensorboard = None
+
+    def earliest(self, key: str):
+        """The first kept record's value of `key` (None if none has it; on ranks that do not
+        log)."""
+        return next((r[key] for r in self.kept if key in r), None)
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:

@@ -1,22 +1,35 @@
 """Reproduce the paper's comparison and its ablations with launch/train.py, and write the results.
 
 For a teacher and a dataset (default: the built-in tiny LLaMA and KJV corpus) it trains, one run
-after another, the student with --kd gt, logit, logit_gt, l2l and tsld at 2 bits (TWN ternary
-per channel) and at 4 bits (min-max per channel), plus TSLD ablations that each change one flag
-(token scale uniform/inverse, temperature 1/5/20, per-tensor TWN, PACT+ learned scale, absmean
-ternary), all with the same budget (steps, learning rate, seeds). The post-training-quantization
-floor is the student's perplexity before QAT, which every run measures at step 0.
+after another, the student with --kd gt, logit, logit_gt, l2l, tsld and tsld_nogt at 2 bits (TWN
+ternary per channel) and at 4 bits (min-max per channel), plus TSLD ablations that each change
+one flag (token scale uniform/inverse, temperature 1/5/20, per-tensor TWN, PACT+ learned scale,
+absmean ternary), all with the same budget (steps, learning rate, seeds). The post-training-
+quantization floor is the student's perplexity before QAT, which every run measures at step 0.
 
-Each run lives in OUTPUT_ROOT/NAME/seed-SEED (train.log, metrics.jsonl, summary.json). A run whose
-summary.json exists is skipped, so after an interruption the same command goes on where it
-stopped. Then it writes DOCS_DIR/results.md (table, commands, machine, findings kept from the
-previous page) and DOCS_DIR/img/*.png (validation perplexity against step per method; teacher
-confidence histogram with the TSLD token scale it yields). The report covers every finished run
-of the grid under OUTPUT_ROOT with the same options, so a later call with more --seeds for a
-subset (--only main-w2) adds those seeds to the same table.
+Two presets set the defaults of the regime they test (every option still overrides them):
+  short  a short polish: 60 steps at lr 1e-4 on the whole dataset, the whole grid, one seed.
+  long   the paper's regime: a small task (--train_tokens from the start of the training
+         text, every 5th document held out for validation); the FP stage fine-tunes the teacher
+         on it (--teacher_epochs, as the paper does on PTB) and the student starts from that
+         teacher; QAT at 2 bits for --epochs (eval each epoch on validation and training
+         blocks), gt, logit, logit_gt, tsld and tsld_nogt, 3 seeds, the teacher's outputs from
+         an exact tsld-cache.
+Each preset writes its own section of DOCS_DIR/results.md and keeps the other's.
 
-    python benchmarks/reproduce.py                          # the whole grid, one seed
+Each run lives in OUTPUT_ROOT/NAME/seed-SEED (train.log, metrics.jsonl, summary.json); the long
+preset's stages in OUTPUT_ROOT/task, teacher-fp and teacher-cache. A run whose summary.json exists
+is skipped, and one interrupted after a checkpoint resumes from it (the long runs save one every 5
+epochs), so after an interruption the same command goes on where it stopped. Then it writes its
+section of DOCS_DIR/results.md (table, commands, machine; the other section and the findings kept
+from the previous page) and DOCS_DIR/img/*.png (perplexity curves per method; teacher confidence
+histograms with the TSLD token scale they yield). The report covers every finished run of the
+grid under OUTPUT_ROOT with the same options, so a later call with more --seeds for a subset
+(--only main-w2) adds those seeds to the same table.
+
+    python benchmarks/reproduce.py                          # the short preset: the whole grid
     python benchmarks/reproduce.py --only main-w2 --seeds 43 44
+    python benchmarks/reproduce.py --preset long            # the paper's regime (hours)
     python benchmarks/reproduce.py --dry_run                # print the training commands
 
 Needs matplotlib: pip install -e ".[results]". On a machine shared with other DeepSpeed jobs, a
@@ -42,10 +55,19 @@ sys.path.insert(0, str(REPO))
 from reproduce_grid import GRID, GROUPS, RunSpec, select_runs  # noqa: E402
 
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
-# The default budget fits the 18-run grid in about an hour on 2 shared CPU cores, where a run
-# spends ~2 minutes starting (launcher, DeepSpeed set-up, teacher and step-0 evaluations).
-DEFAULT_STEPS = 60
+CACHE_SCRIPT = REPO / "launch" / "teacher_cache.py"
 DEFAULT_EVAL_BLOCKS = 128
+# The short preset fits the grid in about an hour on 2 shared CPU cores, where a run spends
+# ~2 minutes starting (launcher, DeepSpeed set-up, teacher and step-0 evaluations). The long one
+# takes about 20 minutes a run: 30 epochs of Genesis (50k tokens), which the paper's 90 epochs of
+# PTB's 1M tokens would make 60 hours.
+PRESETS = {
+    "short": dict(steps=60, lr=1e-4, seeds=[42], output_root="runs/reproduce", eval_every=20),
+    "long": dict(train_tokens=50_000, teacher_epochs=3, teacher_lr=1e-4, epochs=30, lr=1e-4,
+                 seeds=[42, 43, 44], output_root="runs/reproduce-long",
+                 ds_config=str(REPO / "ds_configs" / "zero2.json"), eval_train_blocks=64,
+                 only=["w2-gt", "w2-logit", "w2-logit_gt", "w2-tsld", "w2-tsld_nogt"]),
+}
 RUN_RECORD = "reproduce.json"  # the training options a run directory was made with
 TEMPERATURES = (1.0, 5.0, 10.0, 20.0)  # drawn in the token-scale figure
 
@@ -57,7 +79,12 @@ def parse_args(argv=None):
                 return action.help
             return super()._get_help_string(action)
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", choices=tuple(PRESETS), default="short",
+                        help="the regime whose defaults the other options take")
+    chosen = preset.parse_known_args(argv)[0].preset
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter,
+                                parents=[preset])
     what = p.add_argument_group("what to train (passed to launch/train.py)")
     what.add_argument("--model", default=None,
                       help="student to quantize: a model directory or Hugging Face name; "
@@ -71,17 +98,32 @@ def parse_args(argv=None):
     what.add_argument("--text_column", default=None, help="the dataset's text column")
     what.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"),
                       help="DeepSpeed config of every run (micro-batch, precision, optimizer)")
+    task = p.add_argument_group("the small task and its teacher (the long preset)")
+    task.add_argument("--train_tokens", type=int, default=0,
+                      help="a small task: documents from the start of the training text that "
+                      "hold this many tokens, every 5th document between them held out for "
+                      "validation; the teacher is first fine-tuned on it (0: the whole dataset, "
+                      "the teacher as given)")
+    task.add_argument("--teacher_epochs", type=float, default=3,
+                      help="epochs of the FP stage's fine-tuning of the teacher on the task")
+    task.add_argument("--teacher_lr", type=float, default=1e-4,
+                      help="peak learning rate of the FP stage, linear decay")
     budget = p.add_argument_group("budget, the same for every run")
-    budget.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help="optimizer steps per run (the default fits the whole grid in about "
-                        "an hour on 2 CPU cores)")
+    budget.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run")
+    budget.add_argument("--epochs", type=float, default=None,
+                        help="passes over the training blocks per run, instead of --steps")
     budget.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, linear decay")
     budget.add_argument("--block_size", type=int, default=128, help="tokens per sequence")
     budget.add_argument("--seeds", type=int, nargs="+", default=[42],
                         help="seeds; each selected run is trained once per seed and the table "
                         "reports mean ± standard deviation")
-    budget.add_argument("--eval_every", type=int, default=20,
-                        help="validation perplexity every N steps (the curves' resolution)")
+    budget.add_argument("--eval_every", type=int, default=None,
+                        help="validation perplexity every N steps (the curves' resolution; "
+                        "default: once an epoch with --train_tokens)")
+    budget.add_argument("--eval_train_blocks", type=int, default=0,
+                        help="at each evaluation, also the perplexity on the first N training "
+                        "blocks: the training curves")
     budget.add_argument("--eval_max_blocks", type=int, default=DEFAULT_EVAL_BLOCKS,
                         help="validate on the first N blocks, the same for every run and the "
                         "teacher (0: all; the built-in corpus has 388 of 128 tokens)")
@@ -91,7 +133,7 @@ def parse_args(argv=None):
                       + ", ".join(GROUPS) + "), run "
                       "names or shell patterns (w2-tsld-*); runs: " +
                       ", ".join(r.name for r in GRID))
-    runs.add_argument("--output_root", default="runs/reproduce", help="run directories")
+    runs.add_argument("--output_root", help="run directories")
     runs.add_argument("--docs_dir", default="docs", help="where results.md and img/ go")
     runs.add_argument("--num_gpus", type=int, default=2,
                       help="ranks per run (DeepSpeed launcher --num_gpus; CPU processes "
@@ -101,9 +143,22 @@ def parse_args(argv=None):
                       "of --eval_max_blocks (0: all)")
     runs.add_argument("--dry_run", action="store_true",
                       help="print each run's training command and exit")
+    p.set_defaults(**PRESETS[chosen])
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be positive")
+    given = {word.split("=")[0] for word in (sys.argv[1:] if argv is None else argv)}
+    if {"--steps", "--epochs"} <= given:
+        p.error("give the budget as --steps or as --epochs, not both")
+    if args.steps is not None and args.epochs is not None:  # the preset's, and one given
+        args.steps, args.epochs = (None, args.epochs) if "--epochs" in given else \
+            (args.steps, None)
+    if (args.steps is not None and args.steps < 1) or (args.epochs is not None
+                                                       and args.epochs <= 0):
+        p.error("the budget must be positive")
+    if args.eval_every is None and not args.train_tokens:
+        p.error("--eval_every: the whole dataset has no epoch length to default to")
+    if args.train_tokens and args.teacher and args.model and args.teacher != args.model:
+        p.error("--train_tokens: the student starts from the fine-tuned teacher, as in the "
+                "paper; give --model or --teacher, not two models")
     try:
         args.selected = select_runs(args.only)
     except ValueError as e:
@@ -115,27 +170,98 @@ def run_dir(args, spec: RunSpec, seed: int) -> Path:
     return Path(args.output_root) / spec.name / f"seed-{seed}"
 
 
+def task_paths(args) -> dict:
+    """Where the long preset's stages put the task split, the fine-tuned teacher and its cache."""
+    root = Path(args.output_root)
+    return {"task": root / "task", "teacher": root / "teacher-fp", "cache": root / "teacher-cache"}
+
+
+def budget_options(args, steps_per_epoch) -> list:
+    """The budget every QAT run shares: --max_steps or --epochs, evaluation, the schedule."""
+    budget = ["--max_steps", str(args.steps)] if args.steps else ["--epochs", f"{args.epochs:g}"]
+    eval_every = args.eval_every or steps_per_epoch
+    options = [*budget, "--lr", str(args.lr), "--eval_every", str(eval_every)]
+    if args.eval_train_blocks:
+        options += ["--eval_train_blocks", str(args.eval_train_blocks)]
+    if args.train_tokens:  # long runs: an interrupted one resumes from its last epochs
+        options += ["--save_every", str(5 * eval_every), "--keep_checkpoints", "1"]
+    return options
+
+
 def train_options(args, spec: RunSpec, seed: int) -> list:
     """launch/train.py options of one run: the passthrough, the shared budget, the run's own."""
     passthrough = [("--model", args.model), ("--teacher", args.teacher),
                    ("--dataset", args.dataset), ("--dataset_config", args.dataset_config),
                    ("--text_column", args.text_column),
                    ("--eval_max_blocks", args.eval_max_blocks or None)]
+    kd = spec.options[spec.options.index("--kd") + 1]
+    if getattr(args, "teacher_cache", None) and kd not in ("gt", "l2l"):  # l2l: the layers
+        passthrough.append(("--teacher_cache", args.teacher_cache))
     return ["--ds_config", args.ds_config,
             *[str(x) for option, value in passthrough if value is not None
               for x in (option, value)],
-            "--block_size", str(args.block_size), "--lr", str(args.lr),
-            "--max_steps", str(args.steps), "--eval_every", str(args.eval_every),
+            "--block_size", str(args.block_size), *args.budget,
             "--seed", str(seed), *spec.options,
             "--no_export", "--output_dir", str(run_dir(args, spec, seed))]
 
 
-def launcher_command(args, options: list) -> list:
+def launcher_command(args, options: list, script: Path = TRAIN_SCRIPT) -> list:
     with socket.socket() as s:  # a free port: each run has its own rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_gpus),
-            "--master_port", str(port), str(TRAIN_SCRIPT), *options]
+            "--master_port", str(port), str(script), *options]
+
+
+def prepare_task(args, env: dict, dry_run: bool) -> list:
+    """The long preset's stages before QAT, each done once: the task split, the FP stage (the
+    teacher fine-tuned on it) and the teacher's exact cache. Points the runs' --model,
+    --teacher, --dataset and --teacher_cache at them; returns the stages' commands."""
+    from reproduce_task import write_task_split
+    from tsld_ds.models import BUILTIN_MODEL
+
+    paths = task_paths(args)
+    teacher = args.teacher or args.model or BUILTIN_MODEL
+    request = dict(dataset=args.dataset or "builtin:kjv", dataset_config=args.dataset_config,
+                   text_column=args.text_column, tokenizer=teacher,
+                   train_tokens=args.train_tokens, block_size=args.block_size)
+    if dry_run:  # the split's block count, without leaving it behind
+        import tempfile
+        with tempfile.TemporaryDirectory() as scratch:
+            task = write_task_split(Path(scratch) / "task", **request)
+    else:
+        task = write_task_split(paths["task"], **request)
+    config = json.loads(Path(args.ds_config).read_text())
+    blocks_per_step = config["train_micro_batch_size_per_gpu"] * args.num_gpus * \
+        config.get("gradient_accumulation_steps", 1)
+    steps_per_epoch = task["train_blocks"] // blocks_per_step  # as training counts them
+    args.task = task
+    fp_options = ["--ds_config", args.ds_config, "--model", teacher,
+                  "--dataset", str(paths["task"]), "--block_size", str(args.block_size),
+                  "--bits", "16", "--kd", "gt", "--epochs", f"{args.teacher_epochs:g}",
+                  "--lr", str(args.teacher_lr), "--eval_every", str(steps_per_epoch),
+                  "--eval_max_blocks", str(args.eval_max_blocks or task["validation_blocks"]),
+                  "--eval_train_blocks", str(args.eval_train_blocks or task["train_blocks"]),
+                  "--seed", "42", "--output_dir", str(paths["teacher"])]
+    fine_tuned = str(paths["teacher"] / "hf")
+    cache_options = ["--teacher", fine_tuned, "--dataset", str(paths["task"]),
+                     "--block_size", str(args.block_size), "--topk", "0",
+                     "--ds_config", args.ds_config, "--output_dir", str(paths["cache"])]
+    commands = [launcher_command(args, fp_options), launcher_command(args, cache_options,
+                                                                     CACHE_SCRIPT)]
+    if not dry_run:
+        if train_one(args, paths["teacher"], fp_options, env, "FP stage: teacher") == "failed":
+            sys.exit(f"error: the FP stage failed; see {paths['teacher'] / 'train.log'}")
+        from tsld_ds.teacher.cache import read_manifest
+        if not (read_manifest(paths["cache"]) or {}).get("complete"):
+            print(f"teacher cache ({time.strftime('%H:%M:%S')})", flush=True)
+            if subprocess.run(commands[1], env=env).returncode != 0:
+                sys.exit("error: tsld-cache failed (its output is above)")
+    args.model = args.teacher = fine_tuned
+    args.dataset, args.dataset_config, args.text_column = str(paths["task"]), None, None
+    args.teacher_cache = str(paths["cache"])
+    args.budget = budget_options(args, steps_per_epoch)
+    return commands
 
 
 def recorded_options(directory: Path):
@@ -143,10 +269,10 @@ def recorded_options(directory: Path):
     return json.loads(record.read_text())["train_options"] if record.is_file() else None
 
 
-def train_one(args, spec: RunSpec, seed: int, env: dict, prefix: str) -> str:
-    """Trains one run unless it is finished; returns 'skipped', 'ran' or 'failed'."""
-    directory = run_dir(args, spec, seed)
-    options = train_options(args, spec, seed)
+def train_one(args, directory: Path, options: list, env: dict, prefix: str) -> str:
+    """Runs launch/train.py with `options` into `directory` unless that run is finished; an
+    interrupted run resumes from its last checkpoint. Returns 'skipped', 'ran' or 'failed'."""
+    resume = []
     if directory.exists():
         recorded = recorded_options(directory)
         if recorded != options:
@@ -155,13 +281,17 @@ def train_one(args, spec: RunSpec, seed: int, env: dict, prefix: str) -> str:
                      "another --output_root or remove it")
         if (directory / "summary.json").is_file():
             return "skipped"
-        shutil.rmtree(directory)  # an interrupted run of ours: start it again from scratch
-    print(f"{prefix}: training ({time.strftime('%H:%M:%S')})", flush=True)
-    directory.mkdir(parents=True)
+        if (directory / "checkpoints" / "latest").is_file():
+            resume = ["--resume", "latest"]
+        else:  # an interrupted run of ours with nothing saved: start it again
+            shutil.rmtree(directory)
+    print(f"{prefix}: {'resuming' if resume else 'training'} ({time.strftime('%H:%M:%S')})",
+          flush=True)
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / RUN_RECORD).write_text(json.dumps({"train_options": options}, indent=2))
-    with open(directory / "train.log", "w") as log:
-        subprocess.run(launcher_command(args, options), stdout=log, stderr=subprocess.STDOUT,
-                       env=env)
+    with open(directory / "train.log", "a") as log:
+        subprocess.run(launcher_command(args, options + resume), stdout=log,
+                       stderr=subprocess.STDOUT, env=env)
     # The summary is written last: with it the run is complete, whatever the teardown returned.
     if not (directory / "summary.json").is_file():
         tail = (directory / "train.log").read_text().splitlines()[-15:]
@@ -221,19 +351,48 @@ def now() -> str:
 
 
 def write_report(args, invocations: list) -> Path:
-    from reproduce_plots import plot_confidence, plot_curves
-    from reproduce_report import (confidence_lines, kept_findings, results_page,
-                                  teacher_perplexity)
-    from teacher_confidence import teacher_confidence
-    from tsld_ds.data import BUILTIN_DATASET
-    from tsld_ds.models import BUILTIN_MODEL
+    """Rewrites this regime's section of DOCS_DIR/results.md (and its figures), keeping the
+    other regime's section and the findings."""
+    from reproduce_report import kept_findings, kept_section, results_page
 
     results = finished_results(args)
     if not results:
         sys.exit(f"error: no finished run under {args.output_root} to report")
+    docs = Path(args.docs_dir)
+    (docs / "img").mkdir(parents=True, exist_ok=True)
+    regime = "long" if args.train_tokens else "short"
+    seeds = sorted({s.seed for r in results for s in r.seeds})
+    micro_batch = json.loads(Path(args.ds_config).read_text())["train_micro_batch_size_per_gpu"]
+    budget = (f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs") + \
+        f", lr {args.lr:g} with linear decay, batch {micro_batch} × {args.num_gpus} ranks of " \
+        f"{args.block_size} tokens; seeds {', '.join(map(str, seeds))}"
+    common = {"Machine": machine(), "Date": invocations[-1]["date"] if invocations else now()}
+    section = (_long_section if regime == "long" else _short_section)(args, results, docs,
+                                                                      budget, common, invocations)
+    sections = {other: kept for other in ("long", "short") if other != regime
+                for kept in [kept_section(docs / "results.md", other)] if kept}
+    page = results_page({**sections, regime: section}, kept_findings(docs / "results.md"))
+    (docs / "results.md").write_text(page)
+    return docs / "results.md"
+
+
+def _confidence(args, dataset: str, split: str, blocks):
+    from teacher_confidence import teacher_confidence
+    from tsld_ds.models import BUILTIN_MODEL
+
+    return teacher_confidence(args.teacher or args.model or BUILTIN_MODEL, dataset,
+                              temperatures=TEMPERATURES, dataset_config=args.dataset_config,
+                              text_column=args.text_column, seed=args.seeds[0],
+                              block_size=args.block_size, max_blocks=blocks or None, split=split)
+
+
+def _short_section(args, results, docs: Path, budget: str, common: dict, invocations) -> str:
+    from reproduce_plots import plot_confidence, plot_curves
+    from reproduce_report import confidence_lines, short_section, teacher_perplexity
+    from tsld_ds.data import BUILTIN_DATASET
+    from tsld_ds.models import BUILTIN_MODEL
+
     teacher_ppl = teacher_perplexity(results)
-    docs, img = Path(args.docs_dir), Path(args.docs_dir) / "img"
-    img.mkdir(parents=True, exist_ok=True)
     plots = {}
     reference = [r for r in results if r.spec.name == "w2-tsld"]
     for group in GROUPS:
@@ -246,53 +405,87 @@ def write_report(args, invocations: list) -> Path:
             plots[f"validation perplexity, {group}"] = name
     model, dataset = args.model or BUILTIN_MODEL, args.dataset or BUILTIN_DATASET
     blocks = args.eval_max_blocks if args.confidence_blocks is None else args.confidence_blocks
-    stats = teacher_confidence(args.teacher or model, dataset, temperatures=TEMPERATURES,
-                               dataset_config=args.dataset_config, text_column=args.text_column,
-                               seed=args.seeds[0], block_size=args.block_size,
-                               max_blocks=blocks or None)
+    stats = _confidence(args, dataset, "validation", blocks)
     plot_confidence(stats, docs / "img/token_scale.png")
     plots["teacher confidence and TSLD scale"] = "img/token_scale.png"
-    micro_batch = json.loads(Path(args.ds_config).read_text())["train_micro_batch_size_per_gpu"]
-    seeds = sorted({s.seed for r in results for s in r.seeds})
     eval_blocks = f"the first {args.eval_max_blocks}" if args.eval_max_blocks else "all"
     setup = {
         "Student and teacher": f"`{model}` (student) taught by "
                                f"`{args.teacher or model}` (full precision, frozen)",
         "Dataset": f"`{dataset}`" + (f" ({args.dataset_config})" if args.dataset_config else ""),
-        "Budget per run": f"{args.steps} steps, lr {args.lr:g} with linear decay, batch "
-                          f"{micro_batch} × {args.num_gpus} ranks of {args.block_size} tokens, "
-                          f"validation every {args.eval_every} steps on {eval_blocks} "
-                          f"validation blocks; seeds "
-                          f"{', '.join(map(str, seeds))}",
-        "Machine": machine(),
-        "Date": invocations[-1]["date"] if invocations else now(),
+        "Budget per run": f"{budget}; validation every {args.eval_every} steps on {eval_blocks} "
+                          "validation blocks",
+        **common,
     }
-    page = results_page(results=results, setup=setup, invocations=invocations, plots=plots,
-                        confidence_lines=confidence_lines(stats),
-                        findings=kept_findings(docs / "results.md"))
-    (docs / "results.md").write_text(page)
-    return docs / "results.md"
+    return short_section(results=results, setup=setup, invocations=invocations, plots=plots,
+                         confidence_lines=confidence_lines(stats))
+
+
+def _long_section(args, results, docs: Path, budget: str, common: dict, invocations) -> str:
+    from reproduce_plots import plot_confidence, plot_train_and_validation
+    from reproduce_report import TeacherStage, confidence_lines, long_section
+    from reproduce_task import VALIDATION_EVERY
+
+    paths, task = task_paths(args), args.task
+    stage = TeacherStage.read(paths["teacher"])
+    eval_every = int(args.budget[args.budget.index("--eval_every") + 1])
+    plot_train_and_validation(results, (stage.val_after, stage.train_after), eval_every,
+                              docs / "img/long_curves.png", "Ternary QAT")
+    plots = {"validation and training perplexity": "img/long_curves.png"}
+    lines = []
+    blocks = args.eval_train_blocks if args.confidence_blocks is None else args.confidence_blocks
+    for split, what in (("train", "training"), ("validation", "validation")):
+        stats = _confidence(args, str(paths["task"]), split, blocks)
+        name = f"img/long_token_scale_{split}.png"
+        plot_confidence(stats, docs / name, what=what)
+        plots[f"teacher confidence and TSLD scale, {what} tokens"] = name
+        lines += confidence_lines(stats, what=what)
+    request = task["request"]
+    eval_blocks = f"the first {args.eval_max_blocks}" if args.eval_max_blocks else "all"
+    setup = {
+        "Task": f"{task['train_documents']} documents from the start of "
+                f"`{request['dataset']}`'s training text, {task['train_tokens']} tokens in "
+                f"{task['train_blocks']} blocks; the {task['validation_documents']} documents "
+                f"between them (every {VALIDATION_EVERY}th) held out for validation, "
+                f"{task['validation_blocks']} blocks, {eval_blocks} evaluated",
+        "FP stage": f"the teacher `{request['tokenizer']}` fine-tuned on the task for "
+                    f"{args.teacher_epochs:g} epochs at lr {args.teacher_lr:g} (GT only, full "
+                    f"precision): validation PPL {stage.val_before:.2f} → {stage.val_after:.2f}; "
+                    "the student starts from the fine-tuned teacher",
+        "Budget per run": f"{budget}; TWN ternary per channel; validation and training-block "
+                          f"perplexity every epoch ({eval_every} steps, the first "
+                          f"{args.eval_train_blocks} training blocks); the teacher's outputs "
+                          "from an exact tsld-cache (--topk 0)",
+        **common,
+    }
+    return long_section(results=results, stage=stage, steps_per_epoch=eval_every, setup=setup,
+                        invocations=invocations, plots=plots, confidence_lines=lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     plan = [(spec, seed) for seed in args.seeds for spec in args.selected]
-    if args.dry_run:
-        for spec, seed in plan:
-            print(shlex.join(launcher_command(args, train_options(args, spec, seed))))
-        return 0
-    if importlib.util.find_spec("matplotlib") is None:  # before hours of training, not after
+    if not args.dry_run and importlib.util.find_spec("matplotlib") is None:
         sys.exit('error: benchmarks/reproduce.py draws its plots with matplotlib: '
-                 'pip install -e ".[results]"')
+                 'pip install -e ".[results]"')  # before hours of training, not after
     started, load_start = time.time(), os.getloadavg()[0]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    # One compute thread per core: the ranks of a CPU run share the machine.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_gpus)))
+    stages = []
+    if args.train_tokens:
+        stages = prepare_task(args, env, dry_run=args.dry_run)
+    else:
+        args.budget, args.teacher_cache = budget_options(args, None), None
+    if args.dry_run:
+        for command in stages + [launcher_command(args, train_options(args, spec, seed))
+                                 for spec, seed in plan]:
+            print(shlex.join(command))
+        return 0
     counts = {"ran": 0, "skipped": 0, "failed": 0}
     for i, (spec, seed) in enumerate(plan, 1):
         prefix = f"[{i}/{len(plan)}] {spec.name} seed {seed}"
         run_started = time.time()
-        outcome = train_one(args, spec, seed, env, prefix)
+        outcome = train_one(args, run_dir(args, spec, seed), train_options(args, spec, seed),
+                            env, prefix)
         counts[outcome] += 1
         directory = run_dir(args, spec, seed)
         if outcome == "ran":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 KD_LABELS = {"gt": "GT only", "logit": "Logit", "logit_gt": "Logit+GT", "l2l": "L2L+Logit",
-             "tsld": "TSLD"}
+             "tsld": "TSLD", "tsld_nogt": "TSLD without GT"}
 QUANTIZERS = {  # bits -> the paper's quantizer at that width
     2: ("twn", "TWN ternary, per channel"),
     4: ("minmax", "min-max, per channel"),

@@ -1,6 +1,6 @@
 """Figures of docs/results.md (matplotlib, Agg backend: files only, no display needed)."""
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -34,7 +34,33 @@ def plot_curves(results: Sequence[RunResults], teacher_ppl: Optional[float], pat
     plt.close(fig)
 
 
-def plot_confidence(stats: TeacherConfidence, path: Path, bins: int = 40) -> None:
+def plot_train_and_validation(results: Sequence[RunResults], teacher: Tuple[float, float],
+                              steps_per_epoch: int, path: Path, title: str) -> None:
+    """Validation (left) and training-block (right) perplexity against epoch, one line per run
+    (mean over its seeds), with the fine-tuned teacher's (validation, training) perplexity."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, which, what, reference in zip(axes, ("curve", "train_curve"),
+                                          ("validation", "training-block"), teacher):
+        for r in results:
+            points = r.mean_curve(which)
+            if points:
+                steps, ppls = zip(*points)
+                ax.plot([s / steps_per_epoch for s in steps], ppls, marker="o", markersize=2,
+                        label=f"{r.spec.label} ({r.spec.name})")
+        if reference is not None:
+            ax.axhline(reference, color="black", linestyle="--", linewidth=1,
+                       label=f"FP teacher {reference:.2f}")
+        ax.set_yscale("log")
+        ax.set(xlabel="epoch", ylabel=f"{what} perplexity", title=f"{title}: {what}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confidence(stats: TeacherConfidence, path: Path, bins: int = 40,
+                    what: str = "validation") -> None:
     """Histogram of the teacher's CE on the actual next token (its confidence: low CE = sure),
     and the mean TSLD weight (relative to uniform) that tokens of each bin get, per temperature."""
     ce = stats.teacher_ce
@@ -47,8 +73,8 @@ def plot_confidence(stats: TeacherConfidence, path: Path, bins: int = 40) -> Non
     ax.bar(centers.numpy(), (counts / len(ce)).numpy(), width=(edges[1] - edges[0]).item(),
            color="0.8")
     ax.set(xlabel="teacher CE on the next token, -log p_T(y)  (left: confident)",
-           ylabel="fraction of validation tokens",
-           title=f"Teacher confidence on {len(ce)} validation tokens "
+           ylabel=f"fraction of {what} tokens",
+           title=f"Teacher confidence on {len(ce)} {what} tokens "
            f"(sequences of {stats.block_size})")
     scale_ax = ax.twinx()
     for temperature, scale in stats.relative_scale.items():

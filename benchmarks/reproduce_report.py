@@ -24,6 +24,19 @@ class SeedResult:
     teacher_ppl: Optional[float]  # absent for --kd gt, which loads no teacher
     wall_time_s: float
     curve: List[Tuple[int, float]]  # (step, validation perplexity), from step 0
+    train_curve: List[Tuple[int, float]]  # (step, perplexity on the first training blocks)
+
+    @property
+    def best_ppl(self) -> float:
+        return min(ppl for _, ppl in self.curve)
+
+    @property
+    def best_step(self) -> int:
+        return min(self.curve, key=lambda point: point[1])[0]
+
+    @property
+    def train_ppl_after(self) -> Optional[float]:
+        return self.train_curve[-1][1] if self.train_curve else None
 
 
 @dataclass
@@ -35,9 +48,10 @@ class RunResults:
         values = [getattr(s, field) for s in self.seeds]
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
-    def mean_curve(self) -> List[Tuple[int, float]]:
-        """Mean perplexity over seeds at the steps every seed evaluated."""
-        by_step = [dict(s.curve) for s in self.seeds]
+    def mean_curve(self, which: str = "curve") -> List[Tuple[int, float]]:
+        """Mean perplexity over seeds at the steps every seed evaluated (`which`: "curve" for
+        validation, "train_curve" for the training blocks)."""
+        by_step = [dict(getattr(s, which)) for s in self.seeds]
         steps = sorted(set.intersection(*(set(c) for c in by_step)))
         return [(step, statistics.mean(c[step] for c in by_step)) for step in steps]
 
@@ -45,9 +59,12 @@ class RunResults:
 def read_seed_result(run_dir: Path, seed: int) -> SeedResult:
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = sorted({r["step"]: r["eval_ppl"] for r in records if "eval_ppl" in r}.items())
+    def curve(key):
+        return sorted({r["step"]: r[key] for r in records if key in r}.items())
+
     return SeedResult(seed, summary["student_ppl_after"], summary["student_ppl_before"],
-                      summary.get("teacher_ppl"), summary["wall_time_s"], curve)
+                      summary.get("teacher_ppl"), summary["wall_time_s"], curve("eval_ppl"),
+                      curve("train_ppl"))
 
 
 def teacher_perplexity(results: Sequence[RunResults]) -> Optional[float]:
@@ -122,37 +139,72 @@ def ordering(results: Sequence[RunResults]) -> List[str]:
 
 def kept_findings(path: Path) -> str:
     """The hand-written findings of an existing results page (or a placeholder)."""
+    return _between(path, FINDINGS_START, FINDINGS_END) or FINDINGS_PLACEHOLDER
+
+
+def kept_section(path: Path, regime: str) -> Optional[str]:
+    """The section an earlier call wrote for `regime` (REGIMES), to keep beside a new one."""
+    return _between(path, *_section_marks(regime))
+
+
+def _section_marks(regime: str) -> Tuple[str, str]:
+    return f"<!-- regime {regime} -->", f"<!-- /regime {regime} -->"
+
+
+def _between(path: Path, start: str, end: str) -> Optional[str]:
     if path.is_file():
-        match = re.search(re.escape(FINDINGS_START) + r"\n(.*?)" + re.escape(FINDINGS_END),
-                          path.read_text(), flags=re.S)
+        match = re.search(re.escape(start) + r"\n(.*?)" + re.escape(end), path.read_text(),
+                          flags=re.S)
         if match:
             return match.group(1).rstrip("\n")
-    return FINDINGS_PLACEHOLDER
+    return None
 
 
-def results_page(*, results: Sequence[RunResults], setup: Dict[str, str],
-                 invocations: Sequence[dict], plots: Dict[str, str],
-                 confidence_lines: Sequence[str], findings: str) -> str:
-    teacher = teacher_perplexity(results)
-    commands = "\n".join(f"# {i['date']}: {i['elapsed_s']:.0f} s, {i['ran']} runs trained, load "
-                         f"average {i['load_average'][0]:.1f} at start"
-                         + (f"; {i['note']}" if "note" in i else "") + f"\n{i['command']}"
-                         for i in invocations)
-    total = sum(i["elapsed_s"] for i in invocations)
+REGIMES = ("long", "short")  # the page's sections, in order
+
+
+def results_page(sections: Dict[str, str], findings: str) -> str:
+    """docs/results.md: each regime's section (REGIMES order), then the findings."""
     lines = [
         "# Reproducing the TSLD comparison with tsld-ds",
         "",
-        "Written by `benchmarks/reproduce.py` from the runs under its `--output_root`; rerun it to "
-        "regenerate (finished runs are reused). Validation perplexity is training's own "
-        "evaluation (every predicted token of the validation blocks named under Budget).",
+        "Written by `benchmarks/reproduce.py`, one section per `--preset`, from the runs under "
+        "its `--output_root`; rerun it to regenerate a section (finished runs are reused, the "
+        "other section and the findings are kept). Validation perplexity is training's own "
+        "evaluation (every predicted token of the validation blocks named under Setup).",
         "",
-        "## Setup",
+    ]
+    for regime in REGIMES:
+        if regime in sections:
+            start, end = _section_marks(regime)
+            lines += [start, sections[regime], end, ""]
+    return "\n".join([*lines, "## Findings", "", FINDINGS_START, findings, FINDINGS_END, ""])
+
+
+def _setup_lines(setup: Dict[str, str], invocations: Sequence[dict]) -> List[str]:
+    commands = "\n".join(f"# {i['date']}: {i['elapsed_s']:.0f} s, {i['ran']} runs trained, "
+                         f"load average {i['load_average'][0]:.1f} at start"
+                         + (f"; {i['note']}" if "note" in i else "") + f"\n{i['command']}"
+                         for i in invocations)
+    total = sum(i["elapsed_s"] for i in invocations)
+    return [*(f"- **{key}**: {value}" for key, value in setup.items()),
+            *([f"- **Wall time**: {total / 60:.1f} min over {len(invocations)} invocation(s) "
+               "of:", "", "```", commands, "```"] if invocations else [])]
+
+
+def short_section(*, results: Sequence[RunResults], setup: Dict[str, str],
+                  invocations: Sequence[dict], plots: Dict[str, str],
+                  confidence_lines: Sequence[str]) -> str:
+    """The short preset's section: a fixed number of steps on the whole dataset."""
+    teacher = teacher_perplexity(results)
+    lines = [
+        "## A short polish on the whole corpus (`--preset short`)",
         "",
-        *(f"- **{key}**: {value}" for key, value in setup.items()),
-        *([f"- **Wall time**: {total / 60:.1f} min over {len(invocations)} invocation(s) of:",
-           "", "```", commands, "```"] if invocations else []),
+        "### Setup",
         "",
-        "## Results",
+        *_setup_lines(setup, invocations),
+        "",
+        "### Results",
         "",
         *results_table(results, teacher),
         "",
@@ -164,33 +216,128 @@ def results_page(*, results: Sequence[RunResults], setup: Dict[str, str],
         "",
         *ordering(results),
         "",
-        "## Validation perplexity during QAT",
+        "### Validation perplexity during QAT",
         "",
         *(f"![{title}]({path})\n" for title, path in plots.items() if "val_ppl" in path),
-        "## Teacher confidence and the TSLD token scale",
+        "### Teacher confidence and the TSLD token scale",
         "",
         *(f"![{title}]({path})\n" for title, path in plots.items() if "val_ppl" not in path),
         *confidence_lines,
-        "",
-        "## Findings",
-        "",
-        FINDINGS_START,
-        findings,
-        FINDINGS_END,
-        "",
     ]
     return "\n".join(lines)
 
 
-def confidence_lines(stats: TeacherConfidence, temperature: float = 10.0) -> List[str]:
-    """What the teacher-confidence figure shows, in numbers."""
+@dataclass
+class TeacherStage:
+    """The FP stage of the long preset: the teacher before and after its fine-tuning."""
+    val_before: float
+    val_after: float
+    train_before: Optional[float]
+    train_after: Optional[float]
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "TeacherStage":
+        result = read_seed_result(run_dir, 0)
+        train = [ppl for _, ppl in result.train_curve]
+        return cls(result.ppl_before, result.ppl_after, train[0] if train else None,
+                   train[-1] if train else None)
+
+
+def long_table(results: Sequence[RunResults], stage: TeacherStage,
+               steps_per_epoch: int) -> List[str]:
+    """Markdown rows of the long regime: the teacher before and after the FP stage, the PTQ
+    floor, then each objective's final and best validation perplexity and its training one."""
+    def opt(value):
+        return "" if value is None else f"{value:.2f}"
+
+    lines = ["| run | method | final val PPL | best val PPL | best at epoch | final − best "
+             "| final train-block PPL | seeds |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| teacher (given) | FP, before the FP stage | {stage.val_before:.2f} | | | "
+             f"| {opt(stage.train_before)} | |",
+             f"| teacher | FP, fine-tuned on the task | {stage.val_after:.2f} | | | "
+             f"| {opt(stage.train_after)} | |"]
+    if results:
+        first = results[0]
+        lines.append(f"| ptq-w{first.spec.bits} | PTQ of the fine-tuned teacher | "
+                     f"{first.mean_sd('ppl_before')[0]:.2f} | | | | | |")
+    for r in results:
+        rise = [s.ppl_after - s.best_ppl for s in r.seeds]
+        train = [s.train_ppl_after for s in r.seeds if s.train_ppl_after is not None]
+        lines.append(
+            f"| {r.spec.name} | {r.spec.label} | {_ppl(*r.mean_sd('ppl_after'))} "
+            f"| {_ppl(*r.mean_sd('best_ppl'))} "
+            f"| {r.mean_sd('best_step')[0] / steps_per_epoch:.1f} "
+            f"| {statistics.mean(rise):+.2f} "
+            f"| {_ppl(statistics.mean(train), statistics.stdev(train) if len(train) > 1 else None) if train else ''} "
+            f"| {len(r.seeds)} |")
+    return lines
+
+
+def long_verdict(results: Sequence[RunResults]) -> List[str]:
+    """The orders by final and by best validation perplexity, and whether the paper's holds."""
+    by_kd = {r.spec.options[r.spec.options.index("--kd") + 1]: r for r in results}
+    lines = []
+    for what, field in (("final", "ppl_after"), ("best", "best_ppl")):
+        means = {kd: r.mean_sd(field)[0] for kd, r in by_kd.items()}
+        ranked = " < ".join(f"{KD_LABELS[kd]} {means[kd]:.2f}"
+                            for kd in sorted(means, key=means.get))
+        line = f"- By {what} validation perplexity: {ranked}."
+        if {"tsld", "logit", "logit_gt"} <= set(means):
+            holds = means["tsld"] < means["logit"] < means["logit_gt"]
+            line += (" The paper's order TSLD < Logit < Logit+GT "
+                     f"{'holds' if holds else 'does not hold'}.")
+        lines.append(line)
+    spreads = [sd for r in results for sd in [r.mean_sd("ppl_after")[1]] if sd]
+    if spreads:
+        lines.append(f"- Largest seed sd of the final perplexity: {max(spreads):.2f}.")
+    return lines
+
+
+def long_section(*, results: Sequence[RunResults], stage: TeacherStage, steps_per_epoch: int,
+                 setup: Dict[str, str], invocations: Sequence[dict], plots: Dict[str, str],
+                 confidence_lines: Sequence[str]) -> str:
+    """The long preset's section: many epochs on a small task, with a fine-tuned teacher."""
+    lines = [
+        "## The paper's regime: long QAT on a small task (`--preset long`)",
+        "",
+        "### Setup",
+        "",
+        *_setup_lines(setup, invocations),
+        "",
+        "### Results",
+        "",
+        *long_table(results, stage, steps_per_epoch),
+        "",
+        "Final: after the last epoch; best: the lowest of the per-epoch evaluations, and the "
+        "epoch it came at (mean over seeds); final − best: how far validation perplexity rose "
+        "after its best (0: still falling). Train-block PPL is the perplexity on the first "
+        "training blocks, the training curve whatever the objective. With several seeds: mean ± "
+        "sample standard deviation.",
+        "",
+        *long_verdict(results),
+        "",
+        "### Validation and training perplexity during QAT",
+        "",
+        *(f"![{title}]({path})\n" for title, path in plots.items() if "curves" in path),
+        "### Teacher confidence on training and validation tokens",
+        "",
+        *(f"![{title}]({path})\n" for title, path in plots.items() if "curves" not in path),
+        *confidence_lines,
+    ]
+    return "\n".join(lines)
+
+
+def confidence_lines(stats: TeacherConfidence, temperature: float = 10.0,
+                     what: str = "validation") -> List[str]:
+    """What the teacher-confidence figure shows, in numbers (`what` tokens: the split's)."""
     confidence, scale = stats.confidence, stats.relative_scale[temperature]
     order = confidence.argsort()
     tenth = max(1, len(order) // 10)
     low, high = scale[order[:tenth]].mean().item(), scale[order[-tenth:]].mean().item()
     q05, q95 = scale.quantile(torch.tensor([0.05, 0.95], dtype=scale.dtype)).tolist()
     return [
-        f"- {len(confidence)} validation tokens in sequences of {stats.block_size}; teacher "
+        f"- {len(confidence)} {what} tokens in sequences of {stats.block_size}; teacher "
         f"perplexity recomputed from its logits: {stats.perplexity:.2f}.",
         f"- Teacher probability of the next token: median {confidence.median().item():.3f}; "
         f"{(confidence > 0.9).double().mean().item():.1%} of tokens above 0.9, "

@@ -1,6 +1,6 @@
-"""How confident the teacher is on each validation token, and the TSLD scale that gives it.
+"""How confident the teacher is on each token of a split, and the TSLD scale that gives it.
 
-The weights come from the project's own `token_scale` over each validation block (a block is a
+The weights come from the project's own `token_scale` over each block (a block is a
 sequence, as in training), so the plot shows what training actually applies.
 """
 import math
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from tsld_ds.evaluation.perplexity import validation_blocks
+from tsld_ds.data import dataset_rows
 from tsld_ds.losses import next_token_targets, token_scale
 from tsld_ds.models import load_tokenizer
 
@@ -38,12 +38,14 @@ class TeacherConfidence:
 def teacher_confidence(teacher: str, dataset: str, *, temperatures: Sequence[float],
                        dataset_config: Optional[str] = None, text_column: Optional[str] = None,
                        seed: int = 42, block_size: int = 128, max_blocks: Optional[int] = None,
-                       batch_size: int = 8) -> TeacherConfidence:
-    """Teacher CE and TSLD weights (scaled so that uniform weighting is 1) on the validation
-    blocks that training evaluates on (at most ``max_blocks``)."""
+                       batch_size: int = 8, split: str = "validation") -> TeacherConfidence:
+    """Teacher CE and TSLD weights (scaled so that uniform weighting is 1) on the first
+    ``max_blocks`` blocks of a split as training builds them: "validation", those it evaluates
+    on; "train", those it trains on (in their stored order)."""
     tokenizer = load_tokenizer(teacher)
-    blocks = validation_blocks(tokenizer, dataset, dataset_config=dataset_config,
-                               text_column=text_column, seed=seed, block_size=block_size)
+    train, validation = dataset_rows(dataset, tokenizer, block_size, dataset_config=dataset_config,
+                                     text_column=text_column, seed=seed)
+    blocks = {"train": train, "validation": validation}[split]
     count = len(blocks) if max_blocks is None else min(len(blocks), max_blocks)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     ce_parts, scale_parts = [], {t: [] for t in temperatures}

@@ -1,4 +1,6 @@
-"""benchmarks/reproduce.py: the run grid, and a two-run reproduction end to end on a tiny model."""
+"""benchmarks/reproduce.py: the run grid, and each preset end to end on a tiny model: the short
+one's two runs, and the long one's task split, FP stage, teacher cache and two QAT runs."""
+import json
 import os
 import shlex
 import signal
@@ -43,7 +45,7 @@ def test_dry_run_gives_every_run_the_same_budget_and_ablations_one_flag():
     for line in lines:
         options = option_pairs(shlex.split(line))
         commands[options["--output_dir"]] = options
-    assert len(commands) == len(lines) == 2 * 18  # 18 runs, 2 seeds, each its own directory
+    assert len(commands) == len(lines) == 2 * 20  # 20 runs, 2 seeds, each its own directory
     assert all(o["--max_steps"] == "7" and o["--lr"] == "0.0001" for o in commands.values())
     reference = commands["runs/reproduce/w2-tsld/seed-1"]
     for name in ("uniform", "inverse", "t1", "t5", "t20", "tensor", "pact", "absmean"):
@@ -73,3 +75,70 @@ def test_two_runs_end_to_end_and_resume(tiny_teacher_dir, small_corpus_dir, tmp_
     out = reproduce(*args)
     assert out.count("(finished before)") == 2 and "0 trained" in out
     assert "Kept. _x" in (docs / "results.md").read_text()
+
+
+def long_preset(root, docs, tiny_teacher_dir, small_corpus_dir, ds, *extra):
+    return ["--preset", "long", "--model", tiny_teacher_dir, "--dataset", small_corpus_dir,
+            "--block_size", 32, "--ds_config", ds, "--train_tokens", 3000,
+            "--teacher_epochs", 1, "--epochs", 2, "--seeds", 42, "--eval_max_blocks", 4,
+            "--eval_train_blocks", 4, "--confidence_blocks", 8,
+            "--only", "w2-tsld", "w2-tsld_nogt", "--num_gpus", 1, "--output_root", root,
+            "--docs_dir", docs, *extra]
+
+
+def test_long_preset_dry_run_writes_nothing_and_shares_one_cache(tiny_teacher_dir,
+                                                                  small_corpus_dir, tmp_path):
+    root = tmp_path / "runs"
+    args = long_preset(root, tmp_path / "docs", tiny_teacher_dir, small_corpus_dir,
+                       write_ds_config(tmp_path / "ds.json"), "--dry_run")
+    commands = [shlex.split(line) for line in reproduce(*args).splitlines()]
+    assert not root.exists()
+    fp, cache, *runs = commands
+    assert str(REPO / "launch" / "teacher_cache.py") in cache
+    fp = option_pairs(fp)
+    assert fp["--bits"] == "16" and fp["--kd"] == "gt" and fp["--model"] == str(tiny_teacher_dir)
+    runs = [option_pairs(c) for c in runs]
+    assert [r["--kd"] for r in runs] == ["tsld", "tsld_nogt"]
+    for r in runs:  # the student is the fine-tuned teacher, trained on the task from its cache
+        assert r["--model"] == r["--teacher"] == str(root / "teacher-fp" / "hf")
+        assert r["--dataset"] == str(root / "task") == fp["--dataset"]
+        assert r["--teacher_cache"] == str(root / "teacher-cache")
+        assert r["--epochs"] == "2" and r["--eval_every"] == fp["--eval_every"]
+
+
+def test_long_preset_end_to_end_keeps_the_short_section_and_resumes(
+        tiny_teacher_dir, small_corpus_dir, tmp_path):
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(  # an earlier page: the short regime's section, findings
+        "<!-- regime short -->\nShort section. _y\n<!-- /regime short -->\n"
+        "<!-- findings -->\nKept. _x\n<!-- /findings -->\n")
+    args = long_preset(root, docs, tiny_teacher_dir, small_corpus_dir,
+                       write_ds_config(tmp_path / "ds.json"))
+    out = reproduce(*args)
+    assert "FP stage: teacher: training" in out and "teacher cache" in out
+    assert "[2/2] w2-tsld_nogt seed 42: val PPL" in out
+    task = json.loads((root / "task" / "task.json").read_text())
+    assert 3000 <= task["train_tokens"] < 3000 + 5000 and task["validation_blocks"] >= 4
+    nogt = [json.loads(line) for line in
+            (root / "w2-tsld_nogt" / "seed-42" / "metrics.jsonl").read_text().splitlines()]
+    terms = {k for r in nogt for k in r}
+    assert "tsld" in terms and "gt" not in terms  # the TSLD term alone
+    assert sum("train_ppl" in r for r in nogt) >= 3  # before, every epoch, after
+    page = (docs / "results.md").read_text()
+    assert "Short section. _y" in page and "Kept. _x" in page
+    assert page.index("regime long") < page.index("regime short")
+    rows = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ")]
+    assert rows == ["run", "teacher (given)", "teacher", "ptq-w2", "w2-tsld", "w2-tsld_nogt"]
+    assert "training tokens in sequences of 32" in page
+    assert "validation tokens in sequences of 32" in page
+    for png in ("long_curves.png", "long_token_scale_train.png",
+                "long_token_scale_validation.png"):
+        assert (docs / "img" / png).read_bytes().startswith(b"\x89PNG")
+
+    # A run stopped after its last checkpoint resumes from it; the stages are not redone.
+    (root / "w2-tsld_nogt" / "seed-42" / "summary.json").unlink()
+    out = reproduce(*args)
+    assert "FP stage" not in out and "teacher cache" not in out
+    assert "w2-tsld seed 42: skipped (finished before)" in out
+    assert "w2-tsld_nogt seed 42: resuming" in out and "1 trained" in out

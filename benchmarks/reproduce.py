@@ -36,6 +36,7 @@ Needs matplotlib: pip install -e ".[results]". On a machine shared with other De
 private TORCH_EXTENSIONS_DIR keeps every run from waiting on their rebuilds of the JIT-built ops.
 """
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -57,7 +58,7 @@ from reproduce_grid import GRID, GROUPS, RunSpec, select_runs  # noqa: E402
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 CACHE_SCRIPT = REPO / "launch" / "teacher_cache.py"
 DEFAULT_EVAL_BLOCKS = 128
-# The short preset fits the grid in about an hour on 2 shared CPU cores, where a run spends
+# The short preset fits the 20-run grid in about an hour on 2 shared CPU cores, where a run spends
 # ~2 minutes starting (launcher, DeepSpeed set-up, teacher and step-0 evaluations). The long one
 # takes about 20 minutes a run: 30 epochs of Genesis (50k tokens), which the paper's 90 epochs of
 # PTB's 1M tokens would make 60 hours.
@@ -79,12 +80,13 @@ def parse_args(argv=None):
                 return action.help
             return super()._get_help_string(action)
 
-    preset = argparse.ArgumentParser(add_help=False)
+    preset = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     preset.add_argument("--preset", choices=tuple(PRESETS), default="short",
                         help="the regime whose defaults the other options take")
     chosen = preset.parse_known_args(argv)[0].preset
+    # No abbreviations: which of --steps and --epochs was given is read from the words.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter,
-                                parents=[preset])
+                                parents=[preset], allow_abbrev=False)
     what = p.add_argument_group("what to train (passed to launch/train.py)")
     what.add_argument("--model", default=None,
                       help="student to quantize: a model directory or Hugging Face name; "
@@ -119,8 +121,8 @@ def parse_args(argv=None):
                         help="seeds; each selected run is trained once per seed and the table "
                         "reports mean ± standard deviation")
     budget.add_argument("--eval_every", type=int, default=None,
-                        help="validation perplexity every N steps (the curves' resolution; "
-                        "default: once an epoch with --train_tokens)")
+                        help="validation perplexity every N steps, 0 only before and after "
+                        "(the curves' resolution; unset: once an epoch, with --train_tokens)")
     budget.add_argument("--eval_train_blocks", type=int, default=0,
                         help="at each evaluation, also the perplexity on the first N training "
                         "blocks: the training curves")
@@ -139,8 +141,9 @@ def parse_args(argv=None):
                       help="ranks per run (DeepSpeed launcher --num_gpus; CPU processes "
                       "without a GPU)")
     runs.add_argument("--confidence_blocks", type=int, default=None,
-                      help="validation blocks for the teacher-confidence figure; default: those "
-                      "of --eval_max_blocks (0: all)")
+                      help="blocks for the teacher-confidence figures; default: those of "
+                      "--eval_max_blocks, and every block of each split with --train_tokens "
+                      "(0: all)")
     runs.add_argument("--dry_run", action="store_true",
                       help="print each run's training command and exit")
     p.set_defaults(**PRESETS[chosen])
@@ -156,6 +159,8 @@ def parse_args(argv=None):
         p.error("the budget must be positive")
     if args.eval_every is None and not args.train_tokens:
         p.error("--eval_every: the whole dataset has no epoch length to default to")
+    if args.eval_every is not None and args.eval_every < 0:
+        p.error("--eval_every must be 0 or more")
     if args.train_tokens and args.teacher and args.model and args.teacher != args.model:
         p.error("--train_tokens: the student starts from the fine-tuned teacher, as in the "
                 "paper; give --model or --teacher, not two models")
@@ -176,16 +181,25 @@ def task_paths(args) -> dict:
     return {"task": root / "task", "teacher": root / "teacher-fp", "cache": root / "teacher-cache"}
 
 
-def budget_options(args, steps_per_epoch) -> list:
+def budget_options(args) -> list:
     """The budget every QAT run shares: --max_steps or --epochs, evaluation, the schedule."""
     budget = ["--max_steps", str(args.steps)] if args.steps else ["--epochs", f"{args.epochs:g}"]
-    eval_every = args.eval_every or steps_per_epoch
+    eval_every = args.steps_per_epoch if args.eval_every is None else args.eval_every
     options = [*budget, "--lr", str(args.lr), "--eval_every", str(eval_every)]
     if args.eval_train_blocks:
         options += ["--eval_train_blocks", str(args.eval_train_blocks)]
-    if args.train_tokens:  # long runs: an interrupted one resumes from its last epochs
-        options += ["--save_every", str(5 * eval_every), "--keep_checkpoints", "1"]
+    if args.train_tokens:  # long runs: an interrupted one resumes from its last 5 epochs
+        options += ["--save_every", str(5 * args.steps_per_epoch), "--keep_checkpoints", "1"]
     return options
+
+
+def same_options(recorded: list, options: list) -> bool:
+    """Whether two launch/train.py option lists say the same, in whatever order."""
+    def pairs(words):
+        return {word: words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--")
+                else True for i, word in enumerate(words) if word.startswith("--")}
+
+    return recorded is not None and pairs(recorded) == pairs(options)
 
 
 def train_options(args, spec: RunSpec, seed: int) -> list:
@@ -218,7 +232,10 @@ def prepare_task(args, env: dict, dry_run: bool) -> list:
     teacher fine-tuned on it) and the teacher's exact cache. Points the runs' --model,
     --teacher, --dataset and --teacher_cache at them; returns the stages' commands."""
     from reproduce_task import write_task_split
+    from tsld_ds.errors import UsageError
     from tsld_ds.models import BUILTIN_MODEL
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger: stdout is for commands
+        from tsld_ds.train.build import read_ds_config
 
     paths = task_paths(args)
     teacher = args.teacher or args.model or BUILTIN_MODEL
@@ -231,15 +248,17 @@ def prepare_task(args, env: dict, dry_run: bool) -> list:
             task = write_task_split(Path(scratch) / "task", **request)
     else:
         task = write_task_split(paths["task"], **request)
-    config = json.loads(Path(args.ds_config).read_text())
+    try:
+        config = read_ds_config(args.ds_config, world=args.num_gpus)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
     blocks_per_step = config["train_micro_batch_size_per_gpu"] * args.num_gpus * \
         config.get("gradient_accumulation_steps", 1)
-    steps_per_epoch = task["train_blocks"] // blocks_per_step  # as training counts them
-    args.task = task
+    args.task, args.steps_per_epoch = task, task["train_blocks"] // blocks_per_step  # as training
     fp_options = ["--ds_config", args.ds_config, "--model", teacher,
                   "--dataset", str(paths["task"]), "--block_size", str(args.block_size),
                   "--bits", "16", "--kd", "gt", "--epochs", f"{args.teacher_epochs:g}",
-                  "--lr", str(args.teacher_lr), "--eval_every", str(steps_per_epoch),
+                  "--lr", str(args.teacher_lr), "--eval_every", str(args.steps_per_epoch),
                   "--eval_max_blocks", str(args.eval_max_blocks or task["validation_blocks"]),
                   "--eval_train_blocks", str(args.eval_train_blocks or task["train_blocks"]),
                   "--seed", "42", "--output_dir", str(paths["teacher"])]
@@ -252,15 +271,20 @@ def prepare_task(args, env: dict, dry_run: bool) -> list:
     if not dry_run:
         if train_one(args, paths["teacher"], fp_options, env, "FP stage: teacher") == "failed":
             sys.exit(f"error: the FP stage failed; see {paths['teacher'] / 'train.log'}")
-        from tsld_ds.teacher.cache import read_manifest
-        if not (read_manifest(paths["cache"]) or {}).get("complete"):
+        from tsld_ds.teacher.cache import read_manifest, weights_sha256
+        manifest = read_manifest(paths["cache"]) or {}
+        if manifest.get("complete") and \
+                manifest["identity"]["teacher_sha256"] != weights_sha256(fine_tuned):
+            sys.exit(f"error: {paths['cache']} holds the outputs of another teacher than "
+                     f"{fine_tuned}; remove it and rerun to build it for this one")
+        if not manifest.get("complete"):
             print(f"teacher cache ({time.strftime('%H:%M:%S')})", flush=True)
             if subprocess.run(commands[1], env=env).returncode != 0:
                 sys.exit("error: tsld-cache failed (its output is above)")
     args.model = args.teacher = fine_tuned
     args.dataset, args.dataset_config, args.text_column = str(paths["task"]), None, None
     args.teacher_cache = str(paths["cache"])
-    args.budget = budget_options(args, steps_per_epoch)
+    args.budget = budget_options(args)
     return commands
 
 
@@ -275,7 +299,7 @@ def train_one(args, directory: Path, options: list, env: dict, prefix: str) -> s
     resume = []
     if directory.exists():
         recorded = recorded_options(directory)
-        if recorded != options:
+        if not same_options(recorded, options):
             sys.exit(f"error: {directory} holds a run with other options than this call's "
                      f"({'none recorded' if recorded is None else shlex.join(recorded)}); choose "
                      "another --output_root or remove it")
@@ -310,7 +334,8 @@ def finished_results(args):
                        for d in (Path(args.output_root) / spec.name).glob("seed-*"))
         done = [read_seed_result(run_dir(args, spec, s), s) for s in seeds
                 if (run_dir(args, spec, s) / "summary.json").is_file()
-                and recorded_options(run_dir(args, spec, s)) == train_options(args, spec, s)]
+                and same_options(recorded_options(run_dir(args, spec, s)),
+                                 train_options(args, spec, s))]
         if done:
             results.append(RunResults(spec, done))
     return results
@@ -429,19 +454,19 @@ def _long_section(args, results, docs: Path, budget: str, common: dict, invocati
     paths, task = task_paths(args), args.task
     stage = TeacherStage.read(paths["teacher"])
     eval_every = int(args.budget[args.budget.index("--eval_every") + 1])
-    plot_train_and_validation(results, (stage.val_after, stage.train_after), eval_every,
-                              docs / "img/long_curves.png", "Ternary QAT")
+    plot_train_and_validation(results, (stage.val_after, stage.train_after),
+                              args.steps_per_epoch, docs / "img/long_curves.png", "QAT")
     plots = {"validation and training perplexity": "img/long_curves.png"}
     lines = []
-    blocks = args.eval_train_blocks if args.confidence_blocks is None else args.confidence_blocks
     for split, what in (("train", "training"), ("validation", "validation")):
-        stats = _confidence(args, str(paths["task"]), split, blocks)
+        stats = _confidence(args, str(paths["task"]), split, args.confidence_blocks)
         name = f"img/long_token_scale_{split}.png"
         plot_confidence(stats, docs / name, what=what)
         plots[f"teacher confidence and TSLD scale, {what} tokens"] = name
         lines += confidence_lines(stats, what=what)
     request = task["request"]
-    eval_blocks = f"the first {args.eval_max_blocks}" if args.eval_max_blocks else "all"
+    evaluated = min(args.eval_max_blocks or task["validation_blocks"], task["validation_blocks"])
+    eval_blocks = "all" if evaluated == task["validation_blocks"] else f"the first {evaluated}"
     setup = {
         "Task": f"{task['train_documents']} documents from the start of "
                 f"`{request['dataset']}`'s training text, {task['train_tokens']} tokens in "
@@ -452,13 +477,15 @@ def _long_section(args, results, docs: Path, budget: str, common: dict, invocati
                     f"{args.teacher_epochs:g} epochs at lr {args.teacher_lr:g} (GT only, full "
                     f"precision): validation PPL {stage.val_before:.2f} → {stage.val_after:.2f}; "
                     "the student starts from the fine-tuned teacher",
-        "Budget per run": f"{budget}; TWN ternary per channel; validation and training-block "
-                          f"perplexity every epoch ({eval_every} steps, the first "
+        "Budget per run": f"{budget}; {', '.join(sorted({r.spec.quantizer for r in results}))}; "
+                          f"validation and training-block perplexity every {eval_every} steps "
+                          f"({eval_every / args.steps_per_epoch:g} epochs; the first "
                           f"{args.eval_train_blocks} training blocks); the teacher's outputs "
                           "from an exact tsld-cache (--topk 0)",
         **common,
     }
-    return long_section(results=results, stage=stage, steps_per_epoch=eval_every, setup=setup,
+    return long_section(results=results, stage=stage, steps_per_epoch=args.steps_per_epoch,
+                        setup=setup,
                         invocations=invocations, plots=plots, confidence_lines=lines)
 
 
@@ -474,7 +501,8 @@ def main(argv=None) -> int:
     if args.train_tokens:
         stages = prepare_task(args, env, dry_run=args.dry_run)
     else:
-        args.budget, args.teacher_cache = budget_options(args, None), None
+        args.steps_per_epoch, args.teacher_cache = None, None
+        args.budget = budget_options(args)
     if args.dry_run:
         for command in stages + [launcher_command(args, train_options(args, spec, seed))
                                  for spec, seed in plan]:
@@ -490,9 +518,10 @@ def main(argv=None) -> int:
         directory = run_dir(args, spec, seed)
         if outcome == "ran":
             summary = json.loads((directory / "summary.json").read_text())
+            before = summary.get("student_ppl_before")
             print(f"{prefix}: val PPL {summary['student_ppl_after']:.2f} (before "
-                  f"{summary['student_ppl_before']:.2f}) in {time.time() - run_started:.0f} s",
-                  flush=True)
+                  f"{'n/a' if before is None else f'{before:.2f}'}) in "
+                  f"{time.time() - run_started:.0f} s", flush=True)
         else:
             print(f"{prefix}: {outcome}" + (f", see {directory / 'train.log'}"
                                             if outcome == "failed" else " (finished before)"),

@@ -110,17 +110,19 @@ def results_table(results: Sequence[RunResults], teacher: Optional[float]) -> Li
     return lines
 
 
-def ordering(results: Sequence[RunResults]) -> List[str]:
-    """One line per main group: its methods from best to worst, and the paper's order check."""
+def ordering(results: Sequence[RunResults], field: str = "ppl_after",
+             what: str = "") -> List[str]:
+    """One line per main group: its methods from best to worst by `field` (a SeedResult
+    perplexity), and the paper's order check; `what` names the field in the line."""
     lines = []
     for group in ("main-w2", "main-w4"):
         members = {r.spec.name.split("-", 1)[1]: r for r in results if r.spec.group == group}
         if not members:
             continue
-        means = {kd: r.mean_sd("ppl_after")[0] for kd, r in members.items()}
+        means = {kd: r.mean_sd(field)[0] for kd, r in members.items()}
         ranked = " < ".join(f"{KD_LABELS[kd]} {means[kd]:.2f}"
                             for kd in sorted(means, key=means.get))
-        line = f"- {group[-2:].upper()}A16: {ranked}."
+        line = f"- {group[-2:].upper()}A16{what}: {ranked}."
         if group == "main-w2" and {"tsld", "logit", "logit_gt"} <= set(means):
             holds = means["tsld"] < means["logit"] < means["logit_gt"]
             line += (" The paper's W2 order TSLD < Logit < Logit+GT "
@@ -130,7 +132,7 @@ def ordering(results: Sequence[RunResults]) -> List[str]:
             line += (" TSLD is the best." if best == "tsld" else
                      f" TSLD is {means['tsld'] - means[best]:.2f} above the best "
                      f"({KD_LABELS[best]}).")
-        spreads = [sd for r in members.values() for sd in [r.mean_sd("ppl_after")[1]] if sd]
+        spreads = [sd for r in members.values() for sd in [r.mean_sd(field)[1]] if sd]
         if spreads:
             line += f" Largest seed sd: {max(spreads):.2f}."
         lines.append(line)
@@ -257,11 +259,11 @@ def long_table(results: Sequence[RunResults], stage: TeacherStage,
              f"| {opt(stage.train_before)} | |",
              f"| teacher | FP, fine-tuned on the task | {stage.val_after:.2f} | | | "
              f"| {opt(stage.train_after)} | |"]
-    if results:
-        first = results[0]
-        lines.append(f"| ptq-w{first.spec.bits} | PTQ of the fine-tuned teacher | "
-                     f"{first.mean_sd('ppl_before')[0]:.2f} | | | | | |")
     for r in results:
+        if r.spec.group.startswith("main") and r is next(m for m in results
+                                                          if m.spec.group == r.spec.group):
+            lines.append(f"| ptq-w{r.spec.bits} | PTQ of the fine-tuned teacher | "
+                         f"{r.mean_sd('ppl_before')[0]:.2f} | | | | | |")
         rise = [s.ppl_after - s.best_ppl for s in r.seeds]
         train = [s.train_ppl_after for s in r.seeds if s.train_ppl_after is not None]
         lines.append(
@@ -271,26 +273,6 @@ def long_table(results: Sequence[RunResults], stage: TeacherStage,
             f"| {statistics.mean(rise):+.2f} "
             f"| {_ppl(statistics.mean(train), statistics.stdev(train) if len(train) > 1 else None) if train else ''} "
             f"| {len(r.seeds)} |")
-    return lines
-
-
-def long_verdict(results: Sequence[RunResults]) -> List[str]:
-    """The orders by final and by best validation perplexity, and whether the paper's holds."""
-    by_kd = {r.spec.options[r.spec.options.index("--kd") + 1]: r for r in results}
-    lines = []
-    for what, field in (("final", "ppl_after"), ("best", "best_ppl")):
-        means = {kd: r.mean_sd(field)[0] for kd, r in by_kd.items()}
-        ranked = " < ".join(f"{KD_LABELS[kd]} {means[kd]:.2f}"
-                            for kd in sorted(means, key=means.get))
-        line = f"- By {what} validation perplexity: {ranked}."
-        if {"tsld", "logit", "logit_gt"} <= set(means):
-            holds = means["tsld"] < means["logit"] < means["logit_gt"]
-            line += (" The paper's order TSLD < Logit < Logit+GT "
-                     f"{'holds' if holds else 'does not hold'}.")
-        lines.append(line)
-    spreads = [sd for r in results for sd in [r.mean_sd("ppl_after")[1]] if sd]
-    if spreads:
-        lines.append(f"- Largest seed sd of the final perplexity: {max(spreads):.2f}.")
     return lines
 
 
@@ -315,7 +297,8 @@ def long_section(*, results: Sequence[RunResults], stage: TeacherStage, steps_pe
         "training blocks, the training curve whatever the objective. With several seeds: mean ± "
         "sample standard deviation.",
         "",
-        *long_verdict(results),
+        *ordering(results, "ppl_after", ", final"),
+        *ordering(results, "best_ppl", ", best"),
         "",
         "### Validation and training perplexity during QAT",
         "",

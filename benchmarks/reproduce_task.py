@@ -31,9 +31,11 @@ def write_task_split(directory: Path, *, dataset: str, dataset_config, text_colu
                              "choose another --output_root or remove it")
         return record
     tok = load_tokenizer(tokenizer)
-    documents = load_text_splits(dataset, dataset_config, text_column=text_column)[0]["text"]
+    # In the dataset's order, a contiguous stretch; for a dataset without a validation split,
+    # in the order after the loader carved one out (a shuffle), so a sample of its documents.
+    documents = load_text_splits(dataset, dataset_config, text_column=text_column)[0]
     chosen, held_out, tokens = [], [], 0
-    for i, text in enumerate(documents):  # in the dataset's order: a contiguous stretch
+    for i, text in enumerate(row["text"] for row in documents):
         if tokens >= train_tokens and i % VALIDATION_EVERY == 0:  # whole groups: one held out
             break
         if i % VALIDATION_EVERY == VALIDATION_EVERY - 1:

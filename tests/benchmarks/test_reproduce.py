@@ -7,9 +7,13 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO, write_ds_config
 
 SCRIPT = REPO / "benchmarks" / "reproduce.py"
+sys.path.insert(0, str(SCRIPT.parent))
+from reproduce import budget_options, parse_args, same_options  # noqa: E402
 
 
 def reproduce(*args, timeout=900):  # generous: CI machines may be shared
@@ -37,6 +41,45 @@ def option_pairs(command):
             following = words[i + 1] if i + 1 < len(words) else "--"
             pairs[word] = True if following.startswith("--") else following
     return pairs
+
+
+def test_a_preset_gives_its_defaults_and_a_given_budget_replaces_its_own():
+    short, long = parse_args([]), parse_args(["--preset", "long"])
+    assert (short.steps, short.epochs, short.output_root) == (60, None, "runs/reproduce")
+    assert (long.steps, long.epochs, long.seeds) == (None, 30, [42, 43, 44])
+    assert long.train_tokens == 50_000 and long.output_root == "runs/reproduce-long"
+    assert [r.name for r in long.selected] == ["w2-gt", "w2-logit", "w2-logit_gt", "w2-tsld",
+                                               "w2-tsld_nogt"]
+    given_steps = parse_args(["--preset", "long", "--steps", "5"])
+    assert (given_steps.steps, given_steps.epochs) == (5, None)
+    given_epochs = parse_args(["--epochs", "2", "--eval_every", "0"])
+    assert (given_epochs.steps, given_epochs.epochs) == (None, 2)
+    given_epochs.steps_per_epoch = None
+    assert budget_options(given_epochs)[:6] == ["--epochs", "2", "--lr", "0.0001",
+                                                "--eval_every", "0"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "3", "--epochs", "2"], "give the budget as --steps or as --epochs, not both"),
+    (["--epoch", "2"], "unrecognized arguments: --epoch"),  # no abbreviations
+    (["--steps", "0"], "the budget must be positive"),
+    (["--eval_every", "-1"], "--eval_every must be 0 or more"),
+    (["--preset", "long", "--model", "a", "--teacher", "b"], "give --model or --teacher"),
+    (["--only", "w9-tsld"], "--only 'w9-tsld' matches no run"),
+])
+def test_bad_options_are_refused_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_recorded_options_match_in_any_order_and_only_when_equal():
+    options = ["--lr", "0.0001", "--max_steps", "60", "--no_export", "--output_dir", "d"]
+    assert same_options(["--max_steps", "60", "--lr", "0.0001", "--output_dir", "d",
+                         "--no_export"], options)
+    assert not same_options(["--max_steps", "61", "--lr", "0.0001", "--no_export",
+                             "--output_dir", "d"], options)
+    assert not same_options(options[:-3], options) and not same_options(None, options)
 
 
 def test_dry_run_gives_every_run_the_same_budget_and_ablations_one_flag():

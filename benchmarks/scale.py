@@ -173,6 +173,9 @@ def measure(model_dir: Path, ds_config: Path, ranks: int, block_size: int, steps
                  for rank in range(ranks)]
         raise SystemExit(f"training at {ranks} rank(s) failed (exit {code}; peak RSS per rank "
                          f"until then: {', '.join(f'{p:.0f} MiB' for p in peaks)}); see {log}")
+    # The run's checkpoint is this measurement's scratch (12 bytes a parameter at 7B width), which
+    # nobody resumes: gigabytes a run would fill the disk over a few calls.
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     step_ends = sorted(r["time"] for r in records if "loss" in r)   # after each optimizer step
     first = min(r["time"] for r in records if r["step"] == 0)       # the first step starts

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -250,6 +251,7 @@ def run_variant(args, variant: str, ranks: int, config: Path, out: Path, name: s
         code = subprocess.run(cmd, cwd=repo, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"{variant} at {ranks} rank(s) failed (exit {code}); see {log}")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a timing's scratch, never resumed
     return summarize(args, json.loads(result.read_text()))
 
 

@@ -479,7 +479,7 @@ def _long_section(args, results, docs: Path, budget: str, common: dict, invocati
                     "the student starts from the fine-tuned teacher",
         "Budget per run": f"{budget}; {', '.join(sorted({r.spec.quantizer for r in results}))}; "
                           f"validation and training-block perplexity every {eval_every} steps "
-                          f"({eval_every / args.steps_per_epoch:g} epochs; the first "
+                          f"({eval_every / args.steps_per_epoch:g} epoch(s); the first "
                           f"{args.eval_train_blocks} training blocks); the teacher's outputs "
                           "from an exact tsld-cache (--topk 0)",
         **common,

@@ -1,9 +1,13 @@
 """Quantizers, QuantConfig and QuantLinear against direct restatements of their formulas."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers.pytorch_utils import Conv1D
 
 from tsld_ds.quant import QuantConfig, QuantLinear, quantize_weight
@@ -303,6 +307,66 @@ def test_quant_linear_saves_no_quantized_weight(cfg, kind):
     weight = layer.weight.t() if kind == "conv1d" else layer.weight
     plain = lambda: F.linear(x, quantize_weight(weight, cfg, layer.scale), layer.bias)  # noqa: E731
     assert full_size_tensors_saved(plain, layer.weight)
+
+
+class PeakAllocated(TorchDispatchMode):
+    """Peak bytes held at once by the storages that the ops run under it allocate: a storage counts
+    from the op that creates it until no tensor on it (the op's output or a view of it) is left."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages = {}   # data pointer -> (bytes, weak references to the tensors on it)
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or not t.untyped_storage().nbytes():
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.storages and ptr not in inputs:
+                self.storages[ptr] = (t.untyped_storage().nbytes(), [])
+            if ptr in self.storages:
+                self.storages[ptr][1].append(weakref.ref(t))
+        self.storages = {ptr: entry for ptr, entry in self.storages.items()
+                         if any(ref() is not None for ref in entry[1])}
+        self.peak = max(self.peak, sum(size for size, _ in self.storages.values()))
+        return out
+
+
+STRAIGHT_THROUGH_CONFIGS = [
+    QuantConfig(bits=2), QuantConfig(bits=2, granularity="tensor"),
+    QuantConfig(bits=2, granularity="group", group_size=64), QuantConfig(bits=2, method="absmean"),
+    QuantConfig(bits=4), QuantConfig(bits=4, granularity="group", group_size=64),
+]
+
+
+@pytest.mark.parametrize("cfg", STRAIGHT_THROUGH_CONFIGS, ids=config_id)
+def test_straight_through_quantizers_need_one_weight_sized_buffer(cfg):
+    """Besides their result, at most a bool mask and per-block statistics (at 7B width an MLP
+    weight is 172 MiB; the first TWN took three more buffers of that size, absmean one)."""
+    weight = torch.randn(64, 256)
+    with PeakAllocated() as allocated:
+        quantize_weight(weight, cfg)
+    assert allocated.peak <= 1.3 * weight.nbytes
+
+
+@pytest.mark.parametrize("cfg", STRAIGHT_THROUGH_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_quant_linear_backward_holds_one_weight_sized_buffer_at_a_time(cfg, kind):
+    """Q(W) for the input's gradient, then W's gradient (in W's own layout, so that autograd takes
+    it without a copy); never both, and no copy of either."""
+    layer = QuantLinear(nn.Linear(256, 64, bias=False) if kind == "linear" else Conv1D(64, 256), cfg)
+    x = torch.randn(5, 256, requires_grad=True)
+    loss = layer(x).square().sum()
+    with PeakAllocated() as allocated:
+        loss.backward()
+    assert layer.weight.grad.shape == layer.weight.shape
+    # Per tensor, Conv1D's transposed weight is first flattened into one block: a copy.
+    buffers = 2 if kind == "conv1d" and cfg.granularity == "tensor" else 1
+    assert allocated.peak <= (buffers + 0.3) * layer.weight.nbytes + x.nbytes
 
 
 def test_quant_linear_keeps_parameters_and_reads_no_weight_data():

@@ -27,8 +27,10 @@ class _QuantLinearFunction(torch.autograd.Function):
     """y = x · Q(W)ᵀ + b that keeps only x and references to the parameters for backward.
 
     Under ZeRO-3 the gathered weight is released after forward and gathered again for backward;
-    saving Q(W) would keep a full-size copy alive in between, so backward recomputes it. Backward
-    differentiates the quantizer with autograd, so STE and PACT methods share this one function.
+    saving Q(W) would keep a full-size copy alive in between, so backward recomputes it.
+    Straight-through methods (dQ/dW = I) take W's gradient as Q(W)'s, and Q(W) lives only for the
+    input's gradient: backward holds one weight-sized buffer at a time. PACT differentiates its
+    quantizer with autograd (γ needs it).
     """
 
     @staticmethod
@@ -41,17 +43,24 @@ class _QuantLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, bias, scale = ctx.saved_tensors
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        x_2d = x.reshape(-1, x.shape[-1])
+        grad_b = grad_out_2d.sum(0) if need_b else None
+        grad_x = grad_w = grad_s = None
+        if scale is None:
+            if need_x:
+                grad_x = grad_out.matmul(_fake_quant(weight, None, ctx.cfg, ctx.transposed))
+            if need_w:  # laid out as the weight is, so autograd accumulates it without a copy
+                grad_w = x_2d.t().matmul(grad_out_2d) if ctx.transposed else grad_out_2d.t().matmul(x_2d)
+            return grad_x, grad_w, grad_b, None, None, None
+
         with torch.enable_grad():
             w = weight.detach().requires_grad_(need_w)
-            s = None if scale is None else scale.detach().requires_grad_(need_s)
+            s = scale.detach().requires_grad_(need_s)
             wq = _fake_quant(w, s, ctx.cfg, ctx.transposed)
-
         grad_x = grad_out.matmul(wq.detach()) if need_x else None
-        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_b = grad_out_2d.sum(0) if need_b else None
-        grad_w = grad_s = None
         if need_w or need_s:
-            grad_wq = grad_out_2d.t().matmul(x.reshape(-1, x.shape[-1]))
+            grad_wq = grad_out_2d.t().matmul(x_2d)
             wrt = [t for t, need in ((w, need_w), (s, need_s)) if need]
             grads = iter(torch.autograd.grad(wq, wrt, grad_wq))
             grad_w = next(grads) if need_w else None

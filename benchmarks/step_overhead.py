@@ -18,8 +18,8 @@ communication at all, the ceiling of tsld-ds's scaling. The variants run in inte
 fresh process per variant; the table gives the median over rounds of each variant's tokens/s and
 the ratios, and the mean per-phase milliseconds.
 
---memory trains LLaMA-2-7B's width (one block, the built-in tokenizer's vocabulary) at block 512,
-micro-batch 1, with tsld-ds at 1 and 2 ranks (benchmarks/scale.py's slice and sampler: each rank's
+--memory trains LLaMA-2-7B's width (--layers blocks, the built-in tokenizer's vocabulary) at
+block 512, micro-batch 1, with tsld-ds at 1 and 2 ranks (benchmarks/scale.py's slice and sampler: each rank's
 resident memory every 0.1 s, peak over the training steps and memory held between steps).
 """
 import argparse
@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    "its launch/train.py at 1 rank joins every round as 'before'")
     p.add_argument("--memory", action="store_true",
                    help="measure peak memory per rank on the 7B-width slice instead")
+    p.add_argument("--layers", type=int, default=1,
+                   help="blocks of the 7B-width slice with --memory (default: 1): the model "
+                   "states grow with them, what does not shard does not")
     p.add_argument("--block_size", type=int, default=None,
                    help="tokens per block (default: 128; 512 with --memory)")
     p.add_argument("--output_root", default="runs/bench-step-overhead")
@@ -78,6 +81,8 @@ def parse_args(argv=None):
                        "--block_size", str(args.block_size)]
     if args.steps <= args.warmup:
         p.error("--steps must exceed --warmup")
+    if args.layers < 1:
+        p.error(f"--layers must be at least 1, got {args.layers}")
     return args
 
 
@@ -346,7 +351,8 @@ def memory(args) -> dict:
     either way)."""
     from scale import make_slice, measure
     root = Path(args.output_root)
-    model_dir = make_slice(root / "slice-1x4096-v4096", layers=1, hidden_size=4096,
+    model_dir = make_slice(root / f"slice-{args.layers}x4096-v4096", layers=args.layers,
+                           hidden_size=4096,
                            intermediate_size=11008, heads=32, vocab_size=4096)
     config = json.loads(Path(args.ds_config[0]).read_text())
     config["train_micro_batch_size_per_gpu"] = 1
@@ -357,14 +363,16 @@ def memory(args) -> dict:
     for teacher, extra in (("as chosen", ()), ("ZeRO-3", sharded)):
         for ranks in [r for r in args.ranks if r > 1 or not extra]:
             run = measure(model_dir, ds_config, ranks, args.block_size, 3,
-                          root / f"memory-b{args.block_size}-r{ranks}-"
+                          root / f"memory-l{args.layers}-b{args.block_size}-r{ranks}-"
                           f"{'chosen' if not extra else 'zero3'}", extra)
             runs.append({**run, "teacher": teacher})
-    return {"runs": runs, "block_size": args.block_size, "ds_config": args.ds_config[0]}
+    return {"runs": runs, "layers": args.layers, "block_size": args.block_size,
+            "ds_config": args.ds_config[0]}
 
 
 def format_memory(figures: dict) -> str:
-    lines = [f"7B-width slice (1 block), block {figures['block_size']}, micro-batch 1, "
+    lines = [f"7B-width slice ({figures['layers']} block(s)), block {figures['block_size']}, "
+             "micro-batch 1, "
              f"--gradient_checkpointing, {Path(figures['ds_config']).name}; MiB per rank",
              f"{'teacher':>9} {'ranks':>5} {'rank':>4} {'peak':>7} {'held':>7} "
              f"{'peak x 1 rank':>14}"]

@@ -27,3 +27,12 @@ def test_every_variant_is_timed_per_phase(tmp_path):
         # and step (a phase never entered would be 0)
         assert all(figures["phases_ms"][p] > 0 for p in PHASES[:4]), (name, figures)
     assert "zero3 r2" in out and "x plain" in out
+
+
+def test_bad_options_are_refused_in_one_line():
+    for argv, message in ((["--memory", "--layers", "0"], "--layers must be at least 1, got 0"),
+                          (["--steps", "5", "--warmup", "5"], "--steps must exceed --warmup")):
+        result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True,
+                                text=True, cwd=REPO)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1].endswith(message)

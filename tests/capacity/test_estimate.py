@@ -1,12 +1,13 @@
 """tsld_ds/capacity/estimate.py: the meta-device activation count against a real forward, the
 shipped configs against their published sizes, and the estimate's arithmetic."""
 import dataclasses
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, OPTConfig
 
-from helpers import tiny_llama_config
+from helpers import REPO, tiny_llama_config
 from tsld_ds.capacity.cli import SHIPPED_CONFIGS
 from tsld_ds.capacity.estimate import Setup, estimate, model_shape
 from tsld_ds.teacher import teacher_ds_config
@@ -106,7 +107,11 @@ def test_checkpointing_keeps_block_inputs_only(llama7b):
         layers * llama7b.block_input_bytes + llama7b.other_activation_bytes
     assert row(checkpointed, "student activations in backward") == \
         row(checkpointed, "student activations kept") + 2 * block
-    assert plain.total_bytes - checkpointed.total_bytes > 10 * 2**30   # LLaMA-2-7B, 2048 tokens
+    # LLaMA-2-7B, 2048 tokens, the peak in backward (at 1 GPU and DeepSpeed's sub_group_size the
+    # optimizer step's 6 GB would be the peak of both)
+    small_groups = {**BF16, "zero_optimization": {"stage": 3, "sub_group_size": 1e8}}
+    assert estimate(llama7b, None, small_groups, None, setup(checkpointing=False)).total_bytes \
+        - estimate(llama7b, None, small_groups, None, setup()).total_bytes > 10 * 2**30
     for result in (plain, checkpointed):   # both figures, whichever the run uses
         assert result.activations_stored_bytes == row(plain, "student activations in backward")
         assert result.activations_checkpointed_bytes == \
@@ -115,6 +120,30 @@ def test_checkpointing_keeps_block_inputs_only(llama7b):
         "cpu_checkpointing": True}}, None, setup())
     assert row(checkpointed, "student activations kept") - \
         row(on_host, "student activations kept") == layers * llama7b.block_input_bytes
+
+
+def test_the_step_flattens_one_sub_group_of_gradients_to_float32(llama7b):
+    step = "gradients flattened for the step"
+    one = estimate(llama7b, None, BF16, None, setup(1))   # DeepSpeed's sub_group_size, 1e9
+    # bf16 gradients flattened (2 bytes), then cast to float32 (4): a group closes at 1e9 elements
+    # or more, by at most one parameter's partition
+    assert 6 * 1e9 <= row(one, step) < 6 * (1e9 + llama7b.largest_module_params)
+    assert one.peak_phase == "optimizer step"
+    eight = estimate(llama7b, None, BF16, None, setup(8))   # the partition is below 1e9
+    assert row(eight, step) == 6 * -(-llama7b.params // 8)
+    shipped_size = json.loads((REPO / "ds_configs" / "zero3_bf16.json").read_text())[
+        "zero_optimization"]["sub_group_size"]
+    shipped = estimate(llama7b, None, {**BF16, "zero_optimization": {
+        "stage": 3, "sub_group_size": shipped_size}}, None, setup(1))
+    assert row(shipped, step) < 6 * (1e8 + llama7b.largest_module_params)
+    assert shipped.peak_phase == "backward"
+    fp32 = dataclasses.replace(llama7b, dtype_bytes=4)   # already float32: no cast
+    assert row(estimate(fp32, None, {"zero_optimization": {"stage": 3}}, None, setup(8)), step) \
+        == 4 * -(-llama7b.params // 8)
+    for no_step_copy in ({"stage": 2}, {"stage": 3, "offload_optimizer": {"device": "cpu"}}):
+        no_step_copy = {**BF16, "zero_optimization": no_step_copy}
+        assert step not in [r.what for r in estimate(llama7b, None, no_step_copy, None,
+                                                     setup(8)).rows]
 
 
 def test_teacher_traffic_and_hierarchical_partitioning(llama7b):

@@ -13,7 +13,9 @@ peak is the held bytes plus the largest phase:
 - student forward + loss: the activations kept for backward, both lm_heads gathered, the fused
   loss's two float32 [chunk, V] blocks and float32 lm_head gradient;
 - backward: the activations at their peak (with checkpointing, one block recomputed), the
-  student's gathered parameters, a module's full gradient before it is reduce-scattered.
+  student's gathered parameters, a module's full gradient before it is reduce-scattered;
+- optimizer step (ZeRO-3, optimizer on the GPU): one sub-group's gradients, flattened and cast
+  to float32 for the optimizer (`sub_group_size` elements, at most this rank's partition).
 
 Activations are what autograd saves for backward, counted by running the model on the `meta`
 device (no memory, exact shapes) under `saved_tensors_hooks`.
@@ -34,7 +36,8 @@ from tsld_ds.losses.fused import default_chunk_size
 GiB = 1 << 30
 # DeepSpeed's ZeRO-3 defaults, used where a config leaves a key out.
 ZERO3_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7,
-                  "stage3_max_live_parameters": 1e9, "contiguous_gradients": True}
+                  "stage3_max_live_parameters": 1e9, "sub_group_size": 1e9,
+                  "contiguous_gradients": True}
 # What a CUDA process holds before any tensor: context, cuBLAS/NCCL workspaces, kernels.
 CUDA_RUNTIME_BYTES = 1 * GiB
 # Allocator fragmentation: PyTorch's caching allocator keeps freed blocks for reuse; this share of
@@ -74,8 +77,9 @@ class Setup:
 
 
 # When a row's bytes are held: throughout the step, or in one phase (freed before the next).
-HELD, TEACHER_FORWARD, LOSS, BACKWARD = "held", "teacher forward", "forward + loss", "backward"
-PHASES = (TEACHER_FORWARD, LOSS, BACKWARD)
+HELD, TEACHER_FORWARD, LOSS, BACKWARD, STEP = "held", "teacher forward", "forward + loss", \
+    "backward", "optimizer step"
+PHASES = (TEACHER_FORWARD, LOSS, BACKWARD, STEP)
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,14 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
                         f"({zero['stage3_max_live_parameters']:.3g})"))
     rows.append(Row("student module gradients", student.largest_module_params * s, BACKWARD,
                     "the largest module's full gradient before it is reduce-scattered"))
+    if sharded and not offload_optimizer:
+        # A sub-group closes once it reaches sub_group_size: up to one more parameter's partition.
+        partition = -(-student.params // world)
+        group = min(partition, int(zero["sub_group_size"]) - 1
+                    + -(-student.largest_module_params // world))
+        rows.append(Row("gradients flattened for the step", group * (4 + (s if s != 4 else 0)),
+                        STEP, f"one sub-group's gradients (sub_group_size "
+                        f"{zero['sub_group_size']:.3g}) as one float32 tensor"))
 
     phase_bytes = {phase: sum(r.bytes for r in rows if r.phase == phase) for phase in PHASES}
     peak_phase = max(phase_bytes, key=phase_bytes.get)

@@ -51,7 +51,8 @@ class _QuantLinearFunction(torch.autograd.Function):
             if need_x:
                 grad_x = grad_out.matmul(_fake_quant(weight, None, ctx.cfg, ctx.transposed))
             if need_w:  # laid out as the weight is, so autograd accumulates it without a copy
-                grad_w = x_2d.t().matmul(grad_out_2d) if ctx.transposed else grad_out_2d.t().matmul(x_2d)
+                grad_w = (x_2d.t().matmul(grad_out_2d) if ctx.transposed
+                          else grad_out_2d.t().matmul(x_2d))
             return grad_x, grad_w, grad_b, None, None, None
 
         with torch.enable_grad():

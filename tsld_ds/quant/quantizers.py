@@ -44,6 +44,7 @@ def _twn(w: Tensor, bits: int) -> Tensor:
     buf = w.abs()
     drop = buf <= 0.7 * buf.mean(-1, keepdim=True)
     kept_sum = buf.masked_fill_(drop, 0.0).sum(-1, keepdim=True)
+    # The kept mask as 0/1 in float32 or wider: exact counts up to 2^24 elements a block.
     kept = buf.copy_(drop).neg_().add_(1.0).sum(-1, keepdim=True)
     # An all-zero block keeps nothing: α = 0/1, not 0/0.
     alpha = kept_sum / kept.clamp_min(1)

@@ -11,12 +11,12 @@ gradient. Repeats alternate the variants; the table gives the median of each.
 """
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from loss_memory import added_peak
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -63,18 +63,7 @@ def run_case(spec):
     layer = linear if cfg is None else QuantLinear(linear, QuantConfig(**cfg))
     x = torch.empty(spec["tokens"], spec["in_features"], device=device, dtype=dtype).normal_()
     x.requires_grad_()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    layer(x).sum().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    peak, _ = added_peak(lambda: layer(x).sum().backward(), device)
     return {"peak_bytes": peak, "weight_bytes": linear.weight.nbytes}
 
 

@@ -16,10 +16,10 @@ device-to-device copy bandwidth. Speedups are computed within this run.
 Targets on an H100: fused quantize >= 3x the reference; at M = 1, W2A16 >= 5x and W4A16 >= 3x
 bf16.
 
-    python benchmarks/kernels.py
-    python benchmarks/kernels.py --only matmul --reps 500
-    python benchmarks/kernels.py --check      # exit status 1 when a target is missed
-    python benchmarks/kernels.py --tokens 1,16,256 --shapes 4096x4096,4096x11008 --json k.json
+    python benchmarks/kernel_speed.py
+    python benchmarks/kernel_speed.py --only matmul --reps 500
+    python benchmarks/kernel_speed.py --check      # exit status 1 when a target is missed
+    python benchmarks/kernel_speed.py --tokens 1,16,256 --shapes 4096x4096,4096x11008 --json k.json
 """
 import argparse
 import json
@@ -200,7 +200,7 @@ def main(argv=None):
     import torch
 
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device here; the kernels only run on a GPU (the "
+        print("benchmarks/kernel_speed.py: no CUDA device here; the kernels only run on a GPU (the "
               "PyTorch references are what CPU machines use). Nothing to time.")
         return 0
     from tsld_ds.ops import kernels_info, kernels_summary

@@ -17,15 +17,20 @@ Two presets set the defaults of the regime they test (every option still overrid
          an exact tsld-cache.
 Each preset writes its own section of DOCS_DIR/results.md and keeps the other's.
 
-Each run lives in OUTPUT_ROOT/NAME/seed-SEED (train.log, metrics.jsonl, summary.json); the long
-preset's stages in OUTPUT_ROOT/task, teacher-fp and teacher-cache. A run whose summary.json exists
-is skipped, and one interrupted after a checkpoint resumes from it (the long runs save one every 5
-epochs), so after an interruption the same command goes on where it stopped. Then it writes its
+Each run trains in OUTPUT_ROOT/NAME/seed-SEED (train.log, checkpoints, metrics.jsonl,
+summary.json); the long preset's stages in OUTPUT_ROOT/task, teacher-fp and teacher-cache. A
+finished run leaves its record in DOCS_DIR/runs/REGIME/NAME/seed-SEED (its options, the
+teacher's SHA-256 with the long preset, summary.json and metrics.jsonl): what the report reads,
+kept with the page so that the page can be rebuilt, and the grid finished, on another machine. A
+recorded run is skipped, and one interrupted after a checkpoint resumes from it (the long runs
+save one every 5 epochs), so after an interruption the same command goes on where it stopped;
+Ctrl-C or SIGTERM stops the current run with a checkpoint and records the call. Then it writes its
 section of DOCS_DIR/results.md (table, commands, machine; the other section and the findings kept
 from the previous page) and DOCS_DIR/img/*.png (perplexity curves per method; teacher confidence
-histograms with the TSLD token scale they yield). The report covers every finished run of the
-grid under OUTPUT_ROOT with the same options, so a later call with more --seeds for a subset
-(--only main-w2) adds those seeds to the same table.
+histograms with the TSLD token scale they yield). The report covers every recorded run of the grid
+with the same options, so a later call with more --seeds for a subset (--only main-w2) adds those
+seeds to the same table. The wall time of every call that trained is kept in
+DOCS_DIR/runs/REGIME/invocations.jsonl.
 
     python benchmarks/reproduce.py                          # the short preset: the whole grid
     python benchmarks/reproduce.py --only main-w2 --seeds 43 44
@@ -44,6 +49,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +76,7 @@ PRESETS = {
                  only=["w2-gt", "w2-logit", "w2-logit_gt", "w2-tsld", "w2-tsld_nogt"]),
 }
 RUN_RECORD = "reproduce.json"  # the training options a run directory was made with
+RECORDED = ("summary.json", "metrics.jsonl")  # what the report reads of a finished run
 TEMPERATURES = (1.0, 5.0, 10.0, 20.0)  # drawn in the token-scale figure
 
 
@@ -193,13 +200,62 @@ def budget_options(args) -> list:
     return options
 
 
+def portable(options: list) -> list:
+    """`options` with this checkout's own path taken off the paths in it, so that a record made
+    in one clone matches the same run in another."""
+    prefix = str(REPO) + os.sep
+    return [word[len(prefix):] if word.startswith(prefix) else word for word in options]
+
+
 def same_options(recorded: list, options: list) -> bool:
     """Whether two launch/train.py option lists say the same, in whatever order."""
     def pairs(words):
+        words = portable(words)
         return {word: words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--")
                 else True for i, word in enumerate(words) if word.startswith("--")}
 
     return recorded is not None and pairs(recorded) == pairs(options)
+
+
+def records_root(args) -> Path:
+    return Path(args.docs_dir) / "runs" / ("long" if args.train_tokens else "short")
+
+
+def record_dir(args, spec: RunSpec, seed: int) -> Path:
+    return records_root(args) / spec.name / f"seed-{seed}"
+
+
+def record_matches(args, spec: RunSpec, seed: int):
+    """Whether the record of this run in DOCS_DIR/runs has this call's options and teacher; None
+    where there is no record."""
+    record = record_dir(args, spec, seed) / RUN_RECORD
+    if not record.is_file():
+        return None
+    kept = json.loads(record.read_text())
+    return same_options(kept["train_options"], train_options(args, spec, seed)) and \
+        kept.get("teacher_sha256") == args.teacher_sha256
+
+
+def is_recorded(args, spec: RunSpec, seed: int) -> bool:
+    """Whether this run is recorded finished; exits if its record has other options or another
+    teacher, which a new run must not silently replace."""
+    matches = record_matches(args, spec, seed)
+    if matches is False:
+        sys.exit(f"error: {record_dir(args, spec, seed)} records a run with other options or "
+                 "another teacher than this call's; choose another --docs_dir or remove it")
+    return bool(matches)
+
+
+def keep_record(args, spec: RunSpec, seed: int) -> None:
+    """Copies a finished run's summary and metrics to DOCS_DIR/runs, with its identity."""
+    directory, record = run_dir(args, spec, seed), record_dir(args, spec, seed)
+    record.mkdir(parents=True, exist_ok=True)
+    for name in RECORDED:
+        shutil.copyfile(directory / name, record / name)
+    # Written last: with it the record is complete.
+    (record / RUN_RECORD).write_text(json.dumps(
+        {"train_options": portable(train_options(args, spec, seed)),
+         "teacher_sha256": args.teacher_sha256}, indent=2))
 
 
 def train_options(args, spec: RunSpec, seed: int) -> list:
@@ -225,6 +281,33 @@ def launcher_command(args, options: list, script: Path = TRAIN_SCRIPT) -> list:
         port = s.getsockname()[1]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_gpus),
             "--master_port", str(port), str(script), *options]
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM reached this script: stop the current run and record the call."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def run_stoppable(command: list, env: dict, **popen) -> int:
+    """Runs a DeepSpeed launcher command in its own process group and returns its exit code. On
+    Stopped, SIGTERM reaches the launcher and every rank at once (the ranks save a checkpoint
+    after their current step); this waits until the whole group is gone, then re-raises."""
+    process = subprocess.Popen(command, env=env, start_new_session=True, **popen)
+    try:
+        return process.wait()
+    except Stopped:
+        os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.time() + 120  # the launcher gives its ranks 30 s before it kills them
+        while time.time() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        raise
 
 
 def prepare_task(args, env: dict, dry_run: bool) -> list:
@@ -273,13 +356,14 @@ def prepare_task(args, env: dict, dry_run: bool) -> list:
             sys.exit(f"error: the FP stage failed; see {paths['teacher'] / 'train.log'}")
         from tsld_ds.teacher.cache import read_manifest, weights_sha256
         manifest = read_manifest(paths["cache"]) or {}
+        args.teacher_sha256 = weights_sha256(fine_tuned)  # records name the teacher they learnt
         if manifest.get("complete") and \
-                manifest["identity"]["teacher_sha256"] != weights_sha256(fine_tuned):
+                manifest["identity"]["teacher_sha256"] != args.teacher_sha256:
             sys.exit(f"error: {paths['cache']} holds the outputs of another teacher than "
                      f"{fine_tuned}; remove it and rerun to build it for this one")
         if not manifest.get("complete"):
             print(f"teacher cache ({time.strftime('%H:%M:%S')})", flush=True)
-            if subprocess.run(commands[1], env=env).returncode != 0:
+            if run_stoppable(commands[1], env) != 0:
                 sys.exit("error: tsld-cache failed (its output is above)")
     args.model = args.teacher = fine_tuned
     args.dataset, args.dataset_config, args.text_column = str(paths["task"]), None, None
@@ -314,8 +398,8 @@ def train_one(args, directory: Path, options: list, env: dict, prefix: str) -> s
     directory.mkdir(parents=True, exist_ok=True)
     (directory / RUN_RECORD).write_text(json.dumps({"train_options": options}, indent=2))
     with open(directory / "train.log", "a") as log:
-        subprocess.run(launcher_command(args, options + resume), stdout=log,
-                       stderr=subprocess.STDOUT, env=env)
+        run_stoppable(launcher_command(args, options + resume), env, stdout=log,
+                      stderr=subprocess.STDOUT)
     # The summary is written last: with it the run is complete, whatever the teardown returned.
     if not (directory / "summary.json").is_file():
         tail = (directory / "train.log").read_text().splitlines()[-15:]
@@ -325,17 +409,15 @@ def train_one(args, directory: Path, options: list, env: dict, prefix: str) -> s
 
 
 def finished_results(args):
-    """RunResults of every grid run under --output_root that finished with this call's options."""
+    """RunResults of every grid run recorded in DOCS_DIR/runs with this call's options."""
     from reproduce_report import RunResults, read_seed_result
 
     results = []
     for spec in GRID:
         seeds = sorted(int(d.name.split("-", 1)[1])
-                       for d in (Path(args.output_root) / spec.name).glob("seed-*"))
-        done = [read_seed_result(run_dir(args, spec, s), s) for s in seeds
-                if (run_dir(args, spec, s) / "summary.json").is_file()
-                and same_options(recorded_options(run_dir(args, spec, s)),
-                                 train_options(args, spec, s))]
+                       for d in (records_root(args) / spec.name).glob("seed-*"))
+        done = [read_seed_result(record_dir(args, spec, s), s) for s in seeds
+                if record_matches(args, spec, s)]
         if done:
             results.append(RunResults(spec, done))
     return results
@@ -358,14 +440,18 @@ def machine() -> str:
             f"deepspeed {deepspeed.__version__}")
 
 
-def log_invocation(args, counts: dict, started: float, load_start: float) -> list:
-    """Appends this call to OUTPUT_ROOT/invocations.jsonl if it trained anything (a call that
+def log_invocation(args, counts: dict, started: float, load_start: float,
+                   stopped: str = None) -> list:
+    """Appends this call to DOCS_DIR/runs/REGIME/invocations.jsonl if it trained (a call that
     only rewrites the report made no result); returns every call recorded there."""
-    path = Path(args.output_root) / "invocations.jsonl"
-    if counts["ran"]:
+    path = records_root(args) / "invocations.jsonl"
+    if counts["ran"] or stopped:
         record = {"date": now(), "command": "python " + shlex.join(sys.argv),
                   "elapsed_s": time.time() - started, "ran": counts["ran"],
                   "load_average": [load_start, os.getloadavg()[0]]}
+        if stopped:
+            record["note"] = f"stopped by {stopped}"
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -497,41 +583,58 @@ def main(argv=None) -> int:
                  'pip install -e ".[results]"')  # before hours of training, not after
     started, load_start = time.time(), os.getloadavg()[0]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    stages = []
-    if args.train_tokens:
-        stages = prepare_task(args, env, dry_run=args.dry_run)
-    else:
-        args.steps_per_epoch, args.teacher_cache = None, None
-        args.budget = budget_options(args)
-    if args.dry_run:
-        for command in stages + [launcher_command(args, train_options(args, spec, seed))
-                                 for spec, seed in plan]:
-            print(shlex.join(command))
-        return 0
+    args.teacher_sha256 = None  # the fine-tuned teacher's, once the long preset's FP stage is done
     counts = {"ran": 0, "skipped": 0, "failed": 0}
-    for i, (spec, seed) in enumerate(plan, 1):
-        prefix = f"[{i}/{len(plan)}] {spec.name} seed {seed}"
-        run_started = time.time()
-        outcome = train_one(args, run_dir(args, spec, seed), train_options(args, spec, seed),
-                            env, prefix)
-        counts[outcome] += 1
-        directory = run_dir(args, spec, seed)
-        if outcome == "ran":
+    if not args.dry_run:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _raise_stopped)
+    try:
+        stages = []
+        if args.train_tokens:
+            stages = prepare_task(args, env, dry_run=args.dry_run)
+        else:
+            args.steps_per_epoch, args.teacher_cache = None, None
+            args.budget = budget_options(args)
+        if args.dry_run:
+            for command in stages + [launcher_command(args, train_options(args, spec, seed))
+                                     for spec, seed in plan]:
+                print(shlex.join(command))
+            return 0
+        recorded = [is_recorded(args, spec, seed) for spec, seed in plan]  # all checked first
+        for i, ((spec, seed), done) in enumerate(zip(plan, recorded), 1):
+            prefix = f"[{i}/{len(plan)}] {spec.name} seed {seed}"
+            if done:
+                counts["skipped"] += 1
+                print(f"{prefix}: skipped (recorded in {record_dir(args, spec, seed)})",
+                      flush=True)
+                continue
+            run_started = time.time()
+            directory = run_dir(args, spec, seed)
+            outcome = train_one(args, directory, train_options(args, spec, seed), env, prefix)
+            counts[outcome] += 1
+            if outcome == "failed":
+                print(f"{prefix}: failed, see {directory / 'train.log'}", flush=True)
+                continue
+            keep_record(args, spec, seed)
             summary = json.loads((directory / "summary.json").read_text())
             before = summary.get("student_ppl_before")
             print(f"{prefix}: val PPL {summary['student_ppl_after']:.2f} (before "
-                  f"{'n/a' if before is None else f'{before:.2f}'}) in "
-                  f"{time.time() - run_started:.0f} s", flush=True)
-        else:
-            print(f"{prefix}: {outcome}" + (f", see {directory / 'train.log'}"
-                                            if outcome == "failed" else " (finished before)"),
-                  flush=True)
+                  f"{'n/a' if before is None else f'{before:.2f}'})" +
+                  (f" in {time.time() - run_started:.0f} s" if outcome == "ran" else
+                   f", finished in {directory} before"), flush=True)
+    except Stopped as stop:
+        log_invocation(args, counts, started, load_start, stopped=str(stop))
+        print(f"stopped by {stop} after {counts['ran']} run(s); the same command goes on where "
+              "this one stopped", file=sys.stderr, flush=True)
+        return 128 + signal.Signals[str(stop)].value
+    finally:  # the report is written with the default handlers
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     invocations = log_invocation(args, counts, started, load_start)
     page = write_report(args, invocations)
     print(f"{counts['ran']} trained, {counts['skipped']} finished before, {counts['failed']} "
           f"failed in {time.time() - started:.0f} s; wrote {page}", flush=True)
     return 1 if counts["failed"] else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

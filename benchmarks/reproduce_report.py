@@ -170,10 +170,12 @@ def results_page(sections: Dict[str, str], findings: str) -> str:
     lines = [
         "# Reproducing the TSLD comparison with tsld-ds",
         "",
-        "Written by `benchmarks/reproduce.py`, one section per `--preset`, from the runs under "
-        "its `--output_root`; rerun it to regenerate a section (finished runs are reused, the "
-        "other section and the findings are kept). Validation perplexity is training's own "
-        "evaluation (every predicted token of the validation blocks named under Setup).",
+        "Written by `benchmarks/reproduce.py`, one section per `--preset`, from the records of "
+        "finished runs it keeps beside this page (`runs/<preset>/`: each run's options, summary "
+        "and metrics, and the wall time of every call); rerun it to regenerate a section or to "
+        "finish the grid (recorded runs are reused, the other section and the findings are "
+        "kept). Validation perplexity is training's own evaluation (every predicted token of "
+        "the validation blocks named under Setup).",
         "",
     ]
     for regime in REGIMES:

@@ -3,9 +3,11 @@ one's two runs, and the long one's task split, FP stage, teacher cache and two Q
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -16,17 +18,18 @@ sys.path.insert(0, str(SCRIPT.parent))
 from reproduce import budget_options, parse_args, same_options  # noqa: E402
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
 def reproduce(*args, timeout=900):  # generous: CI machines may be shared
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    # Its own session, so that a timeout also stops the DeepSpeed launcher and ranks it started.
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.terminate()  # the script stops the launcher and ranks it started
+        proc.communicate(timeout=150)
         raise
     assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
     return stdout
@@ -80,6 +83,10 @@ def test_recorded_options_match_in_any_order_and_only_when_equal():
     assert not same_options(["--max_steps", "61", "--lr", "0.0001", "--no_export",
                              "--output_dir", "d"], options)
     assert not same_options(options[:-3], options) and not same_options(None, options)
+    # A record made in another clone: the same run, with that clone's path off the config.
+    here = ["--ds_config", str(REPO / "ds_configs" / "zero2.json"), *options]
+    assert same_options(["--ds_config", "ds_configs/zero2.json", *options], here)
+    assert not same_options(["--ds_config", "/elsewhere/ds_configs/zero2.json", *options], here)
 
 
 def test_dry_run_gives_every_run_the_same_budget_and_ablations_one_flag():
@@ -98,14 +105,39 @@ def test_dry_run_gives_every_run_the_same_budget_and_ablations_one_flag():
         assert len(changed) == 1, (name, changed)
 
 
-def test_two_runs_end_to_end_and_resume(tiny_teacher_dir, small_corpus_dir, tmp_path):
+def stop_during_the_first_run(args, root):
+    """SIGTERM to the script while its first run trains: it exits 128 + 15, and the launcher and
+    ranks it started are gone with it."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert ": training (" in proc.stdout.readline()
+    time.sleep(5)  # the launcher and its ranks are up
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM after 0 run(s)" in stderr
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if str(root) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
+
+
+def test_two_runs_end_to_end_stop_and_resume(tiny_teacher_dir, small_corpus_dir, tmp_path):
     root, docs = tmp_path / "runs", tmp_path / "docs"
     args = ["--model", tiny_teacher_dir, "--dataset", small_corpus_dir, "--block_size", 32,
             "--ds_config", write_ds_config(tmp_path / "ds.json"), "--steps", 2,
             "--eval_every", 1, "--eval_max_blocks", 4, "--confidence_blocks", 8,
             "--only", "w2-gt", "w2-tsld", "--output_root", root, "--docs_dir", docs]
-    out = reproduce(*args)
+    stop_during_the_first_run(args, root)
+    calls = docs / "runs" / "short" / "invocations.jsonl"
+    assert [json.loads(line)["note"] for line in calls.read_text().splitlines()] == \
+        ["stopped by SIGTERM"]
+    assert not (docs / "runs" / "short" / "w2-gt").exists()  # no record of an unfinished run
+
+    out = reproduce(*args)  # resumes from a checkpoint, or starts again if none was saved yet
     assert "[1/2] w2-gt seed 42: val PPL" in out and "[2/2] w2-tsld seed 42: val PPL" in out
+    assert len(calls.read_text().splitlines()) == 2
     page = (docs / "results.md").read_text()
     rows = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ")]
     assert rows == ["run", "teacher", "ptq-w2", "w2-gt", "w2-tsld"]
@@ -113,11 +145,29 @@ def test_two_runs_end_to_end_and_resume(tiny_teacher_dir, small_corpus_dir, tmp_
     for png in ("val_ppl_main-w2.png", "token_scale.png"):
         assert (docs / "img" / png).read_bytes().startswith(b"\x89PNG")
 
-    # Hand-written findings survive a rerun, which trains nothing: both runs are finished.
+    record = docs / "runs" / "short" / "w2-tsld" / "seed-42"
+    assert {p.name for p in record.iterdir()} == {"reproduce.json", "summary.json",
+                                                  "metrics.jsonl"}
+    assert json.loads((record / "reproduce.json").read_text())["teacher_sha256"] is None
+
+    # Hand-written findings survive a rerun, which trains nothing: both runs are recorded with
+    # the docs, so the run directories (scratch, not kept) are not needed to rebuild the page.
     (docs / "results.md").write_text(page.replace("_No findings written yet", "Kept. _x"))
+    shutil.rmtree(root)
     out = reproduce(*args)
-    assert out.count("(finished before)") == 2 and "0 trained" in out
-    assert "Kept. _x" in (docs / "results.md").read_text()
+    assert out.count("skipped (recorded in") == 2 and "0 trained" in out
+    rebuilt = (docs / "results.md").read_text()
+    assert "Kept. _x" in rebuilt and rebuilt.replace("Kept. _x", "_No findings written yet") \
+        .split("- **Date**")[0] == page.split("- **Date**")[0]
+
+    # A record of the same run with other options is not replaced by a new run.
+    meddled = json.loads((record / "reproduce.json").read_text())
+    meddled["train_options"][meddled["train_options"].index("--lr") + 1] = "0.5"
+    (record / "reproduce.json").write_text(json.dumps(meddled))
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "records a run with other options" in proc.stderr
+    assert not root.exists()  # refused before anything trained
 
 
 def long_preset(root, docs, tiny_teacher_dir, small_corpus_dir, ds, *extra):
@@ -179,9 +229,14 @@ def test_long_preset_end_to_end_keeps_the_short_section_and_resumes(
                 "long_token_scale_validation.png"):
         assert (docs / "img" / png).read_bytes().startswith(b"\x89PNG")
 
+    records = docs / "runs" / "long"
+    teacher = json.loads((records / "w2-tsld" / "seed-42" / "reproduce.json").read_text())
+    assert len(teacher["teacher_sha256"]) == 64  # the records name the fine-tuned teacher
+
     # A run stopped after its last checkpoint resumes from it; the stages are not redone.
     (root / "w2-tsld_nogt" / "seed-42" / "summary.json").unlink()
+    shutil.rmtree(records / "w2-tsld_nogt")
     out = reproduce(*args)
     assert "FP stage" not in out and "teacher cache" not in out
-    assert "w2-tsld seed 42: skipped (finished before)" in out
+    assert "w2-tsld seed 42: skipped (recorded in" in out
     assert "w2-tsld_nogt seed 42: resuming" in out and "1 trained" in out

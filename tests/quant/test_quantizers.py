@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from tsld_ds.quant import QuantConfig, QuantLinear, quantize_weight
@@ -307,6 +308,25 @@ def test_quant_linear_saves_no_quantized_weight(cfg, kind):
     weight = layer.weight.t() if kind == "conv1d" else layer.weight
     plain = lambda: F.linear(x, quantize_weight(weight, cfg, layer.scale), layer.bias)  # noqa: E731
     assert full_size_tensors_saved(plain, layer.weight)
+
+
+@pytest.mark.parametrize("cfg", LINEAR_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_quant_linear_saves_no_alias_of_its_parameters(cfg, kind):
+    """Nothing saved for backward shares a parameter's storage: non-reentrant checkpointing keeps
+    each saved tensor of the recompute as a detached alias, which would keep ZeRO-3's gathered
+    weight alive after ZeRO-3 releases it (by swapping param.data) until the backward."""
+    layer = make_quant_layer(kind, True, cfg)
+    storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    x = torch.randn(5, IN, requires_grad=True)
+    saved = layer(x).grad_fn.saved_tensors
+    assert saved and not [tuple(t.shape) for t in saved
+                          if t is not None and t.untyped_storage().data_ptr() in storages]
+    # Checkpointed, backward reads the parameters as they are then (ZeRO-3 has gathered them).
+    y = checkpoint(layer, x, use_reentrant=False)
+    grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    expected = torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(grads, expected)
 
 
 class PeakAllocated(TorchDispatchMode):

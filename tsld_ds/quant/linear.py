@@ -27,21 +27,25 @@ class _QuantLinearFunction(torch.autograd.Function):
     """y = x · Q(W)ᵀ + b that keeps only x and references to the parameters for backward.
 
     Under ZeRO-3 the gathered weight is released after forward and gathered again for backward;
-    saving Q(W) would keep a full-size copy alive in between, so backward recomputes it.
-    Straight-through methods (dQ/dW = I) take W's gradient as Q(W)'s, and Q(W) lives only for the
-    input's gradient: backward holds one weight-sized buffer at a time. PACT differentiates its
-    quantizer with autograd (γ needs it).
+    saving Q(W) would keep a full-size copy alive in between, so backward recomputes it. The
+    parameters are held as the Parameter objects, not saved tensors: non-reentrant checkpointing
+    keeps each saved tensor as a detached alias of its storage, which would pin the gathered
+    weight that ZeRO-3 releases by swapping `param.data`, from the recompute to the backward (a
+    block's whole weights per rank). Straight-through methods (dQ/dW = I) take W's gradient as
+    Q(W)'s, and Q(W) lives only for the input's gradient: backward holds one weight-sized buffer
+    at a time. PACT differentiates its quantizer with autograd (γ needs it).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, cfg, transposed):
-        ctx.save_for_backward(x, weight, bias, scale)
+        ctx.save_for_backward(x)
+        ctx.params = (weight, bias, scale)
         ctx.cfg, ctx.transposed = cfg, transposed
         return F.linear(x, _fake_quant(weight, scale, cfg, transposed), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, scale = ctx.saved_tensors
+        (x,), (weight, bias, scale) = ctx.saved_tensors, ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])

@@ -302,6 +302,7 @@ def run_stoppable(command: list, env: dict, **popen) -> int:
         os.killpg(process.pid, signal.SIGTERM)
         deadline = time.time() + 120  # the launcher gives its ranks 30 s before it kills them
         while time.time() < deadline:
+            process.poll()  # reaps the launcher: a zombie would count as left in the group
             try:
                 os.killpg(process.pid, 0)
             except ProcessLookupError:

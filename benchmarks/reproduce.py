@@ -560,8 +560,8 @@ def _long_section(args, results, docs: Path, budget: str, common: dict, invocati
                 f"{task['train_blocks']} blocks; the {task['validation_documents']} documents "
                 f"between them (every {VALIDATION_EVERY}th) held out for validation, "
                 f"{task['validation_blocks']} blocks, {eval_blocks} evaluated",
-        "FP stage": f"the teacher `{request['tokenizer']}` fine-tuned on the task for "
-                    f"{args.teacher_epochs:g} epochs at lr {args.teacher_lr:g} (GT only, full "
+        "FP stage": f"the teacher `{portable([request['tokenizer']])[0]}` fine-tuned on the task "
+                    f"for {args.teacher_epochs:g} epochs at lr {args.teacher_lr:g} (GT only, full "
                     f"precision): validation PPL {stage.val_before:.2f} → {stage.val_after:.2f}; "
                     "the student starts from the fine-tuned teacher",
         "Budget per run": f"{budget}; {', '.join(sorted({r.spec.quantizer for r in results}))}; "

@@ -207,7 +207,8 @@ def estimated(model_dir: Path, ds_config: Path, ranks: int, block_size: int,
                   micro_batch=config["train_micro_batch_size_per_gpu"],
                   gradient_checkpointing=True, attn_implementation="sdpa",
                   runtime_bytes=runtime_bytes)
-    teacher_config = teacher_ds_config(config, json.loads(TEACHER_CONFIG.read_text()))
+    teacher_config = resolve_zero_sizes(teacher_ds_config(
+        config, json.loads(TEACHER_CONFIG.read_text())), str(model_dir), ranks)
     result = estimate(shape, shape, config, teacher_config, setup)
     held = sum(row.bytes for row in result.rows
                if row.phase == HELD and row.what != "allocator fragmentation")

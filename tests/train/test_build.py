@@ -16,11 +16,15 @@ def shipped(name: str) -> dict:
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_auto_sizes_follow_the_model_width(world, tiny_llama_dir):
-    hidden = json.loads((tiny_llama_dir / "config.json").read_text())["hidden_size"]
+    model = json.loads((tiny_llama_dir / "config.json").read_text())
+    hidden, intermediate = model["hidden_size"], model["intermediate_size"]
     zero = resolve_zero_sizes(shipped("zero3.json"), str(tiny_llama_dir), world)[
         "zero_optimization"]
     assert zero["reduce_bucket_size"] == hidden * hidden
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
+    # gathered at once: the largest weight of a block in use and one more as large
+    assert zero["stage3_max_live_parameters"] == 2 * hidden * intermediate
+    assert zero["stage3_max_reuse_distance"] == hidden * hidden
     # one rank: nothing to shard, every parameter stays whole
     assert zero["stage3_param_persistence_threshold"] == (sys.maxsize if world == 1
                                                           else 10 * hidden)
@@ -40,10 +44,11 @@ def test_given_sizes_stay_and_deepspeed_reads_the_result(tiny_llama_dir):
     assert resolved["zero_optimization"]["reduce_bucket_size"] == 12345
     assert not any(v == "auto" for v in resolved["zero_optimization"].values())
     for name in ("zero3.json", "zero3_bf16.json", "zero3_offload.json", "zero3_pretrain.json",
-                 "zero2.json"):
+                 "zero2.json", "teacher_zero3.json"):
         zero = DeepSpeedConfig(resolve_zero_sizes(shipped(name), str(tiny_llama_dir), 1)).zero_config
         assert zero.reduce_bucket_size > 0
-    assert set(AUTO_SIZES) <= set(shipped("zero3.json")["zero_optimization"])
+    for name in ("zero3.json", "zero3_bf16.json", "zero3_offload.json", "zero3_pretrain.json"):
+        assert set(AUTO_SIZES) <= set(shipped(name)["zero_optimization"])
 
 
 def test_auto_sizes_of_a_model_that_cannot_be_read_fail_in_one_line(tmp_path):

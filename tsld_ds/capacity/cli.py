@@ -101,8 +101,7 @@ def plan(args) -> dict:
     model = resolve_model(args.model)
     teacher = resolve_model(args.teacher or args.model)
     ds_config = resolve_zero_sizes(read_ds_config(args.ds_config, world=world), model, world)
-    given_teacher_config = resolve_zero_sizes(read_ds_config(
-        args.teacher_ds_config, world=world), teacher, world, "--teacher") \
+    given_teacher_config = read_ds_config(args.teacher_ds_config, world=world) \
         if args.teacher_ds_config else None
     checkpoints_on_host(ds_config, args.ds_config, args.gradient_checkpointing)
     if args.gradient_checkpointing:
@@ -123,7 +122,8 @@ def plan(args) -> dict:
             given_teacher_config, placement = choose_teacher_config(
                 student, teacher_shape, ds_config, setup, int(memory * GiB),
                 loss_chunk_size=args.loss_chunk_size)
-    teacher_config = teacher_ds_config(ds_config, given_teacher_config)
+    teacher_config = resolve_zero_sizes(teacher_ds_config(ds_config, given_teacher_config),
+                                        teacher, world, "--teacher")
     result = estimate(student, teacher_shape, ds_config, teacher_config, setup,
                       loss_chunk_size=args.loss_chunk_size)
     floor = result.student_states_bytes + setup.runtime_bytes

@@ -111,15 +111,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_cache(args) -> Path:
     """Builds (or completes) the cache and returns its directory."""
-    from tsld_ds.train.build import (check_writable_dir, init_distributed, launched_world_size,
+    from tsld_ds.train.build import (check_writable_dir, init_distributed,
                                      load_blocks, on_rank_zero, read_ds_config,
                                      resolve_zero_sizes, seed_everything)
 
     ds_config = read_ds_config(args.ds_config)
     check_model_source(args.teacher, "--teacher")
-    teacher_config = resolve_zero_sizes(read_ds_config(args.teacher_ds_config), args.teacher,
-                                        launched_world_size(), "--teacher") \
-        if args.teacher_ds_config else None
+    teacher_config = read_ds_config(args.teacher_ds_config) if args.teacher_ds_config else None
     if args.tokenizer:
         check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
     check_block_size(args.teacher, args.block_size, warn=os.environ.get("RANK", "0") == "0")
@@ -134,7 +132,8 @@ def build_cache(args) -> Path:
     train_rows, val_rows = train_rows.with_format("torch"), val_rows.with_format("torch")
     identity = on_rank_zero(lambda: CacheIdentity.of(args.teacher, tokenizer, args.dataset,
                                                      train_rows, args.block_size))
-    config = teacher_ds_config(ds_config, teacher_config)
+    config = resolve_zero_sizes(teacher_ds_config(ds_config, teacher_config), args.teacher,
+                                world, "--teacher")
     dtype = str(torch_dtype_of(config)).removeprefix("torch.")
     existing = on_rank_zero(lambda: _check_existing(out, identity, args, dtype))
 

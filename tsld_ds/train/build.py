@@ -86,25 +86,35 @@ def read_ds_config(path: str, world: int | None = None) -> dict:
 
 # ZeRO-3 sizes a config may leave to the model, as Hugging Face's Trainer fills them ("auto").
 AUTO_SIZES = ("reduce_bucket_size", "stage3_prefetch_bucket_size",
-              "stage3_param_persistence_threshold")
+              "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+              "stage3_max_reuse_distance")
 
 
 def resolve_zero_sizes(config: dict, model: str, world: int, what: str = "--model") -> dict:
-    """`config` with its "auto" ZeRO sizes filled from `model`'s width h, as transformers' Trainer
-    fills them: reduce bucket h^2 and prefetch bucket 0.9 h^2 elements (DeepSpeed's constants,
-    5e8 and 5e7, exceed a small model, and its reduce bucket is allocated whole), parameters of
-    at most 10 h elements kept whole on every rank. With one rank, sharding saves nothing unless
-    parameters are offloaded: every parameter is kept whole (no gathers)."""
+    """`config` with its "auto" ZeRO sizes filled from `model`'s width h and its blocks' largest
+    weight w (h x intermediate size). As transformers' Trainer fills them: reduce bucket h^2 and
+    prefetch bucket 0.9 h^2 elements (DeepSpeed's constants, 5e8 and 5e7, exceed a small model,
+    and its reduce bucket is allocated whole), parameters of at most 10 h elements kept whole on
+    every rank. Beyond the Trainer: at most 2 w elements gathered at once, since every module's
+    forward, containers included, prefetches one more bucket until that limit (DeepSpeed's 1e9
+    lets a 7B block's weights all be gathered ahead), and a parameter kept gathered for a reuse
+    only within h^2 elements, so that a checkpointed block's recompute does not hold its weights
+    until their backward. With one rank, sharding saves nothing unless parameters are
+    offloaded: every parameter is kept whole (no gathers)."""
     zero = config.get("zero_optimization", {})
     auto = [key for key in AUTO_SIZES if zero.get(key) == "auto"]
     if not auto:
         return config
     from tsld_ds.capacity.estimate import read_config
-    hidden = read_config(model, what).hidden_size
+    model_config = read_config(model, what)
+    hidden = model_config.hidden_size
+    largest = hidden * (getattr(model_config, "intermediate_size", None) or 4 * hidden)
     persist_all = world == 1 and not zero.get("offload_param")
     sizes = {"reduce_bucket_size": hidden * hidden,
              "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-             "stage3_param_persistence_threshold": sys.maxsize if persist_all else 10 * hidden}
+             "stage3_param_persistence_threshold": sys.maxsize if persist_all else 10 * hidden,
+             "stage3_max_live_parameters": 2 * largest,
+             "stage3_max_reuse_distance": hidden * hidden}
     zero.update({key: sizes[key] for key in auto})
     return config
 
@@ -380,9 +390,6 @@ def build_run(args) -> Run:
     resume_from = check_inputs(args)
     world = launched_world_size()
     ds_config = resolve_zero_sizes(ds_config, args.model, world)
-    if teacher_config is not None:
-        teacher_config = resolve_zero_sizes(teacher_config, args.teacher or args.model, world,
-                                            "--teacher")
     objective = objective_of(args)
     quant_config = quant_config_of(args)
     init_distributed(args.dist_timeout)
@@ -417,7 +424,9 @@ def build_run(args) -> Run:
             placement = f"as --teacher_ds_config {args.teacher_ds_config} says"
         if rank == 0:
             print(f"teacher weights: {placement}", flush=True)
-        teacher_model = load_causal_lm(teacher_name, teacher_ds_config(ds_config, teacher_config),
+        teacher_config = resolve_zero_sizes(teacher_ds_config(ds_config, teacher_config),
+                                            teacher_name, world, "--teacher")
+        teacher_model = load_causal_lm(teacher_name, teacher_config,
                                        attn_implementation=attn, what="--teacher")
     student_model = load_causal_lm(args.model, ds_config, from_scratch=args.from_scratch,
                                    attn_implementation=attn, what="--model")
@@ -426,7 +435,7 @@ def build_run(args) -> Run:
             raise UsageError(f"teacher '{teacher_name}' predicts {vocab_size_of(teacher_model)} "
                              f"tokens but student '{args.model}' {vocab_size_of(student_model)}: "
                              "their vocabularies differ")
-        teacher = TeacherEngine(teacher_model, teacher_ds_config(ds_config, teacher_config))
+        teacher = TeacherEngine(teacher_model, teacher_config)
     elif teacher is not None and teacher.vocab_size != vocab_size_of(student_model):
         raise UsageError(f"--teacher_cache {args.teacher_cache} holds a teacher of "
                          f"{teacher.vocab_size} tokens but student '{args.model}' predicts "

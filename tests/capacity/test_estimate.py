@@ -11,6 +11,7 @@ from helpers import REPO, tiny_llama_config
 from tsld_ds.capacity.cli import SHIPPED_CONFIGS
 from tsld_ds.capacity.estimate import Setup, estimate, model_shape
 from tsld_ds.teacher import teacher_ds_config
+from tsld_ds.train.build import resolve_zero_sizes
 
 # Parameter counts of the published checkpoints these configs come from.
 PUBLISHED_PARAMS = {"llama-1b": 1_100_048_384, "llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248,
@@ -74,7 +75,8 @@ def setup(gpus=8, nodes=1, checkpointing=True):
 
 BF16 = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
         "zero_optimization": {"stage": 3}}
-TEACHER = teacher_ds_config(BF16)   # what launch/train.py derives: ZeRO-3, bf16
+# what launch/train.py derives for a sharded teacher: ZeRO-3, bf16, gathers sized from its shape
+TEACHER = resolve_zero_sizes(teacher_ds_config(BF16), str(SHIPPED_CONFIGS / "llama-2-7b"), 8)
 
 
 def row(result, what):
@@ -93,6 +95,22 @@ def test_model_states_shard_and_the_total_adds_up(llama7b):
     fp32 = estimate(llama7b_fp32, llama7b_fp32, {"zero_optimization": {"stage": 3}},
                     {"zero_optimization": {"stage": 3}}, setup(8))
     assert row(fp32, "student model states") == pytest.approx(20 * llama7b.params / 8, abs=8)
+
+
+def test_gathered_parameters_reach_max_live_not_one_prefetch_bucket(llama7b):
+    # DeepSpeed prefetches a bucket at every module's forward until max live is reached.
+    zero = {"stage": 3, "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9}
+    result = estimate(llama7b, llama7b, {**BF16, "zero_optimization": zero},
+                      {**TEACHER, "zero_optimization": {**TEACHER["zero_optimization"], **zero}},
+                      setup(8))
+    expected = 2 * (int(1e9) + llama7b.largest_module_params)
+    assert row(result, "student gathered parameters") == expected
+    assert row(result, "teacher gathered parameters") == expected
+    # the shipped "auto" limit: two of a block's largest weights, and the module in use
+    auto = TEACHER["zero_optimization"]["stage3_max_live_parameters"]
+    assert auto == 2 * 4096 * 11008
+    assert row(estimate(llama7b, llama7b, BF16, TEACHER, setup(8)),
+               "teacher gathered parameters") == 2 * (auto + llama7b.largest_module_params)
 
 
 def test_checkpointing_keeps_block_inputs_only(llama7b):

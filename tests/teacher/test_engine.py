@@ -1,6 +1,7 @@
 """tsld_ds/teacher/engine.py: the teacher's engine config derived from the student's."""
 import json
 
+from helpers import REPO
 from tsld_ds.teacher import teacher_ds_config
 
 STUDENT = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8,
@@ -19,11 +20,11 @@ def test_derived_config_is_zero3_inference_in_the_students_precision():
                                             "stage3_max_live_parameters": "auto"}}
 
 
-def test_derived_gather_sizes_follow_the_teachers_shape(tiny_llama_dir):
+def test_derived_gather_sizes_follow_the_teachers_shape():
     from tsld_ds.train.build import resolve_zero_sizes
-    model = json.loads((tiny_llama_dir / "config.json").read_text())
-    zero = resolve_zero_sizes(teacher_ds_config(STUDENT), str(tiny_llama_dir), 2)[
-        "zero_optimization"]
+    teacher = REPO / "tsld_ds" / "assets" / "model_configs" / "llama-2-7b"
+    model = json.loads((teacher / "config.json").read_text())
+    zero = resolve_zero_sizes(teacher_ds_config(STUDENT), str(teacher), 2)["zero_optimization"]
     # the teacher's own width, not DeepSpeed's constants (5e7, 1e5, 1e9)
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * model["hidden_size"] ** 2)
     assert zero["stage3_param_persistence_threshold"] == 10 * model["hidden_size"]

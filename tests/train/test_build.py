@@ -7,7 +7,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 
 from helpers import REPO
 from tsld_ds.errors import UsageError
-from tsld_ds.train.build import AUTO_SIZES, resolve_zero_sizes
+from tsld_ds.train.build import AUTO_SIZES, ZERO_SIZE_FLOOR, resolve_zero_sizes
 
 
 def shipped(name: str) -> dict:
@@ -15,11 +15,11 @@ def shipped(name: str) -> dict:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_auto_sizes_follow_the_model_width(world, tiny_llama_dir):
-    model = json.loads((tiny_llama_dir / "config.json").read_text())
+def test_auto_sizes_follow_the_model_width(world):
+    llama7b = REPO / "tsld_ds" / "assets" / "model_configs" / "llama-2-7b"
+    model = json.loads((llama7b / "config.json").read_text())
     hidden, intermediate = model["hidden_size"], model["intermediate_size"]
-    zero = resolve_zero_sizes(shipped("zero3.json"), str(tiny_llama_dir), world)[
-        "zero_optimization"]
+    zero = resolve_zero_sizes(shipped("zero3.json"), str(llama7b), world)["zero_optimization"]
     assert zero["reduce_bucket_size"] == hidden * hidden
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
     # gathered at once: the largest weight of a block in use and one more as large
@@ -28,6 +28,16 @@ def test_auto_sizes_follow_the_model_width(world, tiny_llama_dir):
     # one rank: nothing to shard, every parameter stays whole
     assert zero["stage3_param_persistence_threshold"] == (sys.maxsize if world == 1
                                                           else 10 * hidden)
+
+
+def test_auto_sizes_of_a_small_model_stop_at_the_floor(tiny_llama_dir):
+    hidden = json.loads((tiny_llama_dir / "config.json").read_text())["hidden_size"]
+    zero = resolve_zero_sizes(shipped("zero3.json"), str(tiny_llama_dir), 2)["zero_optimization"]
+    assert 2 * hidden * 3 * hidden < ZERO_SIZE_FLOOR    # every size from its shape is below it
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+        assert zero[key] == ZERO_SIZE_FLOOR
+    assert zero["stage3_param_persistence_threshold"] == 10 * hidden   # a per-parameter size
 
 
 def test_one_rank_that_offloads_parameters_still_shards_them(tiny_llama_dir):

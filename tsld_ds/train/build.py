@@ -89,6 +89,11 @@ AUTO_SIZES = ("reduce_bucket_size", "stage3_prefetch_bucket_size",
               "stage3_param_persistence_threshold", "stage3_max_live_parameters",
               "stage3_max_reuse_distance")
 
+# No bucket or look-ahead limit is set below this many elements (40 MB in fp32): one that small
+# saves no memory worth having, and splits the gathers and reduce-scatters into collectives that
+# are all latency (the built-in model at two ranks: docs/benchmarks.md).
+ZERO_SIZE_FLOOR = 10**7
+
 
 def resolve_zero_sizes(config: dict, model: str, world: int, what: str = "--model") -> dict:
     """`config` with its "auto" ZeRO sizes filled from `model`'s width h and its blocks' largest
@@ -99,8 +104,8 @@ def resolve_zero_sizes(config: dict, model: str, world: int, what: str = "--mode
     forward, containers included, prefetches one more bucket until that limit (DeepSpeed's 1e9
     lets a 7B block's weights all be gathered ahead), and a parameter kept gathered for a reuse
     only within h^2 elements, so that a checkpointed block's recompute does not hold its weights
-    until their backward. With one rank, sharding saves nothing unless parameters are
-    offloaded: every parameter is kept whole (no gathers)."""
+    until their backward. None of these below ZERO_SIZE_FLOOR. With one rank, sharding saves
+    nothing unless parameters are offloaded: every parameter is kept whole (no gathers)."""
     zero = config.get("zero_optimization", {})
     auto = [key for key in AUTO_SIZES if zero.get(key) == "auto"]
     if not auto:
@@ -110,11 +115,11 @@ def resolve_zero_sizes(config: dict, model: str, world: int, what: str = "--mode
     hidden = model_config.hidden_size
     largest = hidden * (getattr(model_config, "intermediate_size", None) or 4 * hidden)
     persist_all = world == 1 and not zero.get("offload_param")
-    sizes = {"reduce_bucket_size": hidden * hidden,
-             "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-             "stage3_param_persistence_threshold": sys.maxsize if persist_all else 10 * hidden,
-             "stage3_max_live_parameters": 2 * largest,
-             "stage3_max_reuse_distance": hidden * hidden}
+    sizes = {"reduce_bucket_size": max(hidden * hidden, ZERO_SIZE_FLOOR),
+             "stage3_prefetch_bucket_size": max(int(0.9 * hidden * hidden), ZERO_SIZE_FLOOR),
+             "stage3_max_live_parameters": max(2 * largest, ZERO_SIZE_FLOOR),
+             "stage3_max_reuse_distance": max(hidden * hidden, ZERO_SIZE_FLOOR),
+             "stage3_param_persistence_threshold": sys.maxsize if persist_all else 10 * hidden}
     zero.update({key: sizes[key] for key in auto})
     return config
 

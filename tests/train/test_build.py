@@ -31,9 +31,10 @@ def test_auto_sizes_follow_the_model_width(world):
 
 
 def test_auto_sizes_of_a_small_model_stop_at_the_floor(tiny_llama_dir):
-    hidden = json.loads((tiny_llama_dir / "config.json").read_text())["hidden_size"]
+    model = json.loads((tiny_llama_dir / "config.json").read_text())
+    hidden, intermediate = model["hidden_size"], model["intermediate_size"]
     zero = resolve_zero_sizes(shipped("zero3.json"), str(tiny_llama_dir), 2)["zero_optimization"]
-    assert 2 * hidden * 3 * hidden < ZERO_SIZE_FLOOR    # every size from its shape is below it
+    assert 2 * hidden * intermediate < ZERO_SIZE_FLOOR    # every size from its shape is below it
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
                 "stage3_max_live_parameters", "stage3_max_reuse_distance"):
         assert zero[key] == ZERO_SIZE_FLOOR

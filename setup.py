@@ -1,69 +1,18 @@
-import glob
-import os
-import shutil
-
 from setuptools import find_packages, setup
-from setuptools.command.build_py import build_py
-
-# The CUDA sources also travel inside the package (tsld_ds/kernel_sources/ of a wheel), so that
-# any install can JIT-compile them when no ahead-of-time build was made; an editable install
-# reads kernels/ of the checkout. tsld_ds/ops/_extension.py looks in both.
-KERNEL_SOURCES = sorted(glob.glob("kernels/*.cpp") + glob.glob("kernels/*.cu")
-                        + glob.glob("kernels/*.cuh") + glob.glob("kernels/*.h"))
-
-
-class BuildPyWithKernelSources(build_py):
-    def run(self):
-        super().run()
-        target = os.path.join(self.build_lib, "tsld_ds", "kernel_sources")
-        os.makedirs(target, exist_ok=True)
-        for source in KERNEL_SOURCES:
-            shutil.copy2(source, target)
-
-
-def kernel_extensions():
-    """Ahead-of-time build of kernels/ into tsld_ds._kernels. TSLD_BUILD_KERNELS=1 forces it,
-    =0 skips it; unset: built when torch has CUDA and the toolkit is found, else the kernels are
-    JIT-compiled on first use. Needs torch at build time: pip install --no-build-isolation -e ."""
-    choice = os.environ.get("TSLD_BUILD_KERNELS", "").strip().lower()
-    if choice in ("0", "false", "no"):
-        return [], {}
-    forced = choice in ("1", "true", "yes")
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
-        if forced:
-            raise
-        return [], {}
-    if not (torch.version.cuda and CUDA_HOME):
-        if forced:
-            raise RuntimeError("TSLD_BUILD_KERNELS=1 needs a CUDA build of torch and the CUDA "
-                               f"toolkit (torch.version.cuda={torch.version.cuda}, "
-                               f"CUDA_HOME={CUDA_HOME})")
-        return [], {}
-    extension = CUDAExtension(
-        name="tsld_ds._kernels",
-        sources=["kernels/bindings.cpp", *sorted(glob.glob("kernels/*.cu"))],
-        include_dirs=["kernels"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
-    )
-    return [extension], {"build_ext": BuildExtension}
-
-
-ext_modules, cmdclass = kernel_extensions()
-cmdclass["build_py"] = BuildPyWithKernelSources
 
 setup(
     name="tsld-ds",
     version="0.1.0",
     description="Ternary / 4-bit quantization-aware training of causal LMs with token-scaled "
     "logit distillation (TSLD) on DeepSpeed ZeRO-3",
-    packages=find_packages(include=["tsld_ds", "tsld_ds.*"]),
+    # The Triton kernels live in the top-level kernels/ and install as tsld_ds.kernels:
+    # tsld_ds/kernels is a link to ../kernels, so a checkout on sys.path (pytest, launch/*.py, an
+    # editable install) imports them from where they are and a wheel carries a copy. kernels/ has
+    # no __init__.py: a regular package there would shadow the PyPI package `kernels` (which
+    # transformers imports) for anything run from the repository root.
+    packages=[*find_packages(include=["tsld_ds", "tsld_ds.*"]), "tsld_ds.kernels"],
     package_data={"tsld_ds": ["assets/**/*"]},
     include_package_data=True,
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
     python_requires=">=3.9",
     install_requires=[
         # Any torch >= 2.1 works; CPU-only machines pin the CPU wheel before installing this.
@@ -80,10 +29,12 @@ setup(
     extras_require={
         # compressed-tensors: interop checks of the packed format; lm-eval: eval.py --tasks on
         # a local task; matplotlib: test_reproduce; setuptools >= 70.1 builds wheels itself
-        # (tests/ops/test_kernel_sources.py builds one)
-        "test": ["pytest", "compressed-tensors", "lm-eval", "matplotlib", "setuptools>=70.1"],
+        # (tests/ops/test_kernel_sources.py builds one); triton: the kernels' tests run them in
+        # its CPU interpreter and compile them for sm_80/sm_90 (a GPU's torch brings its own)
+        "test": ["pytest", "compressed-tensors", "lm-eval", "matplotlib", "setuptools>=70.1",
+                 "triton==3.9.0"],
         "results": ["matplotlib"],  # benchmarks/reproduce.py's plots
-        "gpu": ["flash-attn", "bitsandbytes", "ninja"],
+        "gpu": ["flash-attn", "bitsandbytes"],
     },
     entry_points={
         "console_scripts": [

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from tsld_ds.ops import packed_linear_reference
 from tsld_ds.packed.format import (
     PackedWeight,
     pack_int32,
     pack_weight,
     pack_zero_point,
+    packed_linear_reference,
     packed_words,
     unpack_int32,
     unpack_zero_point,
@@ -207,20 +207,3 @@ def test_packed_linear_module_rejects_wrong_width():
         PackedTernaryLinear.from_packed(random_packed(4, 32, 4))
     with pytest.raises(ValueError, match="no zero point"):
         PackedTernaryLinear(32, 4, symmetric=False)
-
-
-# --- Dispatch without CUDA -------------------------------------------------------------------
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
-def test_without_cuda_every_op_uses_its_reference(monkeypatch):
-    from tsld_ds.ops import fused_quantize, kernels_info, kernels_summary
-    from tsld_ds.quant import QuantConfig
-
-    info = kernels_info()
-    assert info["backend"] == "reference" and info["reason"] == "no CUDA device"
-    assert set(info["ops"].values()) == {"reference"}
-    assert "PyTorch reference" in kernels_summary()
-    assert fused_quantize(torch.randn(4, 8), QuantConfig(bits=2)) is None
-    monkeypatch.setenv("TSLD_DISABLE_KERNELS", "1")
-    assert kernels_info()["reason"] == "disabled by TSLD_DISABLE_KERNELS"

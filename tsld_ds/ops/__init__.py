@@ -1,23 +1,18 @@
-"""Custom CUDA kernels of the quantized layers, each with its PyTorch reference.
+"""The quantized layers' Triton kernels (kernels/, installed as `tsld_ds.kernels`): their
+launchers, autograd and dispatch. Each op returns None where the kernels do not run (a CPU
+tensor, no Triton, TSLD_DISABLE_KERNELS=1, ...), and its caller then runs the PyTorch reference:
 
-- `fused_quantize(weight, cfg)`: QuantLinear's fake-quantized weight in one fused pass (None
-  where the kernel does not apply; the reference is `tsld_ds.quant.quantize_weight`).
-- `packed_linear(x, ...)`: W2A16 / W4A16 matmul on packed weights (`tsld_ds.packed.format`).
+- `fused_quantize(weight, cfg, scale)`: QuantLinear's fake-quantized weight (reference:
+  `tsld_ds.quant.quantize_weight`).
+- `packed_matmul(x, ...)`: W2A16 / W4A16 matmul on packed weights (reference:
+  `tsld_ds.packed.format.packed_linear_reference`).
 - `kernels_info()` / `kernels_summary()`: which implementation runs here, and why.
-Set TSLD_DISABLE_KERNELS=1 to force the references.
+
+This package imports nothing from tsld_ds.quant or tsld_ds.packed, which sit above it.
 """
 
-from ._extension import kernels_info, kernels_summary
-from .packed_matmul import packed_linear, packed_matmul_kernel
-from .quantize import fused_quantize, quantize_kernel
-from .reference import packed_linear_reference
+from .backend import kernels_info, kernels_summary
+from .matmul import packed_matmul
+from .quantize import fused_quantize
 
-__all__ = [
-    "fused_quantize",
-    "kernels_info",
-    "kernels_summary",
-    "packed_linear",
-    "packed_linear_reference",
-    "packed_matmul_kernel",
-    "quantize_kernel",
-]
+__all__ = ["fused_quantize", "kernels_info", "kernels_summary", "packed_matmul"]

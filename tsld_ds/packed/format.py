@@ -1,5 +1,6 @@
-"""Packed integer weights: the one layout shared by the packer, the CUDA kernels (`kernels/`),
-their PyTorch references (`tsld_ds.ops`) and the checkpoint converter.
+"""Packed integer weights: the one layout shared by the packer, the Triton kernels
+(`kernels/packed_matmul.py`), their PyTorch reference (`packed_linear_reference`, here) and the
+checkpoint converter.
 
 The layout is compressed-tensors' "pack-quantized" format (what transformers and vLLM load), for
 a Linear weight W of shape [N, K] = [out_features, in_features] quantized to b bits, b in
@@ -111,6 +112,26 @@ def dequantize_packed(
     if weight_zero_point is not None:
         q = q - unpack_zero_point(weight_zero_point, bits, out_features).to(dtype)[:, cols]
     return q * weight_scale.to(dtype)[:, cols]
+
+
+def packed_linear_reference(
+    x: Tensor,
+    weight_packed: Tensor,
+    weight_scale: Tensor,
+    weight_zero_point: Optional[Tensor],
+    bias: Optional[Tensor],
+    bits: int,
+    group_size: Optional[int],
+) -> Tensor:
+    """x [..., K] @ W^T + bias with W dequantized from the packed tensors: the reference of the
+    W2A16 / W4A16 kernels, and what runs where they do not. Like them it accumulates in float32
+    (float64 for float64 x) and rounds once to x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = dequantize_packed(
+        weight_packed, weight_scale, weight_zero_point, bits, group_size, x.shape[-1], compute
+    )
+    out = F.linear(x.to(compute), weight, None if bias is None else bias.to(compute))
+    return out.to(x.dtype)
 
 
 @dataclass(frozen=True)

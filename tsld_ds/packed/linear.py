@@ -1,13 +1,35 @@
 """Linear layers whose weight stays packed (`tsld_ds.packed.format`) at inference: the W2A16 / W4A16
-kernel multiplies the packed codes directly; elsewhere the PyTorch reference dequantizes."""
+Triton kernels multiply the packed codes directly on a GPU; elsewhere the PyTorch reference
+dequantizes."""
 
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from tsld_ds.ops import packed_linear
-from tsld_ds.packed.format import PackedWeight, dequantize_packed, num_groups, packed_words
+from tsld_ds.ops import packed_matmul
+from tsld_ds.packed.format import (PackedWeight, dequantize_packed, num_groups,
+                                   packed_linear_reference, packed_words)
+
+
+def packed_linear(
+    x: Tensor,
+    weight_packed: Tensor,
+    weight_scale: Tensor,
+    weight_zero_point: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    *,
+    bits: int,
+    group_size: Optional[int] = None,
+) -> Tensor:
+    """x [..., K] @ W^T (+ bias) -> [..., N] with W given by its packed tensors: the kernels where
+    they run (`tsld_ds.ops.packed_matmul`), else the reference."""
+    out = packed_matmul(x, weight_packed, weight_scale, weight_zero_point, bias, bits=bits,
+                        group_size=group_size)
+    if out is None:
+        out = packed_linear_reference(x, weight_packed, weight_scale, weight_zero_point, bias,
+                                      bits, group_size)
+    return out
 
 
 class PackedLinear(nn.Module):

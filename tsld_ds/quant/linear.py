@@ -13,14 +13,11 @@ from .quantizers import quantize_weight
 
 
 def _fake_quant(weight: Tensor, scale: Optional[Tensor], cfg: QuantConfig, transposed: bool) -> Tensor:
-    """The quantized weight in nn.Linear layout [out_features, in_features]: the fused CUDA
-    kernel where it applies (straight-through methods on a GPU), else the PyTorch quantizer."""
+    """The quantized weight in nn.Linear layout [out_features, in_features]: the Triton kernels
+    where they run (a GPU), else the PyTorch quantizer; the same values and gradients."""
     w = weight.t() if transposed else weight
-    if scale is None:
-        wq = fused_quantize(w, cfg)
-        if wq is not None:
-            return wq
-    return quantize_weight(w, cfg, scale)
+    wq = fused_quantize(w, cfg, scale)
+    return wq if wq is not None else quantize_weight(w, cfg, scale)
 
 
 class _QuantLinearFunction(torch.autograd.Function):

@@ -1,9 +1,18 @@
 """Shared fixtures: tiny models built from configs (never downloaded), small real-text data, and
 short trained runs that several test modules read. The plain helpers they use are in helpers.py."""
+import os
+
 import pytest
+import torch
 
 from helpers import (run_train, save_tiny_model, tiny_llama_config, train_args, write_ds_config,
                      write_small_corpus)
+
+# Without a GPU the Triton kernels' tests (tests/ops) run them on CPU tensors in Triton's
+# interpreter. Triton reads the switch when a kernel is defined, so it is set before any test
+# module imports one; on a GPU they run compiled.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_addoption(parser):

@@ -79,7 +79,8 @@ def _min_max(w_ptr, start, length, BLOCK: tl.constexpr):
 
 @triton.jit
 def _mean(abs_sum, length):
-    return tl.div_rn(abs_sum, length.to(tl.float32))
+    # tl.cast: an integer argument equal to 1 reaches the kernel as a constant, not a tensor.
+    return tl.div_rn(abs_sum, tl.cast(length, tl.float32))
 
 
 @triton.jit

@@ -3,14 +3,16 @@ constexpr combination the launchers of tsld_ds.ops dispatch, and prints one JSON
 registers, stack frame and local memory (where spills go), shared memory, and the float32
 divisions and FMAs of its PTX. tests/ops/test_kernels_compile.py runs it and judges the figures.
 
+Each variant is compiled in its generic specialization (no integer argument assumed to be 1 or a
+multiple of 16) for both architectures, and for sm_90 also with every integer argument 1: a
+launch passes an integer that is 1 (one group per row, one split) as a constant, which a kernel
+must compile with too.
+
 It runs in a process of its own: Triton decides when it is imported whether its kernels (its own
 standard library's included) are interpreted, and the test suite turns the interpreter on where
 there is no GPU.
 
     TRITON_INTERPRET=0 python tests/ops/compile_kernels.py
-
-What is compiled is each kernel's generic specialization (no integer argument assumed to be 1 or
-a multiple of 16); a launch may compile a specialized one, which only drops code.
 """
 import itertools
 import json
@@ -38,18 +40,23 @@ TL_TYPES = {torch.float16: triton.language.float16, torch.bfloat16: triton.langu
 FLOAT_ARGUMENTS = {"qmax", "n_levels"}
 
 
-def signature(fn, pointers, constexprs):
+def signature(fn, pointers, constexprs, ones=False):
     """Triton's signature of `fn`: `pointers` maps pointer arguments to element types (None: the
-    launcher passes None), constexprs are constants; every other argument a 32-bit scalar."""
+    launcher passes None), constexprs are constants; every other argument a 32-bit scalar, or
+    with `ones` each integer one the constant 1 (as Triton specializes a 1)."""
+    constexprs = {**constexprs, **{k: None for k, v in pointers.items() if v is None}}
     sig = {}
     for name in fn.arg_names:
-        if name in constexprs or pointers.get(name, "") is None:
-            sig[name] = "constexpr"
-        elif name in pointers:
+        if name in pointers and name not in constexprs:
             sig[name] = "*" + pointers[name]
+        elif name in FLOAT_ARGUMENTS:
+            sig[name] = "fp32"
+        elif name not in constexprs and not ones:
+            sig[name] = "i32"
         else:
-            sig[name] = "fp32" if name in FLOAT_ARGUMENTS else "i32"
-    return sig, {**constexprs, **{k: None for k, v in pointers.items() if v is None}}
+            sig[name] = "constexpr"
+            constexprs.setdefault(name, 1)
+    return sig, constexprs
 
 
 def quantize_variants():
@@ -116,12 +123,12 @@ def resources(cubin: bytes) -> dict:
             "local": int(fields["LOCAL"]), "static_shared": int(fields["SHARED"])}
 
 
-def compile_variant(variant, arch) -> dict:
+def compile_variant(variant, arch, ones=False) -> dict:
     label, fn, pointers, constexprs, options = variant
-    sig, consts = signature(fn, pointers, constexprs)
+    sig, consts = signature(fn, pointers, constexprs, ones)
     compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
                               options=dict(options))
-    found = {"label": label, "arch": arch, **resources(compiled.asm["cubin"])}
+    found = {"label": label + " ones" * ones, "arch": arch, **resources(compiled.asm["cubin"])}
     found["shared"] = compiled.metadata.shared + found["static_shared"]
     ptx = compiled.asm["ptx"]
     found["f32_divisions"] = sorted(set(re.findall(r"\bdiv(?:\.\w+)*\.f32\b", ptx)))
@@ -130,7 +137,8 @@ def compile_variant(variant, arch) -> dict:
 
 
 def main():
-    jobs = list(itertools.product([*quantize_variants(), *matmul_variants()], ARCHES))
+    variants = [*quantize_variants(), *matmul_variants()]
+    jobs = [*itertools.product(variants, ARCHES, [False]), *((v, 90, True) for v in variants)]
     # ptxas and LLVM release the GIL: two threads keep both cores busy.
     with ThreadPoolExecutor(max_workers=2) as pool:
         for found in pool.map(lambda job: compile_variant(*job), jobs):

@@ -1,6 +1,6 @@
 """W2A16 / W4A16 matmuls in Triton: out = x @ W^T (+ bias) with W read in the compressed-tensors
 pack-quantized layout (tsld_ds/packed/format.py) and dequantized in registers only;
-tsld_ds.ops.packed_matmul launches them, tsld_ds.packed.format.packed_linear_reference is their
+tsld_ds.ops.matmul launches them, tsld_ds.packed.format.packed_linear_reference is their
 reference.
 
 Layout, for W [N, K] at b bits, P = 32 / b codes per int32 word: code k of row n is the unsigned

@@ -39,7 +39,7 @@ def _weights(path: Path) -> dict:
 
 def load_packed(path, device=None, dtype: Optional[torch.dtype] = None):
     """A packed directory as a ready causal LM: its quantized Linears are `PackedTernaryLinear` /
-    `PackedInt4Linear` (CUDA kernels on a GPU, the PyTorch reference elsewhere), the rest a stock
+    `PackedInt4Linear` (Triton kernels on a GPU, the PyTorch reference elsewhere), the rest a stock
     Hugging Face model. `dtype` defaults to the dtype it was written in."""
     from accelerate import init_empty_weights
 

@@ -45,11 +45,11 @@ def _multiprocessors(device_index: int) -> int:
 def gemv_splits(device: torch.device, n: int, k: int) -> int:
     """The split over K of the GEMV: enough programs to fill the device's SMs, no empty split
     (one split outside CUDA, e.g. under the interpreter)."""
-    k_blocks = -(-k // GEMV["BLOCK_K"])
     if device.type != "cuda":
         return 1
+    k_blocks = -(-k // GEMV["BLOCK_K"])
     n_blocks = -(-n // GEMV["BLOCK_N"])
-    wanted = -(-GEMV_PROGRAMS_PER_SM * _multiprocessors(device.index or 0) // n_blocks)
+    wanted = -(-GEMV_PROGRAMS_PER_SM * _multiprocessors(device.index) // n_blocks)
     return max(1, min(wanted, k_blocks))
 
 
@@ -84,7 +84,7 @@ def packed_matmul_kernel(x: Tensor, weight_packed: Tensor, weight_scale: Tensor,
         return out
     if m == 1:
         splits = split_k or gemv_splits(x.device, n, k)
-        k_blocks = -(-k // GEMV["BLOCK_K"])
+        k_blocks = max(1, -(-k // GEMV["BLOCK_K"]))
         blocks_per_split = -(-k_blocks // splits)
         splits = -(-k_blocks // blocks_per_split)  # none empty
         n_blocks = -(-n // GEMV["BLOCK_N"])

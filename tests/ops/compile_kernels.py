@@ -4,9 +4,10 @@ registers, stack frame and local memory (where spills go), shared memory, and th
 divisions and FMAs of its PTX. tests/ops/test_kernels_compile.py runs it and judges the figures.
 
 Each variant is compiled in its generic specialization (no integer argument assumed to be 1 or a
-multiple of 16) for both architectures, and for sm_90 also with every integer argument 1: a
-launch passes an integer that is 1 (one group per row, one split) as a constant, which a kernel
-must compile with too.
+multiple of 16) for both architectures. A launch passes an integer argument that is 1 (one group
+per row, one split) as a constant, which a kernel must compile with too: every code path (one
+dtype, one block size) is also compiled for sm_90 with every integer argument 1. The compiles run
+one after another: on the project's 2 shared cores, two threads or processes were no faster.
 
 It runs in a process of its own: Triton decides when it is imported whether its kernels (its own
 standard library's included) are interpreted, and the test suite turns the interpreter on where
@@ -20,7 +21,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -59,54 +59,53 @@ def signature(fn, pointers, constexprs, ones=False):
     return sig, constexprs
 
 
-def quantize_variants():
+def quantize_variants(dtypes=quantize.FLOAT_DTYPES, launches=(quantize.SHORT, quantize.LONG)):
     """(label, kernel, pointer types, constexprs, options) of every launch of ops.quantize."""
     k = quantize_kernels
     methods = {"twn": k.TWN, "absmean": k.ABSMEAN, "minmax": k.MINMAX, "pact": k.PACT}
-    for dtype in quantize.FLOAT_DTYPES:
+    options = quantize.OPTIONS
+    long = {**quantize.LONG, **options}
+    for dtype in dtypes:
         t = TRITON_TYPES[dtype]
-        for (name, method), launch in itertools.product(methods.items(),
-                                                        (quantize.SHORT, quantize.LONG)):
+        for (name, method), launch in itertools.product(methods.items(), launches):
             pact = "fp32" if name == "pact" else None
             yield (f"quantize {name} {t} B{launch['BLOCK']}", k.quantize_kernel,
                    {"w_ptr": t, "out_ptr": t, "gamma_ptr": pact, "mean_ptr": pact},
-                   {"METHOD": method.value, "BLOCK": launch["BLOCK"]}, launch)
+                   {"METHOD": method.value, "BLOCK": launch["BLOCK"]}, {**launch, **options})
         for name, method in methods.items():
             pact = "fp32" if name == "pact" else None
             yield (f"chunk_quantize {name} {t}", k.chunk_quantize_kernel,
                    {"w_ptr": t, "out_ptr": t, "gamma_ptr": pact, "mean_ptr": pact,
                     "totals_ptr": "fp32"},
-                   {"METHOD": method.value, "BLOCK": quantize.LONG["BLOCK"]}, quantize.LONG)
+                   {"METHOD": method.value, "BLOCK": quantize.LONG["BLOCK"]}, long)
         for name, stat in {"abs_sum": k.ABS_SUM, "kept": k.KEPT, "min_max": k.MIN_MAX}.items():
             yield (f"chunk_partials {name} {t}", k.chunk_partials_kernel,
                    {"w_ptr": t, "partials_ptr": "fp32",
                     "totals_ptr": "fp32" if name == "kept" else None},
-                   {"STAT": stat.value, "BLOCK": quantize.LONG["BLOCK"]}, quantize.LONG)
-        for launch in (quantize.SHORT, quantize.LONG):
+                   {"STAT": stat.value, "BLOCK": quantize.LONG["BLOCK"]}, long)
+        for launch in launches:
             yield (f"pact_backward {t} B{launch['BLOCK']}", k.pact_backward_kernel,
                    {"w_ptr": t, "grad_ptr": t, "grad_w_ptr": t, "gamma_ptr": "fp32",
                     "mean_ptr": "fp32", "grad_clip_ptr": "fp32"},
-                   {"BLOCK": launch["BLOCK"]}, launch)
+                   {"BLOCK": launch["BLOCK"]}, {**launch, **options})
 
 
-def matmul_variants():
+def matmul_variants(dtypes=matmul.KERNEL_DTYPES, block_ks=matmul.GEMM_BLOCK_K):
     """The same for every launch of ops.matmul."""
     k = matmul_kernels
-    gemv = {n: v for n, v in matmul.GEMV.items() if n != "num_warps"}
-    gemm = {n: v for n, v in matmul.GEMM.items() if n not in ("num_warps", "num_stages")}
     for dtype, bits, zero, bias in itertools.product(
-            matmul.KERNEL_DTYPES, matmul.KERNEL_BITS, ("i32", None), (True, False)):
+            dtypes, matmul.KERNEL_BITS, ("i32", None), (True, False)):
         t = TRITON_TYPES[dtype]
         pointers = {"x_ptr": t, "packed_ptr": "i32", "scale_ptr": "fp32", "zero_ptr": zero,
                     "bias_ptr": t if bias else None, "out_ptr": t}
         label = f"W{bits}A16 {t} {'asym' if zero else 'sym'}{' bias' if bias else ''}"
         yield (f"gemv {label}", k.packed_gemv_kernel,
                {**pointers, "partial_ptr": "fp32", "count_ptr": "i32"},
-               {"BITS": bits, **gemv}, {"num_warps": matmul.GEMV["num_warps"]})
-        for block_k in matmul.GEMM_BLOCK_K:
+               {"BITS": bits, **matmul.GEMV}, matmul.GEMV_OPTIONS)
+        for block_k in block_ks:
             yield (f"gemm {label} BK{block_k}", k.packed_gemm_kernel, pointers,
-                   {"BITS": bits, "DOT_DTYPE": TL_TYPES[dtype], "BLOCK_K": block_k, **gemm},
-                   {n: matmul.GEMM[n] for n in ("num_warps", "num_stages")})
+                   {"BITS": bits, "DOT_DTYPE": TL_TYPES[dtype], "BLOCK_K": block_k,
+                    **matmul.GEMM}, matmul.GEMM_OPTIONS)
 
 
 def resources(cubin: bytes) -> dict:
@@ -137,12 +136,12 @@ def compile_variant(variant, arch, ones=False) -> dict:
 
 
 def main():
-    variants = [*quantize_variants(), *matmul_variants()]
-    jobs = [*itertools.product(variants, ARCHES, [False]), *((v, 90, True) for v in variants)]
-    # ptxas and LLVM release the GIL: two threads keep both cores busy.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for found in pool.map(lambda job: compile_variant(*job), jobs):
-            print(json.dumps(found), flush=True)
+    code_paths = [*quantize_variants([torch.float32], [quantize.SHORT]),
+                  *matmul_variants([torch.float16], matmul.GEMM_BLOCK_K[:1])]
+    jobs = [*itertools.product([*quantize_variants(), *matmul_variants()], ARCHES, [False]),
+            *((variant, 90, True) for variant in code_paths)]
+    for job in jobs:
+        print(json.dumps(compile_variant(*job)), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,12 @@ KERNEL_BITS = (2, 4)
 GROUP_MULTIPLE = 16  # group sizes the kernels take (the GEMV scales chunks of 16 codes)
 # M = 1: BLOCK_N rows per program, BLOCK_K codes per step; the split over K aims at this many
 # programs per SM.
-GEMV = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
+GEMV = {"BLOCK_N": 16, "BLOCK_K": 256}
+GEMV_OPTIONS = {"num_warps": 4, "enable_fp_fusion": True}
 GEMV_PROGRAMS_PER_SM = 4
 # M > 1: BLOCK_K divides the group size, so that one step's codes share their scales.
-GEMM = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+GEMM = {"BLOCK_M": 32, "BLOCK_N": 64}
+GEMM_OPTIONS = {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": True}
 GEMM_BLOCK_K = (64, 16)  # the largest that divides the group size; both divide per-channel's
 
 
@@ -94,7 +96,7 @@ def packed_matmul_kernel(x: Tensor, weight_packed: Tensor, weight_scale: Tensor,
         kernels.packed_gemv_kernel[(n_blocks, splits)](
             x, weight_packed, weight_scale, weight_zero_point, bias, out, partials,
             _split_counters(x.device, n_blocks), n, k, n_groups, group, blocks_per_split, splits,
-            BITS=bits, **GEMV)
+            BITS=bits, **GEMV, **GEMV_OPTIONS)
         return out
     block_k = gemm_block_k(group_size)
     group = group_size or -(-k // block_k) * block_k
@@ -104,7 +106,7 @@ def packed_matmul_kernel(x: Tensor, weight_packed: Tensor, weight_scale: Tensor,
     grid = (-(-m // GEMM["BLOCK_M"]), -(-n // GEMM["BLOCK_N"]))
     kernels.packed_gemm_kernel[grid](
         x, weight_packed, weight_scale, weight_zero_point, bias, out, m, n, k, n_groups, group,
-        BITS=bits, DOT_DTYPE=dot_dtype, BLOCK_K=block_k, **GEMM)
+        BITS=bits, DOT_DTYPE=dot_dtype, BLOCK_K=block_k, **GEMM, **GEMM_OPTIONS)
     return out
 
 

@@ -18,6 +18,9 @@ from .backend import runs_on
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (BLOCK, num_warps): segments up to 256 long (groups) take one small block, longer ones loop.
 SHORT, LONG = {"BLOCK": 256, "num_warps": 2}, {"BLOCK": 2048, "num_warps": 8}
+# Every multiply and add rounded on its own, as torch computes the reference: Triton would
+# otherwise contract a multiply and an add into an FMA.
+OPTIONS = {"enable_fp_fusion": False}
 CHUNK = 16 * LONG["BLOCK"]  # per tensor: elements per program
 _EPS = 1e-8  # the quantizers' (and the kernels') floor of a scale
 
@@ -61,7 +64,7 @@ def quantize_kernel(weight: Tensor, cfg, gamma: Optional[Tensor] = None
                                                    device=weight.device)
     if cfg.granularity != "tensor":
         kernels.quantize_kernel[(segments,)](weight, out, gamma, mean, cols, length, per_row,
-                                             qmax, METHOD=method, **_launch(length))
+                                             qmax, METHOD=method, **_launch(length), **OPTIONS)
         return out, mean
     numel = weight.numel()
     chunks = -(-numel // CHUNK)
@@ -69,7 +72,7 @@ def quantize_kernel(weight: Tensor, cfg, gamma: Optional[Tensor] = None
 
     def reduce(stat, totals):
         kernels.chunk_partials_kernel[(chunks,)](weight, partials, totals, numel, CHUNK,
-                                                 STAT=stat, **LONG)
+                                                 STAT=stat, **LONG, **OPTIONS)
 
     if cfg.method == "minmax":
         reduce(kernels.MIN_MAX.value, None)
@@ -81,7 +84,7 @@ def quantize_kernel(weight: Tensor, cfg, gamma: Optional[Tensor] = None
             reduce(kernels.KEPT.value, totals)
             totals = torch.cat([totals, partials.sum(0)])
     kernels.chunk_quantize_kernel[(chunks,)](weight, out, gamma, mean, totals, numel, CHUNK, qmax,
-                                             METHOD=method, **LONG)
+                                             METHOD=method, **LONG, **OPTIONS)
     return out, mean
 
 
@@ -99,7 +102,7 @@ def pact_backward_kernel(grad: Tensor, weight: Tensor, gamma: Tensor, mean: Tens
     grad_clip = torch.empty(segments, chunks, dtype=torch.float32, device=weight.device)
     kernels.pact_backward_kernel[(segments, chunks)](
         weight, grad.contiguous(), grad_w, gamma, mean, grad_clip, cols, length, per_row, chunk,
-        chunks, _levels("pact", cfg.bits), **_launch(min(chunk, length)))
+        chunks, _levels("pact", cfg.bits), **_launch(min(chunk, length)), **OPTIONS)
     # Through c = max(γ · mean, eps) (clamp_min passes the gradient where γ · mean >= eps).
     grad_gamma = torch.where(gamma * mean >= _EPS, grad_clip.sum(1), 0.0) * mean
     return grad_w, grad_gamma

@@ -65,3 +65,16 @@ def test_given_sizes_stay_and_deepspeed_reads_the_result(tiny_llama_dir):
 def test_auto_sizes_of_a_model_that_cannot_be_read_fail_in_one_line(tmp_path):
     with pytest.raises(UsageError, match="cannot read the config of --model"):
         resolve_zero_sizes(shipped("zero3.json"), str(tmp_path / "missing"), 1)
+
+
+def test_deepspeed_builds_no_shared_memory_all_reduce():
+    """DeepSpeed reads its op table (`deepspeed.ops.__compatible_ops__`, docs/dependencies.md)
+    before it builds the CPU shared-memory all-reduce when a process group starts; an upgrade
+    that reads it elsewhere fails here, before a minute of C++ and 66 MB of /dev/shm per rank
+    come back."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from tsld_ds.train.build import skip_shm_all_reduce
+
+    skip_shm_all_reduce()
+    assert build_shm_op() is None

@@ -358,6 +358,7 @@ def _validation_nll(teacher: TeacherEngine, val_rows, micro: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    owns_process_group = not dist.is_initialized()
     try:
         build_cache(args)
     except UsageError as e:
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        if dist.is_initialized():
+        if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
     return EXIT_COMPLETED
 

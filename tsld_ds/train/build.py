@@ -28,7 +28,8 @@ from tsld_ds.devices import (local_world_size, memory_per_rank, pins_memory, set
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import Objective
 from tsld_ds.models import (check_block_size, check_gradient_checkpointing, check_model_source,
-                            load_causal_lm, load_tokenizer, torch_dtype_of, vocab_size_of)
+                            check_same_vocabulary, load_causal_lm, load_tokenizer, torch_dtype_of,
+                            vocab_size_of)
 from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.teacher import CacheIdentity, TeacherCache, TeacherEngine, teacher_ds_config
 from tsld_ds.teacher.cache import read_manifest
@@ -172,6 +173,8 @@ def check_inputs(args) -> Path | None:
         check_block_size(name, args.block_size, warn=os.environ.get("RANK", "0") == "0")
     if args.gradient_checkpointing:
         check_gradient_checkpointing(args.model, "--model")
+    if args.teacher and args.teacher_cache is None and objective_of(args).needs_teacher:
+        check_same_vocabulary(args.model, args.teacher)
     check_writable_dir(args.output_dir)
     if args.teacher_cache is not None:
         manifest = read_manifest(args.teacher_cache)
@@ -222,7 +225,10 @@ def check_writable_dir(path) -> None:
 
 def init_distributed(timeout_s: float) -> None:
     """Under the DeepSpeed launcher the env is set; a plain `python launch/train.py` is 1 rank.
-    A collective that waits longer than `timeout_s` (a rank died) fails instead of hanging."""
+    A collective that waits longer than `timeout_s` (a rank died) fails instead of hanging. A
+    process group the caller made (several runs in one process) is used as it is."""
+    if dist.is_initialized():
+        return
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -236,10 +242,21 @@ def init_distributed(timeout_s: float) -> None:
         _check_master_port_free(int(os.environ["MASTER_PORT"]))
     set_local_device(int(os.environ.get("LOCAL_RANK", 0)))
     threads = set_threads_per_rank()
+    skip_shm_all_reduce()
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
-    _unlink_shm_allreduce_buffer()
     if dist.get_rank() == 0:
         print(threads, flush=True)
+
+
+def skip_shm_all_reduce() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce when its process group
+    starts (two C++ files, about a minute on first use) and maps a 66 MB buffer per rank in
+    /dev/shm that it never unlinks. It serves only `inference_all_reduce` (tensor-parallel
+    inference), which tsld-ds never calls: marked incompatible, it is neither built nor mapped.
+    Other accelerators have no such op."""
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _check_master_port_free(port: int) -> None:
@@ -252,17 +269,6 @@ def _check_master_port_free(port: int) -> None:
         except OSError:
             raise UsageError(f"the master port {port} is in use by another process (another "
                              "run?); pick a free one with the launcher's --master_port") from None
-
-
-def _unlink_shm_allreduce_buffer() -> None:
-    """DeepSpeed's CPU allreduce maps one shared-memory buffer per rank (66 MB in /dev/shm,
-    named after the master address and port) and never unlinks it, so every run would leave
-    its ranks' buffers in RAM. Every rank maps all of them during init_distributed; once all
-    are past it, each rank's own name can go: the mappings live on until the process ends."""
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-            f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
-    dist.barrier()
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def seed_everything(seed: int) -> None:

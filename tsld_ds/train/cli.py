@@ -17,12 +17,15 @@ from tsld_ds.train.signals import StopSignals
 
 
 def main(argv=None, hooks: TrainHooks | None = None) -> int:
+    """One run of `argv`; returns its exit code. It makes and destroys its process group, or,
+    where the caller made one (several runs in one process), uses that and leaves it."""
     args = parse_args(argv)
     stop = StopSignals()  # before the slow imports: a notice that comes during set-up counts too
     # torch.distributed deprecation notices raised from inside DeepSpeed, once per collective.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     from tsld_ds.train.loop import train  # heavy imports after --help and option errors
 
+    owns_process_group = not dist.is_initialized()
     try:
         summary = train(args, stop, hooks)
         dist.barrier()  # rank 0 may still be writing the export: nobody tears down before it
@@ -46,7 +49,7 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
               f"{_first_sentence(e)}. {_last_good_checkpoint(args)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        if dist.is_initialized():
+        if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
     return EXIT_STOPPED if summary.stopped_by else EXIT_COMPLETED
 

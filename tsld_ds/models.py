@@ -52,6 +52,19 @@ def check_gradient_checkpointing(name_or_path: str, what: str) -> None:
                          "gradient checkpointing; drop --gradient_checkpointing")
 
 
+def check_same_vocabulary(student: str, teacher: str) -> None:
+    """Refuse a teacher that predicts another vocabulary than the student, from the configs
+    alone, before either model loads (configs that cannot be read are left to the loading; the
+    loaded lm_heads are compared again)."""
+    try:
+        sizes = [AutoConfig.from_pretrained(name).vocab_size for name in (student, teacher)]
+    except (OSError, ValueError, AttributeError):
+        return
+    if sizes[0] != sizes[1]:
+        raise UsageError(f"teacher '{teacher}' predicts {sizes[1]} tokens but student "
+                         f"'{student}' {sizes[0]}: their vocabularies differ")
+
+
 def check_block_size(name_or_path: str, block_size: int, *, warn: bool = True) -> None:
     """Refuse a --block_size beyond a model's learned position embeddings (they have no row for
     it: an IndexError deep in the forward); with rotary positions, warn (they extend, but the

@@ -7,12 +7,26 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 # launch/train.py with fault-injecting hooks (tests/drivers/train_with_faults.py).
 FAULTS_SCRIPT = REPO / "tests" / "drivers" / "train_with_faults.py"
+# The shipped prompt/response examples.
+INSTRUCTIONS = REPO / "tsld_ds" / "assets" / "kjv-instructions"
+# The loss implementations compared end to end (tests/train/test_train.py): the fused loss in one
+# vocabulary sweep, in blocks of 100 entries (online log-sum-exp), with every student block
+# recomputed in backward (--gradient_checkpointing), and the naive reference.
+LOSS_IMPLS = {"fused": {}, "fused_vocab_blocks": {"loss_vocab_chunk_size": 100},
+              "naive": {"loss_impl": "naive"}}
+CHECKPOINTED = {"fused_checkpointed": {"gradient_checkpointing": True}}
+# {case: (--kd, implementations)} of the first-step gradient comparisons
+GRADIENT_CASES = {"tsld": ("tsld", {**LOSS_IMPLS, **CHECKPOINTED}),
+                  "l2l-checkpointed": ("l2l", {"naive": LOSS_IMPLS["naive"], **CHECKPOINTED})}
+# Several commands in one launch (tests/drivers/run_many.py).
+RUN_MANY_SCRIPT = REPO / "tests" / "drivers" / "run_many.py"
 
 
 def free_port() -> int:
@@ -85,6 +99,13 @@ def train_args(model_dir, corpus_dir, output_dir, ds_config, **options) -> list:
     return argv
 
 
+def cache_args(teacher_dir, corpus_dir, output_dir, ds_config, **options) -> list:
+    """tsld-cache's options matching `train_args`' runs (32-token blocks, seed 7)."""
+    values = {"teacher": teacher_dir, "dataset": corpus_dir, "ds_config": ds_config,
+              "output_dir": output_dir, "block_size": 32, "seed": 7, **options}
+    return [str(x) for name, value in values.items() for x in (f"--{name}", value)]
+
+
 def gt_args(model_dir, corpus_dir, output_dir, ds_config, **options) -> list:
     """Fast runs of the model alone: set-up dominates, so no teacher, tiny eval, no export."""
     return train_args(model_dir, corpus_dir, output_dir, ds_config,
@@ -109,6 +130,7 @@ def train_command(args, *, ranks: int = 2, script: Path = TRAIN_SCRIPT,
 def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True,
               script: Path = TRAIN_SCRIPT, port: int | None = None):
     """Runs `train_command` to its end; fails the test on a non-zero exit when `check`."""
+    assert_e2e()
     port = port or free_port()
     cmd, full_env = train_command(args, ranks=ranks, script=script, port=port)
     proc = subprocess.run(cmd, cwd=REPO, env={**full_env, **(env or {})}, capture_output=True,
@@ -120,6 +142,140 @@ def run_train(args, *, ranks: int = 2, timeout: int = 300, env=None, check=True,
     if ranks:  # DeepSpeed's CPU allreduce buffers are unlinked once every rank has mapped them
         assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
+
+
+@dataclass
+class Finished:
+    """What one command of `run_many` ended with, and what it printed (and its wall time)."""
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float | None = None
+
+
+def train_command_entry(args, *, fault: str | None = None, expect: int = 0) -> dict:
+    """A launch/train.py run for `run_many` that must exit `expect`, with train_with_faults.py's
+    fault SPEC if given."""
+    return {"command": "train", "argv": [str(a) for a in args], "fault": fault, "expect": expect}
+
+
+def cache_command_entry(args, *, expect: int = 0) -> dict:
+    """A launch/teacher_cache.py build for `run_many` that must exit `expect`."""
+    return {"command": "cache", "argv": [str(a) for a in args], "expect": expect}
+
+
+def run_many(commands: list[dict], plan_dir: Path, *, ranks: int = 2, timeout: int = 900,
+             check: bool = True) -> list[Finished]:
+    """`commands` (`train_command_entry`, `cache_command_entry`) one after the other in a single
+    launch of `ranks` ranks (tests/drivers/run_many.py; 0: one plain process); each one's exit
+    code and output. With `check`, a command that exits otherwise than it expects fails the test
+    with its output."""
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_dir / "plan.json"
+    plan.write_text(json.dumps({"commands": commands}, indent=1))
+    proc = run_train([plan], ranks=ranks, timeout=timeout, script=RUN_MANY_SCRIPT)
+    ended = json.loads(plan.with_suffix(".codes.json").read_text())
+    stdouts, stderrs = _split(proc.stdout, len(commands)), _split(proc.stderr, len(commands))
+    finished = [Finished(end["code"], out, err, end["seconds"])
+                for end, out, err in zip(ended, stdouts, stderrs)]
+    for i, (command, done) in enumerate(zip(commands, finished)):
+        if check and done.returncode != command["expect"]:
+            raise AssertionError(f"command {i} of {plan} exited {done.returncode}: "
+                                 f"{' '.join(command['argv'])}\n--- stdout ---\n"
+                                 f"{done.stdout[-6000:]}\n--- stderr ---\n{done.stderr[-6000:]}")
+    return finished
+
+
+def _split(text: str, count: int) -> list[str]:
+    """run_many.py's output cut at its `=== command I ===` lines (every rank prints one: a
+    command's part runs from the first to the next command's first)."""
+    starts = [text.index(f"=== command {i} ===") for i in range(count)] + [len(text)]
+    return [text[a:b] for a, b in zip(starts, starts[1:])]
+
+
+# The marker of tests that start a launcher or a training process (`pytest -m "not e2e"` is the
+# inner loop). conftest.py records whether the running test has it; run_train refuses otherwise.
+E2E_MARKER = "e2e"
+_current_test_is_e2e = [False]
+
+
+def assert_e2e() -> None:
+    if not _current_test_is_e2e[0]:
+        raise AssertionError(f"this test starts a training process: mark it "
+                             f"@pytest.mark.{E2E_MARKER}, or use a fixture that is marked so "
+                             "(conftest.E2E_FIXTURES)")
+
+
+def copied_run(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def moved(argv: list, run: Path, copy: Path) -> list:
+    """`argv` with the output directory `run` replaced by `copy`."""
+    return [str(copy) if str(a) == str(run) else str(a) for a in argv]
+
+
+def interrupted_cache(cache: Path, target: Path) -> Path:
+    """A copy of complete `cache` as a stopped build leaves it: an incomplete manifest, finished
+    shards with their entries beside them, the second shard missing and its write torn."""
+    import json
+
+    copied_run(cache, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    for i, entry in enumerate(manifest["shards"]):
+        (target / f"shard-{i:05d}.json").write_text(json.dumps(entry))
+    (target / manifest["shards"][1]["file"]).unlink()
+    (target / "shard-00001.safetensors.tmp").write_bytes(b"torn")
+    (target / "manifest.json").write_text(json.dumps({**manifest, "complete": False,
+                                                      "shards": []}))
+    return target
+
+
+def _without_interpreter() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+# Commands whose results tests wait for, each (argv, environment or None for this one's): the
+# DeepSpeed ops the end-to-end runs load, built once per venv; the Triton kernels' compiles for
+# sm_80 and sm_90 (Triton compiles only where its interpreter is off).
+BACKGROUND_COMMANDS = {
+    "deepspeed-ops": ([sys.executable, REPO / "tests" / "drivers" / "build_deepspeed_ops.py"],
+                      None),
+    "compile-kernels": ([sys.executable, REPO / "tests" / "ops" / "compile_kernels.py"],
+                        _without_interpreter),
+}
+
+
+class Background:
+    """BACKGROUND_COMMANDS started as soon as the selected tests are known (tests/conftest.py),
+    to run beside the tests before the ones that need them: `result(name)` waits for one, or
+    runs it then if it was not started."""
+    started: dict = {}
+
+    @classmethod
+    def start(cls, name: str) -> None:
+        argv, env = BACKGROUND_COMMANDS[name]
+        cls.started[name] = subprocess.Popen(
+            [str(a) for a in argv], cwd=REPO, env=env() if env else None, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+
+    @classmethod
+    def result(cls, name: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+        if name not in cls.started:
+            cls.start(name)
+        process = cls.started[name]
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    @classmethod
+    def finish(cls) -> None:
+        """Waits for every command: a JIT build stopped halfway would leave its lock behind, and
+        the next session's ranks would wait on it for good."""
+        for process in cls.started.values():
+            process.communicate()
 
 
 def tree_digest(path: Path) -> dict:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import REPO, train_args, write_ds_config
@@ -66,6 +67,7 @@ def test_to_device_moves_every_tensor_of_a_batch():
     assert pins_memory("cuda:1") and not pins_memory("cpu")
 
 
+@pytest.mark.e2e
 def test_batches_reach_models_and_losses_through_to_device(tiny_teacher_dir, small_corpus_dir,
                                                            tmp_path):
     report = tmp_path / "report.json"
@@ -76,8 +78,9 @@ def test_batches_reach_models_and_losses_through_to_device(tiny_teacher_dir, sma
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "drivers" / "placement_probe.py"), str(report),
-                           "--", *map(str, args), "--eval_model", str(tiny_teacher_dir)],
+    probe = REPO / "tests" / "drivers" / "placement_probe.py"
+    proc = subprocess.run([sys.executable, str(probe), str(report), "--", *map(str, args),
+                           "--eval_model", str(tiny_teacher_dir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and report.is_file(), proc.stderr[-4000:]
     result = json.loads(report.read_text())

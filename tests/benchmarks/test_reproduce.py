@@ -1,5 +1,6 @@
-"""benchmarks/reproduce.py: the run grid, and each preset end to end on a tiny model: the short
-one's two runs, and the long one's task split, FP stage, teacher cache and two QAT runs."""
+"""benchmarks/reproduce.py: the run grid, the presets' plans, the task split, the short section
+from recorded runs, and one tiny end-to-end call of the long preset (task split, FP stage,
+teacher cache, one QAT run; stopped and resumed)."""
 import json
 import os
 import shlex
@@ -105,78 +106,13 @@ def test_dry_run_gives_every_run_the_same_budget_and_ablations_one_flag():
         assert len(changed) == 1, (name, changed)
 
 
-def stop_during_the_first_run(args, root):
-    """SIGTERM to the script while its first run trains: it exits 128 + 15, and the launcher and
-    ranks it started are gone with it."""
-    import psutil
-
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert ": training (" in proc.stdout.readline()
-    time.sleep(5)  # the launcher and its ranks are up
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=90)  # not its 120 s limit: the group did go
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "stopped by SIGTERM after 0 run(s)" in stderr
-    left = [p for p in psutil.process_iter(["cmdline"])
-            if str(root) in " ".join(p.info["cmdline"] or [])]
-    assert not left, left
-
-
-def test_two_runs_end_to_end_stop_and_resume(tiny_teacher_dir, small_corpus_dir, tmp_path):
-    root, docs = tmp_path / "runs", tmp_path / "docs"
-    args = ["--model", tiny_teacher_dir, "--dataset", small_corpus_dir, "--block_size", 32,
-            "--ds_config", write_ds_config(tmp_path / "ds.json"), "--steps", 2,
-            "--eval_every", 1, "--eval_max_blocks", 4, "--confidence_blocks", 8,
-            "--only", "w2-gt", "w2-tsld", "--output_root", root, "--docs_dir", docs]
-    stop_during_the_first_run(args, root)
-    calls = docs / "runs" / "short" / "invocations.jsonl"
-    assert [json.loads(line)["note"] for line in calls.read_text().splitlines()] == \
-        ["stopped by SIGTERM"]
-    assert not (docs / "runs" / "short" / "w2-gt").exists()  # no record of an unfinished run
-
-    out = reproduce(*args)  # resumes from a checkpoint, or starts again if none was saved yet
-    assert "[1/2] w2-gt seed 42: val PPL" in out and "[2/2] w2-tsld seed 42: val PPL" in out
-    assert len(calls.read_text().splitlines()) == 2
-    page = (docs / "results.md").read_text()
-    rows = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ")]
-    assert rows == ["run", "teacher", "ptq-w2", "w2-gt", "w2-tsld"]
-    assert "python " + str(SCRIPT) in page and "Machine" in page
-    for png in ("val_ppl_main-w2.png", "token_scale.png"):
-        assert (docs / "img" / png).read_bytes().startswith(b"\x89PNG")
-
-    record = docs / "runs" / "short" / "w2-tsld" / "seed-42"
-    assert {p.name for p in record.iterdir()} == {"reproduce.json", "summary.json",
-                                                  "metrics.jsonl"}
-    assert json.loads((record / "reproduce.json").read_text())["teacher_sha256"] is None
-
-    # Hand-written findings survive a rerun, which trains nothing: both runs are recorded with
-    # the docs, so the run directories (scratch, not kept) are not needed to rebuild the page.
-    (docs / "results.md").write_text(page.replace("_No findings written yet", "Kept. _x"))
-    shutil.rmtree(root)
-    out = reproduce(*args)
-    assert out.count("skipped (recorded in") == 2 and "0 trained" in out
-    rebuilt = (docs / "results.md").read_text()
-    assert "Kept. _x" in rebuilt and rebuilt.replace("Kept. _x", "_No findings written yet") \
-        .split("- **Date**")[0] == page.split("- **Date**")[0]
-
-    # A record of the same run with other options is not replaced by a new run.
-    meddled = json.loads((record / "reproduce.json").read_text())
-    meddled["train_options"][meddled["train_options"].index("--lr") + 1] = "0.5"
-    (record / "reproduce.json").write_text(json.dumps(meddled))
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "records a run with other options" in proc.stderr
-    assert not root.exists()  # refused before anything trained
-
-
-def long_preset(root, docs, tiny_teacher_dir, small_corpus_dir, ds, *extra):
+def long_preset(root, docs, tiny_teacher_dir, small_corpus_dir, ds, *extra,
+                only=("w2-tsld", "w2-tsld_nogt")):
     return ["--preset", "long", "--model", tiny_teacher_dir, "--dataset", small_corpus_dir,
             "--block_size", 32, "--ds_config", ds, "--train_tokens", 3000,
             "--teacher_epochs", 1, "--epochs", 2, "--seeds", 42, "--eval_max_blocks", 4,
             "--eval_train_blocks", 4, "--confidence_blocks", 8,
-            "--only", "w2-tsld", "w2-tsld_nogt", "--num_gpus", 1, "--output_root", root,
-            "--docs_dir", docs, *extra]
+            "--only", *only, "--num_gpus", 1, "--output_root", root, "--docs_dir", docs, *extra]
 
 
 def test_long_preset_dry_run_writes_nothing_and_shares_one_cache(tiny_teacher_dir,
@@ -199,44 +135,115 @@ def test_long_preset_dry_run_writes_nothing_and_shares_one_cache(tiny_teacher_di
         assert r["--epochs"] == "2" and r["--eval_every"] == fp["--eval_every"]
 
 
-def test_long_preset_end_to_end_keeps_the_short_section_and_resumes(
+def stop_during_the_first_training(args, root):
+    """SIGTERM to the script while its first launch trains: it exits 128 + 15, and the launcher
+    and ranks it started are gone with it."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert ": training (" in proc.stdout.readline()
+    time.sleep(5)  # the launcher and its ranks are up
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=90)  # not its 120 s limit: the group did go
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM after 0 run(s)" in stderr
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if str(root) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
+
+
+@pytest.mark.e2e
+def test_long_preset_end_to_end_stops_resumes_and_keeps_the_short_section(
         tiny_teacher_dir, small_corpus_dir, tmp_path):
+    """The long preset on the tiny teacher for one run (w2-tsld): stopped by SIGTERM during the
+    FP stage, then the same command again: the task split, the FP stage (resumed or started
+    again), the teacher cache and the QAT run, the page with the long section beside the kept
+    short one; a third call trains nothing, and a record of other options is refused."""
     root, docs = tmp_path / "runs", tmp_path / "docs"
     docs.mkdir()
     (docs / "results.md").write_text(  # an earlier page: the short regime's section, findings
         "<!-- regime short -->\nShort section. _y\n<!-- /regime short -->\n"
         "<!-- findings -->\nKept. _x\n<!-- /findings -->\n")
     args = long_preset(root, docs, tiny_teacher_dir, small_corpus_dir,
-                       write_ds_config(tmp_path / "ds.json"))
+                       write_ds_config(tmp_path / "ds.json"), only=("w2-tsld",))
+    stop_during_the_first_training(args, root)
+    calls = docs / "runs" / "long" / "invocations.jsonl"
+    assert [json.loads(line)["note"] for line in calls.read_text().splitlines()] == \
+        ["stopped by SIGTERM"]
+
     out = reproduce(*args)
-    assert "FP stage: teacher: training" in out and "teacher cache" in out
-    assert "[2/2] w2-tsld_nogt seed 42: val PPL" in out
+    assert "FP stage: teacher: " in out and "teacher cache" in out
+    assert "[1/1] w2-tsld seed 42: val PPL" in out
     task = json.loads((root / "task" / "task.json").read_text())
     assert 3000 <= task["train_tokens"] < 3000 + 5000 and task["validation_blocks"] >= 4
-    nogt = [json.loads(line) for line in
-            (root / "w2-tsld_nogt" / "seed-42" / "metrics.jsonl").read_text().splitlines()]
-    terms = {k for r in nogt for k in r}
-    assert "tsld" in terms and "gt" not in terms  # the TSLD term alone
-    assert sum("train_ppl" in r for r in nogt) >= 3  # before, every epoch, after
+    metrics = [json.loads(line) for line in
+               (root / "w2-tsld" / "seed-42" / "metrics.jsonl").read_text().splitlines()]
+    assert {"tsld", "gt"} <= {k for r in metrics for k in r}
+    assert sum("train_ppl" in r for r in metrics) >= 3  # before, every epoch, after
     page = (docs / "results.md").read_text()
     assert "Short section. _y" in page and "Kept. _x" in page
     assert page.index("regime long") < page.index("regime short")
     rows = [line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ")]
-    assert rows == ["run", "teacher (given)", "teacher", "ptq-w2", "w2-tsld", "w2-tsld_nogt"]
+    assert rows == ["run", "teacher (given)", "teacher", "ptq-w2", "w2-tsld"]
     assert "training tokens in sequences of 32" in page
     assert "validation tokens in sequences of 32" in page
     for png in ("long_curves.png", "long_token_scale_train.png",
                 "long_token_scale_validation.png"):
         assert (docs / "img" / png).read_bytes().startswith(b"\x89PNG")
+    record = docs / "runs" / "long" / "w2-tsld" / "seed-42"
+    assert {p.name for p in record.iterdir()} == {"reproduce.json", "summary.json",
+                                                  "metrics.jsonl"}
+    assert len(json.loads((record / "reproduce.json").read_text())["teacher_sha256"]) == 64
+    assert len(calls.read_text().splitlines()) == 2
 
-    records = docs / "runs" / "long"
-    teacher = json.loads((records / "w2-tsld" / "seed-42" / "reproduce.json").read_text())
-    assert len(teacher["teacher_sha256"]) == 64  # the records name the fine-tuned teacher
-
-    # A run stopped after its last checkpoint resumes from it; the stages are not redone.
-    (root / "w2-tsld_nogt" / "seed-42" / "summary.json").unlink()
-    shutil.rmtree(records / "w2-tsld_nogt")
+    # A rerun trains nothing: the run is recorded with the docs, the stages are done.
     out = reproduce(*args)
     assert "FP stage" not in out and "teacher cache" not in out
-    assert "w2-tsld seed 42: skipped (recorded in" in out
-    assert "w2-tsld_nogt seed 42: resuming" in out and "1 trained" in out
+    assert "w2-tsld seed 42: skipped (recorded in" in out and "0 trained" in out
+    assert (docs / "results.md").read_text().split("- **Date**")[0] == page.split("- **Date**")[0]
+
+    # A record of the same run with other options is not replaced by a new run.
+    meddled = json.loads((record / "reproduce.json").read_text())
+    meddled["train_options"][meddled["train_options"].index("--lr") + 1] = "0.5"
+    (record / "reproduce.json").write_text(json.dumps(meddled))
+    shutil.rmtree(root / "w2-tsld")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "records a run with other options" in proc.stderr
+    assert not (root / "w2-tsld").exists()  # refused before anything trained
+
+
+def test_the_task_split_holds_out_every_fifth_document(tiny_teacher_dir, small_corpus_dir,
+                                                       tmp_path):
+    from reproduce_task import VALIDATION_EVERY, write_task_split
+
+    request = dict(dataset=str(small_corpus_dir), dataset_config=None, text_column=None,
+                   tokenizer=str(tiny_teacher_dir), train_tokens=3000, block_size=32)
+    task = write_task_split(tmp_path / "task", **request)
+    assert 3000 <= task["train_tokens"] < 3000 + 5000 and task["validation_blocks"] >= 4
+    train = (tmp_path / "task" / "train.jsonl").read_text().splitlines()
+    held_out = (tmp_path / "task" / "validation.jsonl").read_text().splitlines()
+    assert len(held_out) == (len(train) + len(held_out)) // VALIDATION_EVERY
+    assert write_task_split(tmp_path / "task", **request) == task  # written once
+    with pytest.raises(SystemExit, match="holds another task"):
+        write_task_split(tmp_path / "task", **{**request, "train_tokens": 4000})
+
+
+def test_the_short_section_tables_and_plots_recorded_runs(sweep_runs, tmp_path):
+    """The short preset's section from real runs (sweep_runs' gt and logit as the grid's w2-gt
+    and w2-logit): a row per run after the teacher and the PTQ floor, and its curves."""
+    from reproduce_grid import GRID
+    from reproduce_plots import plot_curves
+    from reproduce_report import RunResults, read_seed_result, short_section, teacher_perplexity
+
+    specs = {spec.name: spec for spec in GRID}
+    results = [RunResults(specs[name], [read_seed_result(sweep_runs[run].path, 7)])
+               for name, run in (("w2-gt", "gt"), ("w2-logit", "logit"))]
+    plot_curves(results, teacher_perplexity(results), tmp_path / "curves.png", "title")
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    section = short_section(results=results, setup={"Machine": "m"}, invocations=[],
+                            plots={"curves": "img/val_ppl_x.png"}, confidence_lines=[])
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+    assert rows == ["run", "teacher", "ptq-w2", "w2-gt", "w2-logit"]
+    assert "![curves](img/val_ppl_x.png)" in section

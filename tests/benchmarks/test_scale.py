@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 SCRIPT = REPO / "benchmarks" / "scale.py"
 
 
+@pytest.mark.e2e
 def test_estimate_near_measured_memory(tmp_path):
     figures_path = tmp_path / "figures.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -47,24 +47,26 @@ def test_the_planner_names_zero2_when_the_student_fits_unsharded(capsys):
                         "--ds_config", str(REPO / "ds_configs" / "zero3_bf16.json"),
                         "--gradient_checkpointing", "--gpu_memory_gb", "80", "--no_teacher")
     assert big["zero2"]["fits"] is False
-    table = subprocess.run([sys.executable, str(REPO / "launch" / "estimate.py"), "--num_gpus",
-                            "2", "--block_size", "128", "--gpu_memory_gb", "80"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout
+    assert main(["--num_gpus", "2", "--block_size", "128", "--gpu_memory_gb", "80"]) == 0
+    table = capsys.readouterr().out
     assert "hint: the student fits unsharded: ZeRO stage 2 (ds_configs/zero2.json)" in table
     assert "teacher weights: replicated, ZeRO stage 0" in table
 
 
-def test_table_from_the_launch_script():
-    out = subprocess.run([sys.executable, str(REPO / "launch" / "estimate.py"), "--model",
-                          "opt-6.7b", "--num_gpus", "2", "--block_size", "128",
-                          "--gpu_memory_gb", "141"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+def test_table_for_a_shipped_model_name(capsys):
+    assert main(["--model", "opt-6.7b", "--num_gpus", "2", "--block_size", "128",
+                 "--gpu_memory_gb", "141"]) == 0
+    out = capsys.readouterr().out
     assert "student model states" in out and "received per rank per micro-batch" in out
     assert out.startswith("student opt-6.7b (6.66B), teacher opt-6.7b (6.66B)")
+
+
+def test_json_from_the_launch_script_as_a_user_runs_it():
+    """launch/estimate.py in its own process: with --json, stdout is the JSON alone."""
     as_json = subprocess.run([sys.executable, str(REPO / "launch" / "estimate.py"), "--model",
                               "opt-6.7b", "--block_size", "128", "--json"],
                              cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert json.loads(as_json)["student_params"] == 6_658_473_984   # stdout is JSON alone
+    assert json.loads(as_json)["student_params"] == 6_658_473_984
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -2,7 +2,6 @@
 stock transformers), packed (same logits, size), gguf (TQ2_0 round trip, llama.cpp if installed);
 and that a conversion never harms the run it reads nor an output it replaces."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,24 +12,9 @@ import torch
 from safetensors import safe_open
 
 from benchmarks.real_readers import dequantized_gguf, gguf_tokenizer_matches, stock_logits
-from helpers import REPO, run_train, train_args, tree_digest, write_ds_config
+from helpers import REPO, tree_digest
 from tsld_ds.convert.cli import convert, main as convert_main
-
-SUBPROCESS_ENV = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def run_script(script: str, *args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / script), *map(str, args)],
-                          cwd=REPO, env={**os.environ, **SUBPROCESS_ENV}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def json_output(proc: subprocess.CompletedProcess) -> dict:
-    """The JSON report a script prints last (DeepSpeed may log to stdout before it)."""
-    return json.loads(proc.stdout[proc.stdout.index("{\n"):])
-
+from tsld_ds.evaluation.cli import main as eval_main
 
 # Run in a fresh interpreter: stock transformers only, tsld_ds never imported.
 LOAD_WITH_STOCK_TRANSFORMERS = """
@@ -49,18 +33,20 @@ print(json.dumps({"tsld_ds_imported": "tsld_ds" in sys.modules, "distinct": dist
                   "tied": tied}))
 """
 
-@pytest.mark.parametrize("run_fixture,quantized_linears", [("llama256_run", 14), ("gpt2_run", 8)])
-def test_hf_perplexity_equals_training_eval(run_fixture, quantized_linears, request,
+@pytest.mark.parametrize("run_name,quantized_linears", [("llama256", 14), ("gpt2", 8)])
+def test_hf_perplexity_equals_training_eval(run_name, quantized_linears, shared_runs,
                                             small_corpus_dir, tmp_path):
-    run = request.getfixturevalue(run_fixture)
+    run = shared_runs[run_name].path
     out = tmp_path / "hf"
     summary = convert(run, out)
     assert summary["format"] == "hf" and summary["quantized_linears"] == quantized_linears
     assert summary["distinct_values"] == {"per": "row", "max": 3, "limit": 3, "check": "pass",
                                           "failing": []}
 
-    report = json_output(run_script("eval.py", "--model", out, "--dataset", small_corpus_dir,
-                                    "--block_size", 32, "--max_blocks", 8, "--batch_size", 2))
+    assert eval_main(["--model", str(out), "--dataset", str(small_corpus_dir), "--block_size",
+                      "32", "--max_blocks", "8", "--batch_size", "2", "--output",
+                      str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
     trained = json.loads((run / "summary.json").read_text())["student_ppl_after"]
     assert report["kind"] == "hf"
     assert report["perplexity"]["value"] == pytest.approx(trained, rel=1e-4)
@@ -72,16 +58,16 @@ def test_hf_perplexity_equals_training_eval(run_fixture, quantized_linears, requ
     quantized = [d for n, d in loaded["distinct"].items() if ".h." in n or ".layers." in n]
     assert len(quantized) == quantized_linears and max(quantized) <= 3
     assert loaded["distinct"]["lm_head"] > 3  # full precision stays full precision
-    assert loaded["tied"] == (run_fixture == "gpt2_run")  # GPT-2 ties its embeddings
+    assert loaded["tied"] == (run_name == "gpt2")  # GPT-2 ties its embeddings
     with safe_open(out / "model.safetensors", "pt") as stored:  # and a tied weight is stored once
         assert ("lm_head.weight" in stored.keys()) == (not loaded["tied"])
 
 
-@pytest.mark.parametrize("run_fixture", ["llama256_run", "gpt2_run"])  # untied; tied
-def test_hf_conversion_equals_the_live_export(run_fixture, request, tmp_path):
+@pytest.mark.parametrize("run_name", ["llama256", "gpt2"])  # untied; tied
+def test_hf_conversion_equals_the_live_export(run_name, shared_runs, tmp_path):
     from safetensors.torch import load_file
 
-    run = request.getfixturevalue(run_fixture)
+    run = shared_runs[run_name].path
     out = tmp_path / "hf"
     convert(run, out)
     ours = load_file(out / "model.safetensors")
@@ -91,14 +77,12 @@ def test_hf_conversion_equals_the_live_export(run_fixture, request, tmp_path):
         assert torch.equal(ours[name], live[name]), name
 
 
-def test_zero2_checkpoint_converts_like_the_live_export(tiny_llama_dir, small_corpus_dir,
-                                                        tmp_path):
+def test_zero2_checkpoint_converts_like_the_live_export(sweep_runs, tmp_path):
+    """sweep_runs' `recipe/zero2`: 3 steps with ds_configs/zero2.json (parameters whole on each
+    rank)."""
     from safetensors.torch import load_file
 
-    ds = write_ds_config(tmp_path / "ds.json", zero_optimization={"stage": 2})
-    run = tmp_path / "run"
-    run_train(train_args(tiny_llama_dir, small_corpus_dir, run, ds, kd="gt", eval_max_blocks=8,
-                         max_steps=2))
+    run = sweep_runs["recipe/zero2"].path
     summary = convert(run, tmp_path / "hf")
     assert summary["distinct_values"]["check"] == "pass" and summary["quantized_linears"] == 14
     ours = load_file(tmp_path / "hf" / "model.safetensors")
@@ -133,12 +117,12 @@ def test_packed_gives_hf_logits_in_fewer_bytes(llama256_run, tmp_path):
     ct.QuantizationConfig.model_validate(config)  # a valid compressed-tensors config
 
 
-@pytest.mark.parametrize("run_fixture,bits", [("llama256_run", 2), ("llama256_w4_run", 4)])
-def test_packed_loads_in_stock_transformers_with_the_hf_logits(run_fixture, bits, request,
+@pytest.mark.parametrize("run_name,bits", [("llama256", 2), ("llama256_w4", 4)])
+def test_packed_loads_in_stock_transformers_with_the_hf_logits(run_name, bits, shared_runs,
                                                                tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run = request.getfixturevalue(run_fixture)
+    run = shared_runs[run_name].path
     convert(run, tmp_path / "packed", "packed")
     convert(run, tmp_path / "hf", "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -164,16 +148,12 @@ def test_config_names_the_stored_dtype(fmt, llama256_run, tmp_path):
 
 
 def test_a_bf16_run_converts_in_bf16_and_what_its_grid_cannot_hold_is_refused(
-        llama256_dir, small_corpus_dir, tmp_path, capsys):
-    """A 4-bit min-max run trained in bf16: its default conversion is bf16 (the training dtype)
-    and says so in config.json; Q4_1 is refused before a weight is read (bf16 rounds the values
-    off the grid), and packed, which finds that out while writing, ends in one line, writing
-    nothing."""
-    out = tmp_path / "run"
-    run_train(train_args(llama256_dir, small_corpus_dir, out,
-                         write_ds_config(tmp_path / "ds.json", bf16={"enabled": True}), kd="gt",
-                         bits=4, quant_method="minmax", granularity="group", group_size=32,
-                         max_steps=1, eval_max_blocks=2, no_export=True), ranks=0)
+        one_rank_runs, tmp_path, capsys):
+    """A 4-bit min-max run trained in bf16 (one_rank_runs' `bf16`): its default conversion is bf16
+    (the training dtype) and says so in config.json; Q4_1 is refused before a weight is read
+    (bf16 rounds the values off the grid), and packed, which finds that out while writing, ends
+    in one line, writing nothing."""
+    out = one_rank_runs["bf16"].path
     convert(out, tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
@@ -215,10 +195,9 @@ def gguf_tensors_against_hf(gguf_path, hf_dir) -> dict:
     return types
 
 
-@pytest.mark.parametrize("run_fixture,quant_type", [("llama256_run", "TQ2_0"),
-                                                    ("llama256_w4_run", "Q4_1")])
-def test_gguf_tensors_give_back_the_hf_weights(run_fixture, quant_type, request, tmp_path):
-    run = request.getfixturevalue(run_fixture)
+@pytest.mark.parametrize("run_name,quant_type", [("llama256", "TQ2_0"), ("llama256_w4", "Q4_1")])
+def test_gguf_tensors_give_back_the_hf_weights(run_name, quant_type, shared_runs, tmp_path):
+    run = shared_runs[run_name].path
     summary = convert(run, tmp_path / "model.gguf", "gguf")
     convert(run, tmp_path / "hf", "hf")
     assert summary["distinct_values"]["check"] == "pass"
@@ -310,6 +289,16 @@ def test_refusals_are_one_clear_line(tmp_path, capsys, gpt2_run, llama256_dir):
                          "--overwrite"]) == 2  # not an earlier output: never replaced
     assert "is a directory that is not a model" in capsys.readouterr().err
     assert (tmp_path / "taken" / "file").read_text() == "x"
+
+
+def test_a_refusal_as_a_user_sees_it(tmp_path):
+    """launch/convert.py in its own process: exit 2 and one line, nothing written."""
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "convert.py"), "--checkpoint",
+                           str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "does not exist" in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_output_in_or_around_the_run_is_refused_and_the_run_kept(gpt2_run, capsys):

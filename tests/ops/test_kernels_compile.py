@@ -6,26 +6,20 @@ with correct rounding and has no FMA, which their bit-exactness on a GPU rests o
 see the table of registers, spills and shared memory per kernel. Triton's cache (~/.triton)
 serves a rerun."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import Background
 
 pytest.importorskip("triton")
 
 # Shared memory one block may use (bytes, the opt-in maximum): A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DRIVER = REPO / "tests" / "ops" / "compile_kernels.py"
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(DRIVER)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1200)
+    proc = Background.result("compile-kernels")  # tests/ops/compile_kernels.py, begun early
     assert proc.returncode == 0, proc.stderr[-6000:]
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     print(f"\n{'kernel':40} {'arch':>5} {'regs':>5} {'spill':>6} {'smem B':>7}")

@@ -12,11 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 WORLD_SIZE = 2
 TIMEOUT_S = 300
 
 
+@pytest.mark.e2e
 def test_zero3_matches_plain_model(tmp_path):
     from helpers import free_port
 
@@ -59,8 +62,9 @@ def _worker():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tsld_ds.quant import QuantConfig, quantize_model, quantized_modules
+    from tsld_ds.train.build import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(TIMEOUT_S)
     ds_config = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": 3},

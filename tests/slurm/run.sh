@@ -18,8 +18,9 @@
 #              (SIGTERM) stops the restart, with a checkpoint of its last step.
 #
 # For usr1 and preempt, `sbatch --wait` returns 0 only once the restart has completed, SLURM
-# counts Restarts=1, each step's loss is logged once and, after plain, equals plain's. Then the
-# daemons are stopped. Needs root; installs munge and SLURM from Debian if missing.
+# counts Restarts=1, each step's loss is logged once and equals that of an uninterrupted run of
+# the same options: TSLD_SLURM_REFERENCE's, else plain's when it ran first. Then the daemons are
+# stopped. Needs root; installs munge and SLURM from Debian if missing.
 #
 #   tests/slurm/run.sh [plain|usr1|preempt|timelimit]...     # default: plain usr1 preempt
 #
@@ -27,7 +28,9 @@
 # for the runs and job outputs; default: a new one under /tmp, kept); TSLD_SLURM_FIXTURES (a
 # directory with tiny-llama/, corpus/ and ds.json as tests/slurm/make_fixtures.py writes them;
 # default: made in the work directory); TSLD_SLURM_STEPS (default 60: steps take 0.1-0.3 s, and a
-# stop signalled after step 3 must arrive before the last); TSLD_SLURM_KEEP=1 (leave the daemons
+# stop signalled after step 3 must arrive before the last); TSLD_SLURM_REFERENCE (the output
+# directory of an uninterrupted run of the jobs' options, to compare losses with; tests/conftest.py's
+# gt_reference_args makes one); TSLD_SLURM_KEEP=1 (leave the daemons
 # running); setup.sh's TSLD_SLURM_DIR, TSLD_SLURM_CPUS, TSLD_SLURM_PORT, TSLD_SLURM_NODE. The jobs
 # get this environment (sbatch --export=ALL), TORCH_EXTENSIONS_DIR included.
 # Exit status: 0 all passed, 1 a check failed, 2 cannot run here, 3 apt-get failed (setup.sh's).
@@ -176,8 +179,12 @@ check_complete() {  # NAME OUTPUT_DIR RESTARTS: the job ran to the end
   [[ $(latest_step "$out") == "$steps" ]] || fail "$name: latest is not the step $steps checkpoint"
   [[ $(step_list "$out") == "$(seq -s ' ' 1 "$steps")" ]] ||
     fail "$name: logged steps are not 1..$steps once each: $(step_list "$out")"
-  if [[ $name != plain && -f $work/plain/summary.json ]]; then
-    same_losses "$work/plain" "$out" || fail "$name: losses differ from the uninterrupted run's"
+  local reference=${TSLD_SLURM_REFERENCE:-}
+  if [[ -z $reference && $name != plain && -f $work/plain/summary.json ]]; then
+    reference=$work/plain
+  fi
+  if [[ -n $reference ]]; then
+    same_losses "$reference" "$out" || fail "$name: losses differ from the uninterrupted run's"
   fi
 }
 

@@ -1,5 +1,7 @@
 """The teacher cache (tsld-cache, --teacher_cache): built on 2 real ranks, trained from exactly as
-the engine trains (--topk 0), resumed, and refused when it does not match the run or is damaged."""
+the engine trains (--topk 0), resumed, and refused when it does not match the run or is damaged.
+The caches and runs are conftest.py's `cache_runs` and `one_rank_runs`; the refusals run the
+commands' main() in this process."""
 import json
 import math
 import shutil
@@ -8,54 +10,17 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from helpers import REPO, run_train, step_losses, train_args, write_ds_config, write_small_corpus
+from helpers import interrupted_cache, step_losses, write_small_corpus
+from tsld_ds.errors import EXIT_USAGE
 from tsld_ds.teacher import CacheIdentity
-
-CACHE_SCRIPT = REPO / "launch" / "teacher_cache.py"
-
-
-def cache_args(teacher_dir, corpus_dir, output_dir, ds_config, **options) -> list:
-    """tsld-cache's options matching `train_args`' runs (32-token blocks, seed 7)."""
-    values = {"teacher": teacher_dir, "dataset": corpus_dir, "ds_config": ds_config,
-              "output_dir": output_dir, "block_size": 32, "seed": 7, **options}
-    return [str(x) for name, value in values.items() for x in (f"--{name}", value)]
+from tsld_ds.teacher.cache_cli import main as cache_main
+from tsld_ds.train.cli import main as train_main
 
 
-def build_cache(teacher_dir, corpus_dir, output_dir, ds_config, options, *, ranks=2,
-                check=True):
-    """Runs launch/teacher_cache.py (2 ranks by default) and returns the finished process."""
-    return run_train(cache_args(teacher_dir, corpus_dir, output_dir, ds_config, **options),
-                     ranks=ranks, script=CACHE_SCRIPT, check=check)
-
-
-@pytest.fixture(scope="module")
-def ds_config(tmp_path_factory):
-    return write_ds_config(tmp_path_factory.mktemp("cache-ds") / "ds.json", exact_resume=True)
-
-
-@pytest.fixture(scope="module")
-def exact_cache(tmp_path_factory, tiny_teacher_dir, small_corpus_dir, ds_config):
-    """The full distribution (--topk 0) of the tiny teacher on the small corpus, 2 ranks, shards
-    of 100 rows."""
-    out = tmp_path_factory.mktemp("cache") / "exact"
-    proc = build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config,
-                       {"topk": 0, "rows_per_shard": 100})
-    return out, proc
-
-
-@pytest.fixture(scope="module")
-def topk_cache(tmp_path_factory, tiny_teacher_dir, small_corpus_dir, ds_config):
-    """The top 8 and 4 draws from the rest per position."""
-    out = tmp_path_factory.mktemp("cache") / "top8"
-    build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config,
-                {"topk": 8, "tail_samples": 4})
-    return out
-
-
-def test_cache_holds_every_row_with_its_identity(exact_cache, topk_cache, small_corpus_dir):
+def test_cache_holds_every_row_with_its_identity(cache_runs):
     from safetensors import safe_open
 
-    out, proc = exact_cache
+    out, finished = cache_runs["exact"].path, cache_runs["exact"].finished
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["topk"] == 0 and manifest["dtype"] == "float32"
     rows = manifest["identity"]["rows"]
@@ -67,6 +32,7 @@ def test_cache_holds_every_row_with_its_identity(exact_cache, topk_cache, small_
     assert logits.shape == (100, 32, manifest["vocab_size"])
     # the label log-probability is the logits' at each next token (the last position has none)
     logp = torch.log_softmax(logits, dim=-1)
+    topk_cache = cache_runs["top8"].path
     top8 = json.loads((topk_cache / "manifest.json").read_text())
     assert top8["identity"] == manifest["identity"]
     assert (top8["topk"], top8["tail_samples"]) == (8, 4)
@@ -82,21 +48,15 @@ def test_cache_holds_every_row_with_its_identity(exact_cache, topk_cache, small_
     assert (ids.sort(dim=-1).values.diff(dim=-1) > 0).all()
     torch.testing.assert_close(values[:100, :, 8:].logsumexp(dim=-1),
                                logp.scatter(-1, expected_ids, -math.inf).logsumexp(dim=-1))
-    assert "teacher validation perplexity" in proc.stdout
+    assert "teacher validation perplexity" in finished.stdout
 
 
-def test_exact_cache_trains_as_the_engine(exact_cache, tiny_teacher_dir, small_corpus_dir,
-                                          tmp_path):
+def test_exact_cache_trains_as_the_engine(cache_runs):
     """--topk 0 against the teacher's engine, 2 ranks, plain SGD: the losses of every step and
     the weights after them (start - lr·Σ gradients) agree to float round-off."""
-    ds = write_ds_config(tmp_path / "sgd.json", gradient_clipping=0.0,
-                         zero_allow_untested_optimizer=True,
-                         optimizer={"type": "SGD", "params": {"lr": 0.5}})
     runs = {}
-    for name, extra in (("engine", {}), ("cache", {"teacher_cache": exact_cache[0]})):
-        out = tmp_path / name
-        run_train(train_args(tiny_teacher_dir, small_corpus_dir, out, ds, kd="tsld", max_steps=3,
-                             lr=0.5, lr_schedule="constant", no_export=True, **extra))
+    for name in ("engine", "cache"):
+        out = cache_runs[name].path
         runs[name] = (step_losses(out), get_fp32_state_dict_from_zero_checkpoint(
             str(out / "checkpoints")), json.loads((out / "summary.json").read_text()))
     (engine_losses, engine_weights, engine), (cache_losses, cache_weights, cache) = \
@@ -112,108 +72,104 @@ def test_exact_cache_trains_as_the_engine(exact_cache, tiny_teacher_dir, small_c
     assert cache["teacher_numel_this_rank"] == 0  # no rank holds the teacher
 
 
-def test_topk_cache_trains_and_resumes_at_any_world_size(topk_cache, tiny_teacher_dir,
-                                                          small_corpus_dir, ds_config, tmp_path):
-    full = tmp_path / "full"
-    options = dict(kd="tsld", teacher_cache=topk_cache, no_export=True)
-    run_train(train_args(tiny_teacher_dir, small_corpus_dir, full, ds_config, max_steps=8,
-                         save_every=4, **options))
+def test_topk_cache_trains_and_resumes_at_any_world_size(cache_runs, one_rank_runs):
+    full = cache_runs["top8_full"].path
     summary = json.loads((full / "summary.json").read_text())
     assert summary["student_ppl_after"] < summary["student_ppl_before"]
-    resumed = tmp_path / "resumed"
-    run_train(train_args(tiny_teacher_dir, small_corpus_dir, resumed, ds_config, max_steps=8,
-                         resume=full / "checkpoints" / "step_0000004", **options))
-    expected, got = step_losses(full), step_losses(resumed)
+    expected, got = step_losses(full), step_losses(cache_runs["top8_resumed"].path)
     assert got == {step: expected[step] for step in (5, 6, 7, 8)}  # bit for bit
-    one_rank = tmp_path / "one-rank"
-    run_train(train_args(tiny_teacher_dir, small_corpus_dir, one_rank, ds_config, max_steps=8,
-                         resume=full / "checkpoints" / "step_0000004", **options), ranks=1)
-    assert sorted(step_losses(one_rank)) == [5, 6, 7, 8]
-    assert all(math.isfinite(v) for v in step_losses(one_rank).values())
+    one_rank = step_losses(one_rank_runs["top8_one_rank"].path)
+    assert sorted(one_rank) == [5, 6, 7, 8]
+    assert all(math.isfinite(v) for v in one_rank.values())
 
 
-def test_an_interrupted_build_resumes_at_its_missing_shards(exact_cache, tiny_teacher_dir,
-                                                            small_corpus_dir, ds_config,
-                                                            tmp_path):
+def cache_refusal(argv, capsys) -> str:
+    """tsld-cache's main(argv) in this process: exit 2; its error line."""
+    assert cache_main([str(a) for a in argv]) == EXIT_USAGE
+    return capsys.readouterr().err
+
+
+def test_an_interrupted_build_resumes_at_its_missing_shards(cache_runs, one_rank_runs, tmp_path,
+                                                            capsys, in_process):
     """The state a stopped build leaves (an incomplete manifest, finished shards with their
-    entries beside them, one shard missing and a torn write) is completed by running it again:
-    only the missing shard is computed, and the cache equals the uninterrupted one."""
-    out = tmp_path / "cache"
-    shutil.copytree(exact_cache[0], out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    for i, entry in enumerate(manifest["shards"]):
-        (out / f"shard-{i:05d}.json").write_text(json.dumps(entry))
-    (out / manifest["shards"][1]["file"]).unlink()
-    (out / "shard-00001.safetensors.tmp").write_bytes(b"torn")
-    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False, "shards": []}))
-    relaid = build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config,
-                         {"topk": 0, "rows_per_shard": 50}, ranks=0, check=False)
-    assert relaid.returncode == 2 and "built for --rows_per_shard 100" in relaid.stderr
-    proc = build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config,
-                       {"topk": 0, "rows_per_shard": 100}, ranks=1)
+    entries beside them, one shard missing and a torn write) is completed by running it again
+    (one_rank_runs' `completed`): only the missing shard is computed, and the cache equals the
+    uninterrupted one. Other options are refused, before and after."""
+    exact = cache_runs["exact"]
+    relaid = interrupted_cache(exact.path, tmp_path / "interrupted")
+    argv = [str(relaid) if a == str(exact.path) else a for a in exact.argv]
+    assert "built for --rows_per_shard 100" in cache_refusal(
+        [*argv, "--rows_per_shard", 50], capsys)
+
+    completed = one_rank_runs["completed"]
+    manifest = json.loads((exact.path / "manifest.json").read_text())
     shards = len(manifest["shards"])
-    assert f"1 of {shards} shards of 100 rows to compute" in proc.stdout
-    rebuilt = json.loads((out / "manifest.json").read_text())
+    assert f"1 of {shards} shards of 100 rows to compute" in completed.finished.stdout
+    rebuilt = json.loads((completed.path / "manifest.json").read_text())
     assert rebuilt["shards"] == manifest["shards"] and rebuilt["complete"]
-    assert not list(out.glob("*.tmp"))
-    again = build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config,
-                        {"topk": 0, "rows_per_shard": 100}, ranks=0, check=False)
-    assert again.returncode == 2 and "already holds this complete teacher cache" in again.stderr
-    other = build_cache(tiny_teacher_dir, small_corpus_dir, out, ds_config, {"topk": 4},
-                        ranks=0, check=False)
-    assert other.returncode == 2 and "built for --topk 0 --tail_samples 0 in float32" in \
-        other.stderr
+    assert not list(completed.path.glob("*.tmp"))
+    assert "already holds this complete teacher cache" in cache_refusal(completed.argv, capsys)
+    assert "built for --topk 0 --tail_samples 0 in float32" in cache_refusal(
+        [*completed.argv, "--topk", 4], capsys)
 
 
-def refusal(tmp_path, model, corpus, cache, ds_config, **options):
-    """A 1-process training run with --teacher_cache that must stop with exit code 2 before any
-    model loads; returns its one error line."""
-    proc = run_train(train_args(model, corpus, tmp_path / "refused", ds_config, kd="tsld",
-                                teacher_cache=cache, **options), ranks=0, check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
+def refusal(argv, capsys) -> str:
+    """A training run with --teacher_cache that must stop with exit code 2 before any model
+    loads (main() in this process); returns its one error line."""
+    assert train_main([str(a) for a in argv]) == EXIT_USAGE
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
     return lines[0]
 
 
-def test_a_cache_of_another_run_is_refused(topk_cache, tiny_teacher_dir, tiny_llama_dir,
-                                           small_corpus_dir, ds_config, tmp_path):
+def with_option(argv: list, name: str, value) -> list:
+    """`argv` with --NAME set to `value` (replaced where given)."""
+    argv = [str(a) for a in argv]
+    if f"--{name}" in argv:
+        argv[argv.index(f"--{name}") + 1] = str(value)
+        return argv
+    return [*argv, f"--{name}", str(value)]
+
+
+def test_a_cache_of_another_run_is_refused(cache_runs, tiny_llama_dir, tmp_path, capsys,
+                                           in_process):
+    top8 = cache_runs["top8_full"]
+    topk_cache = cache_runs["top8"].path
+    base = with_option(top8.argv, "output_dir", tmp_path / "refused")
     other_corpus = write_small_corpus(tmp_path / "corpus")
     (other_corpus / "train.txt").write_text(
         (other_corpus / "train.txt").read_text().replace("LORD", "Lord"))
-    cases = [(dict(model=tiny_teacher_dir, block_size=16), "--block_size 32, this run 16"),
-             (dict(model=tiny_teacher_dir, corpus=other_corpus), "other training rows"),
-             (dict(model=tiny_llama_dir), "another teacher")]
-    for case, message in cases:
-        corpus = case.pop("corpus", small_corpus_dir)
-        line = refusal(tmp_path, case.pop("model"), corpus, topk_cache, ds_config, **case)
+    cases = [(with_option(base, "block_size", 16), "--block_size 32, this run 16"),
+             (with_option(base, "dataset", other_corpus), "other training rows"),
+             (with_option(base, "model", tiny_llama_dir), "another teacher")]
+    for argv, message in cases:
+        line = refusal(argv, capsys)
         assert f"--teacher_cache {topk_cache} was built for" in line and message in line, line
         assert "rebuild it with tsld-cache" in line
 
 
-def test_a_damaged_or_missing_cache_is_refused_naming_the_file(topk_cache, tiny_teacher_dir,
-                                                                small_corpus_dir, ds_config,
-                                                                tmp_path):
+def test_a_damaged_or_missing_cache_is_refused_naming_the_file(cache_runs, tmp_path, capsys,
+                                                                in_process):
     cache = tmp_path / "cache"
-    shutil.copytree(topk_cache, cache)
+    shutil.copytree(cache_runs["top8"].path, cache)
+    argv = with_option(with_option(cache_runs["top8_full"].argv, "teacher_cache", cache),
+                       "output_dir", tmp_path / "refused")
     shard = cache / "shard-00000.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte among the values
     shard.write_bytes(bytes(data))
-    line = refusal(tmp_path, tiny_teacher_dir, small_corpus_dir, cache, ds_config)
-    assert f"{shard} is corrupted" in line
+    assert f"{shard} is corrupted" in refusal(argv, capsys)
     shard.write_bytes(bytes(data[:1000]))
-    assert f"{shard} has 1000 bytes" in refusal(tmp_path, tiny_teacher_dir, small_corpus_dir,
-                                                cache, ds_config)
+    assert f"{shard} has 1000 bytes" in refusal(argv, capsys)
     (cache / "manifest.json").unlink()
-    assert "holds no complete teacher cache" in refusal(tmp_path, tiny_teacher_dir,
-                                                        small_corpus_dir, cache, ds_config)
+    assert "holds no complete teacher cache" in refusal(argv, capsys)
 
 
-def test_a_manifest_whose_shards_leave_a_gap_is_refused(topk_cache, tmp_path):
+def test_a_manifest_whose_shards_leave_a_gap_is_refused(cache_runs, tmp_path):
     from tsld_ds.errors import UsageError
     from tsld_ds.teacher import TeacherCache
 
+    topk_cache = cache_runs["top8"].path
     manifest = json.loads((topk_cache / "manifest.json").read_text())
     identity = CacheIdentity(**manifest["identity"])
     cache = tmp_path / "cache"

@@ -1,6 +1,7 @@
 """Two "nodes" on one machine, each started by launch/slurm/node.sh as SLURM's srun would start it
 (DeepSpeed's launcher with --no_ssh, node ranks 0 and 1, one CPU rank each, master 127.0.0.1):
-the same training as one node with two ranks, a clean stop on SIGUSR1, and a lost rank."""
+a clean stop on SIGUSR1, a resume on two nodes with the same losses as one node with two ranks
+(sweep_runs' `gt`, the same options), a rank lost on the other node; and a hung rank."""
 import json
 import os
 import signal
@@ -13,21 +14,21 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from helpers import REPO, free_port, gt_args, run_train, step_losses, write_ds_config
+from helpers import (REPO, assert_e2e, free_port, gt_args, step_losses, train_command,
+                     write_ds_config)
 from tsld_ds.train.checkpoint import latest_checkpoint
 
-STEPS = 20
 NODE_SCRIPT = REPO / "launch" / "slurm" / "node.sh"
 
 
-def start_two_nodes(args, logs_dir) -> list[subprocess.Popen]:
+def start_two_nodes(args, logs_dir, name: str) -> list[subprocess.Popen]:
+    assert_e2e()
     env = {**os.environ, "TSLD_NODES": "node0 node1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "TSLD_PROCS_PER_NODE": "1", "PYTHON": sys.executable,
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
+           "OMP_NUM_THREADS": "1"}
     nodes = []
     for node_rank in (0, 1):
-        log = open(logs_dir / f"node{node_rank}.log", "w")
+        log = open(logs_dir / f"{name}-node{node_rank}.log", "w")
         nodes.append(subprocess.Popen(["bash", str(NODE_SCRIPT), *map(str, args)], cwd=REPO,
                                       env={**env, "SLURM_NODEID": str(node_rank)},
                                       stdout=log, stderr=subprocess.STDOUT))
@@ -40,65 +41,45 @@ def last_logged_step(output_dir) -> int:
     return max((json.loads(line)["step"] for line in lines if '"loss"' in line), default=0)
 
 
-def wait_for_step(output_dir, step: int, nodes, timeout: float = 240) -> None:
+def wait_for_step(output_dir, step: int, processes, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while last_logged_step(output_dir) < step:
-        assert all(n.poll() is None for n in nodes), "a node exited before the fault"
+        assert all(p.poll() is None for p in processes), "a process exited before the fault"
         assert time.time() < deadline, f"no step {step} within {timeout} s"
         time.sleep(0.05)
 
 
-def training_rank(node: subprocess.Popen) -> psutil.Process:
-    """The rank DeepSpeed's launcher started under `node` (one rank per node here)."""
-    ranks = [p for p in psutil.Process(node.pid).children(recursive=True)
+def training_ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """The ranks DeepSpeed's launcher started under `launcher`, by rank."""
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
              if any(arg.startswith("--local_rank=") for arg in p.cmdline())]
-    assert len(ranks) == 1, ranks
-    return ranks[0]
+    return sorted(ranks, key=lambda p: next(a for a in p.cmdline()
+                                            if a.startswith("--local_rank=")))
 
 
-def stop_all(nodes) -> None:
-    for node in nodes:
-        if node.poll() is None:
-            for process in [*psutil.Process(node.pid).children(recursive=True), node]:
-                process.kill()
-        node.wait()
+def stop_all(processes) -> None:
+    for process in processes:
+        if process.poll() is None:
+            for child in [*psutil.Process(process.pid).children(recursive=True), process]:
+                child.kill()
+        process.wait()
+
+
+LOST_RANK_TIMEOUT_S = 20
 
 
 @pytest.fixture(scope="module")
-def single_node_losses(tiny_llama_dir, small_corpus_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("single-node")
-    run_train(gt_args(tiny_llama_dir, small_corpus_dir, tmp / "run",
-                      write_ds_config(tmp / "ds.json", exact_resume=True), **{"max_steps": STEPS}))
-    return step_losses(tmp / "run")
+def two_node_run(tmp_path_factory, sweep_runs):
+    """sweep_runs' `gt` options on two nodes: stopped by SIGUSR1 to node 1 after step 3 (and a
+    SIGTERM while it writes its checkpoint); then resumed on two nodes (--resume latest, a
+    checkpoint every 2 steps, --dist_timeout 20: neither changes a loss) until 4 steps later node
+    1's rank is killed (SIGKILL): node 0's launcher does not know, and its rank must notice."""
+    reference = sweep_runs["gt"]
+    root = tmp_path_factory.mktemp("two-nodes")
+    out = root / "run"
+    args = [str(out) if a == str(reference.path) else a for a in reference.argv]
 
-
-def assert_same_losses(got: dict, expected: dict) -> None:
-    """Bit for bit: two ranks reduce the same way on one node or two, and an exact-resume config
-    (conftest.write_ds_config) restores every state exactly."""
-    assert got == {step: expected[step] for step in got}
-
-
-def test_two_nodes_train_like_one_node_with_two_ranks(single_node_losses, tiny_llama_dir,
-                                                      small_corpus_dir, tmp_path):
-    out = tmp_path / "run"
-    nodes = start_two_nodes(gt_args(tiny_llama_dir, small_corpus_dir, out,
-                                    write_ds_config(tmp_path / "ds.json", exact_resume=True),
-                                    **{"max_steps": STEPS}), tmp_path)
-    try:
-        assert [n.wait(timeout=300) for n in nodes] == [0, 0]
-    finally:
-        stop_all(nodes)
-    losses = step_losses(out)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert_same_losses(losses, single_node_losses)
-
-
-def test_sigusr1_saves_and_exits_cleanly_and_resume_continues_exactly(
-        single_node_losses, tiny_llama_dir, small_corpus_dir, tmp_path):
-    out, ds = tmp_path / "run", write_ds_config(tmp_path / "ds.json", exact_resume=True)
-    args = gt_args(tiny_llama_dir, small_corpus_dir, out, ds, **{"max_steps": STEPS})
-    nodes = start_two_nodes(args, tmp_path)
-    try:
+    def stop_after_step_3(nodes):
         wait_for_step(out, 3, nodes)
         # Only node 1 hears it: rank 0 learns through the per-step agreement.
         nodes[1].send_signal(signal.SIGUSR1)
@@ -107,42 +88,64 @@ def test_sigusr1_saves_and_exits_cleanly_and_resume_continues_exactly(
                 and time.time() < deadline:
             time.sleep(0.01)
         nodes[1].send_signal(signal.SIGTERM)
-        assert [n.wait(timeout=120) for n in nodes] == [0, 0]
+
+    nodes = start_two_nodes(args, root, "stopped")
+    try:
+        stop_after_step_3(nodes)
+        stopped_codes = [n.wait(timeout=300) for n in nodes]
     finally:
         stop_all(nodes)
-    stopped_at = int(latest_checkpoint(out).name.split("_")[1])
-    assert 3 <= stopped_at < STEPS
-    assert sorted(step_losses(out)) == list(range(1, stopped_at + 1))
-    assert f"stopped on SIGUSR1 after step {stopped_at} of {STEPS}" in \
-        (tmp_path / "node0.log").read_text()
-    assert not (out / "summary.json").exists()  # what tells train.sbatch to requeue
+    stopped = {"codes": stopped_codes, "latest": latest_checkpoint(out),
+               "steps": sorted(step_losses(out)), "summary": (out / "summary.json").exists(),
+               "log": (root / "stopped-node0.log").read_text()}
+    stopped_at = int(stopped["latest"].name.split("_")[1])
 
-    run_train(args + ["--resume", "latest"])  # one node, two ranks: the same world size
-    losses = step_losses(out)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert_same_losses(losses, single_node_losses)
-
-
-@pytest.mark.parametrize("fault", ["dead", "hung"])
-def test_lost_rank_stops_the_other_within_the_timeout(fault, tiny_llama_dir, small_corpus_dir,
-                                                      tmp_path):
-    timeout = 30
-    out = tmp_path / "run"
-    nodes = start_two_nodes(gt_args(tiny_llama_dir, small_corpus_dir, out,
-                                    write_ds_config(tmp_path / "ds.json"),
-                                    **{"max_steps": 1000, "save_every": 2,
-                                       "dist_timeout": timeout}), tmp_path)
+    nodes = start_two_nodes([*args, "--resume", "latest", "--save_every", 2, "--dist_timeout",
+                             LOST_RANK_TIMEOUT_S], root, "resumed")
     try:
-        wait_for_step(out, 5, nodes)
-        lost = training_rank(nodes[1])
-        lost.send_signal(signal.SIGKILL if fault == "dead" else signal.SIGSTOP)
+        wait_for_step(out, stopped_at + 4, nodes)
+        [lost] = training_ranks(nodes[1])
+        lost.send_signal(signal.SIGKILL)
         lost_at = time.time()
-        assert nodes[0].wait(timeout=timeout + 60) == 1
+        node0_code = nodes[0].wait(timeout=LOST_RANK_TIMEOUT_S + 60)
         waited = time.time() - lost_at
     finally:
         stop_all(nodes)
-    assert waited < timeout + 15, waited  # a hung rank takes the timeout, a dead one less
-    log = (tmp_path / "node0.log").read_text()
+    resumed = {"node0_code": node0_code, "waited": waited, "stopped_at": stopped_at,
+               "log": (root / "resumed-node0.log").read_text()}
+    return reference, out, stopped, resumed
+
+
+def test_sigusr1_saves_and_exits_cleanly(two_node_run):
+    reference, _, stopped, _ = two_node_run
+    steps = int(reference.argv[reference.argv.index("--max_steps") + 1])
+    assert stopped["codes"] == [0, 0]
+    stopped_at = int(stopped["latest"].name.split("_")[1])
+    assert 3 <= stopped_at < steps
+    assert stopped["steps"] == list(range(1, stopped_at + 1))
+    assert f"stopped on SIGUSR1 after step {stopped_at} of {steps}" in stopped["log"]
+    assert not stopped["summary"]  # what tells train.sbatch to requeue
+
+
+def test_two_nodes_resume_and_train_like_one_node_with_two_ranks(two_node_run):
+    """Bit for bit: two ranks reduce the same way on one node or two, and an exact-resume config
+    restores every state exactly: each step the two nodes logged, before the stop and after the
+    resume, has the one-node run's loss."""
+    reference, out, _, resumed = two_node_run
+    expected, losses = step_losses(reference.path), step_losses(out)
+    assert sorted(losses) == list(range(1, len(losses) + 1))
+    assert len(losses) >= resumed["stopped_at"] + 4
+    assert losses == {step: expected[step] for step in losses}
+
+
+def test_a_dead_rank_on_another_node_stops_rank_0(two_node_run):
+    _, out, _, resumed = two_node_run
+    assert resumed["node0_code"] == 1
+    assert_lost_rank_reported(resumed["log"], out, resumed["waited"])
+
+
+def assert_lost_rank_reported(log: str, out, waited: float) -> None:
+    assert waited < LOST_RANK_TIMEOUT_S + 15, waited  # a hung rank takes the timeout
     assert "error: rank 0 lost contact with the other ranks" in log
     assert "Traceback" not in log
     latest = latest_checkpoint(out)
@@ -150,6 +153,34 @@ def test_lost_rank_stops_the_other_within_the_timeout(fault, tiny_llama_dir, sma
     assert int(latest.name.split("_")[1]) >= 4
     weights = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=latest.name)
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def lost_rank_args(tiny_teacher_dir, small_corpus_dir, tmp_path) -> list:
+    return gt_args(tiny_teacher_dir, small_corpus_dir, tmp_path / "run",
+                   write_ds_config(tmp_path / "ds.json"), max_steps=1000, save_every=2,
+                   dist_timeout=LOST_RANK_TIMEOUT_S)
+
+
+@pytest.mark.e2e
+def test_a_hung_rank_stops_rank_0_within_the_timeout(tiny_teacher_dir, small_corpus_dir,
+                                                     tmp_path):
+    """Rank 1 of one node stops (SIGSTOP): rank 0's next collective fails after --dist_timeout,
+    and it reports that in one line (the launcher, which sees nothing of a stopped process, then
+    ends the run)."""
+    out = tmp_path / "run"
+    cmd, env = train_command(lost_rank_args(tiny_teacher_dir, small_corpus_dir, tmp_path))
+    log = open(tmp_path / "hung.log", "w")
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(out, 5, [launcher])
+        rank0, rank1 = training_ranks(launcher)
+        rank1.send_signal(signal.SIGSTOP)
+        lost_at = time.time()
+        rank0.wait(timeout=LOST_RANK_TIMEOUT_S + 60)  # not our child: gone, code unknown
+        waited = time.time() - lost_at
+    finally:
+        stop_all([launcher])
+    assert_lost_rank_reported((tmp_path / "hung.log").read_text(), out, waited)
 
 
 def test_gloo_transport_failures_count_as_a_lost_rank():

@@ -1,23 +1,21 @@
 """Resuming a 2-rank ZeRO-3 run at world size 1 through DeepSpeed's universal checkpoint."""
+from pathlib import Path
+
 import pytest
 
-from helpers import run_train, step_losses, train_args, write_ds_config
-
+from helpers import step_losses
 from tsld_ds.train.universal import saved_world_size, translate_sampler, universal_path
 
 
-def test_resume_on_one_rank_continues_the_two_rank_losses(llama256_run, llama256_dir,
-                                                          small_corpus_dir, tmp_path):
-    step2 = llama256_run / "checkpoints" / "step_0000002"
-    assert saved_world_size(step2) == 2
-    # Same global batch: 2 ranks x micro 2 before, 1 rank x micro 2 x accumulation 2 now.
-    ds = write_ds_config(tmp_path / "ds.json", gradient_accumulation_steps=2)
-    resumed = tmp_path / "resumed"
-    run_train(train_args(llama256_dir, small_corpus_dir, resumed, ds, kd="gt", eval_max_blocks=8,
-                         max_steps=4, resume=step2, no_export=True), ranks=1)
-    assert (universal_path(step2) / "zero").is_dir()
-    expected, got = step_losses(llama256_run), step_losses(resumed)
-    assert sorted(got) == [3, 4]
+def test_resume_on_one_rank_continues_the_two_rank_losses(tsld_run, one_rank_runs):
+    """one_rank_runs' `universal`: (a copy of) `tsld` resumed from its step 18 at world size 1,
+    with the same global batch (2 ranks x micro 2 before, 1 rank x micro 2 x accumulation 2)."""
+    run = one_rank_runs["universal"]
+    step18 = Path(run.argv[run.argv.index("--resume") + 1])
+    assert saved_world_size(step18) == 2
+    assert (universal_path(step18) / "zero").is_dir()
+    expected, got = step_losses(tsld_run), step_losses(run.path)
+    assert sorted(got) == [19, 20]
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 

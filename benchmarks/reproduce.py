@@ -50,7 +50,6 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -276,11 +275,10 @@ def train_options(args, spec: RunSpec, seed: int) -> list:
 
 
 def launcher_command(args, options: list, script: Path = TRAIN_SCRIPT) -> list:
-    with socket.socket() as s:  # a free port: each run has its own rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tsld_ds.run.distributed import free_port  # each run has its own rendezvous
+
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_gpus),
-            "--master_port", str(port), str(script), *options]
+            "--master_port", str(free_port()), str(script), *options]
 
 
 class Stopped(Exception):
@@ -319,7 +317,7 @@ def prepare_task(args, env: dict, dry_run: bool) -> list:
     from tsld_ds.errors import UsageError
     from tsld_ds.models import BUILTIN_MODEL
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger: stdout is for commands
-        from tsld_ds.train.build import read_ds_config
+        from tsld_ds.run.ds_config import read_ds_config
 
     paths = task_paths(args)
     teacher = args.teacher or args.model or BUILTIN_MODEL
@@ -355,9 +353,10 @@ def prepare_task(args, env: dict, dry_run: bool) -> list:
     if not dry_run:
         if train_one(args, paths["teacher"], fp_options, env, "FP stage: teacher") == "failed":
             sys.exit(f"error: the FP stage failed; see {paths['teacher'] / 'train.log'}")
-        from tsld_ds.teacher.cache import read_manifest, weights_sha256
+        from tsld_ds.models import model_identity
+        from tsld_ds.teacher.cache import read_manifest
         manifest = read_manifest(paths["cache"]) or {}
-        args.teacher_sha256 = weights_sha256(fine_tuned)  # records name the teacher they learnt
+        args.teacher_sha256 = model_identity(fine_tuned)  # records name the teacher they learnt
         if manifest.get("complete") and \
                 manifest["identity"]["teacher_sha256"] != args.teacher_sha256:
             sys.exit(f"error: {paths['cache']} holds the outputs of another teacher than "

@@ -5,6 +5,8 @@ With a ZeRO-3 config active (`HfDeepSpeedConfig`), `from_pretrained` creates the
 copy of the model.
 """
 import contextlib
+import functools
+import hashlib
 import os
 import re
 import sys
@@ -16,6 +18,7 @@ from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForC
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from tsld_ds.errors import UsageError
+from tsld_ds.files import sha256_file
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_MODEL = str(ASSETS / "tiny-llama-kjv")
@@ -37,6 +40,45 @@ def check_model_source(name_or_path: str, what: str, marker: str = "config.json"
     # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
     if name_or_path.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path):
         raise UsageError(f"{what} path '{name_or_path}' does not exist")
+
+
+def read_config(name_or_path: str, what: str):
+    """A model's config (transformers' AutoConfig), or one clear line naming `what` it was."""
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read the config of {what} '{name_or_path}': {first}; pass a "
+                         "local model directory, a shipped config name or a Hugging Face id "
+                         "that this machine can reach") from None
+
+
+# The files that make a model what it is: its config and its weights.
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin")
+
+
+def model_identity(name_or_path: str) -> str:
+    """The one notion of "the same model": SHA-256 over a model's config and weight files, names
+    and contents, wherever it lies (a copy staged to node-local storage is the same model). A hub
+    name is resolved to its local snapshot, downloading what is missing, as loading it would.
+    Computed once per process for files that have not changed since."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(name_or_path, allow_patterns=[*MODEL_FILES,
+                                                                    "*.index.json"]))
+    files = [f for pattern in MODEL_FILES for f in sorted(path.glob(pattern)) if f.is_file()]
+    return _content_digest(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+                                 for f in files))
+
+
+@functools.lru_cache(maxsize=None)
+def _content_digest(files: tuple) -> str:
+    digest = hashlib.sha256()
+    for file, _, _ in files:
+        digest.update(Path(file).name.encode() + bytes.fromhex(sha256_file(file)))
+    return digest.hexdigest()
 
 
 def check_gradient_checkpointing(name_or_path: str, what: str) -> None:

@@ -19,7 +19,6 @@ rows asked for).
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from safetensors.torch import save
 import tsld_ds
 from tsld_ds.devices import to_device
 from tsld_ds.errors import UsageError
+from tsld_ds.files import sha256_file, write_atomically
+from tsld_ds.models import model_identity
 from tsld_ds.losses import TeacherOutput, TopKTeacher
 
 MANIFEST = "manifest.json"
@@ -42,7 +43,7 @@ class CacheIdentity:
     """What a cache's values depend on; a run may use a cache only if all of it matches."""
 
     teacher: str            # as given (a name or a path)
-    teacher_sha256: str     # over its config and weight files' contents
+    teacher_sha256: str     # its config and weight files' contents (`model_identity`)
     tokenizer_sha256: str   # over its vocabulary and special tokens
     dataset: str            # as given
     rows_sha256: str        # over the training rows' token ids and labels
@@ -52,7 +53,7 @@ class CacheIdentity:
     @classmethod
     def of(cls, teacher: str, tokenizer, dataset: str, rows, block_size: int) -> "CacheIdentity":
         """The identity of a run's teacher and rows (hashing the teacher's weight files)."""
-        return cls(teacher=teacher, teacher_sha256=weights_sha256(teacher),
+        return cls(teacher=teacher, teacher_sha256=model_identity(teacher),
                    tokenizer_sha256=tokenizer_sha256(tokenizer), dataset=dataset,
                    rows_sha256=rows_sha256(rows), rows=len(rows), block_size=block_size)
 
@@ -68,32 +69,6 @@ class CacheIdentity:
             if getattr(self, field) != getattr(run, field):
                 return what
         return None
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def weights_sha256(name_or_path: str) -> str:
-    """SHA-256 over a model's config.json and weight files (names and contents). A hub name is
-    resolved to its local snapshot, downloading what is missing, as loading the model would."""
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(name_or_path, allow_patterns=[
-            "config.json", "*.safetensors", "*.bin", "*.index.json"]))
-    files = [path / "config.json", *sorted(path.glob("*.safetensors")),
-             *sorted(path.glob("*.bin"))]
-    digest = hashlib.sha256()
-    for file in files:
-        if file.is_file():
-            digest.update(file.name.encode() + bytes.fromhex(file_sha256(file)))
-    return digest.hexdigest()
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -137,15 +112,6 @@ def write_manifest(cache_dir, identity: CacheIdentity, contents: dict, *, shards
                 "complete": complete, "shards": shards,
                 "validation": VALIDATION if complete else None}
     write_atomically(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=2).encode())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shard_name(index: int) -> str:
@@ -225,7 +191,7 @@ class TeacherCache:
             elif path.stat().st_size != entry["bytes"]:
                 problems.append(f"{path} has {path.stat().st_size} bytes, the manifest "
                                 f"{entry['bytes']}: truncated or overwritten")
-            elif file_sha256(path) != entry["sha256"]:
+            elif sha256_file(path) != entry["sha256"]:
                 problems.append(f"{path} is corrupted (its SHA-256 differs from the manifest's)")
         return problems
 

@@ -13,7 +13,7 @@ setup(
     packages=[*find_packages(include=["tsld_ds", "tsld_ds.*"]), "tsld_ds.kernels"],
     package_data={"tsld_ds": ["assets/**/*"]},
     include_package_data=True,
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         # Any torch >= 2.1 works; CPU-only machines pin the CPU wheel before installing this.
         "torch>=2.1",
@@ -39,10 +39,10 @@ setup(
     entry_points={
         "console_scripts": [
             "tsld-train=tsld_ds.train.cli:run",
-            "tsld-cache=tsld_ds.teacher.cache_cli:run",
+            "tsld-cache=tsld_ds.cache.cli:run",
             "tsld-estimate=tsld_ds.capacity.cli:run",
-            "tsld-convert=tsld_ds.convert.cli:main",
-            "tsld-eval=tsld_ds.evaluation.cli:main",
+            "tsld-convert=tsld_ds.convert.cli:run",
+            "tsld-eval=tsld_ds.evaluation.cli:run",
         ]
     },
 )

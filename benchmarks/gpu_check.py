@@ -53,7 +53,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -62,6 +61,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from tsld_ds.run.distributed import free_port  # noqa: E402
 
 STAGES = ("kernels", "losses", "default", "loss_memory", "kernel_bench", "llama_1b")
 LLAMA_1B_CONFIG = REPO / "tsld_ds" / "assets" / "model_configs" / "llama-1b"
@@ -187,12 +188,6 @@ def stage_losses(check: Check, args) -> dict:
     if check.dry_run:  # the CPU suite runs all of them; here the fp32 and bf16 cases suffice
         argv += ["-k", "float32 or bf16"]
     return {"device": device, "tests": run_pytest(check, "losses", argv, 240)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(check: Check, name: str, options: list, output_dir: Path, timeout: float) -> dict:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from tsld_ds.run.distributed import free_port  # noqa: E402
 
 TRAIN = REPO / "launch" / "train.py"
 SLICE_OF = REPO / "tsld_ds" / "assets" / "model_configs" / "llama-2-7b"
@@ -121,12 +122,6 @@ class RankSampler(threading.Thread):
             time.sleep(self.period)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_ds_config(path: Path, params: int) -> Path:
     """zero3.json at micro-batch 1, its reduce bucket (DeepSpeed's default 5e8 elements) at most
     an eighth of the model: the CPU maps a buffer's pages only once they are written, a GPU
@@ -198,8 +193,7 @@ def estimated(model_dir: Path, ds_config: Path, ranks: int, block_size: int,
     import torch
 
     from tsld_ds.capacity.estimate import HELD, Setup, estimate, model_shape
-    from tsld_ds.teacher.engine import teacher_ds_config
-    from tsld_ds.train.build import read_ds_config, resolve_zero_sizes
+    from tsld_ds.run.ds_config import read_ds_config, resolve_zero_sizes, teacher_ds_config
     config = resolve_zero_sizes(read_ds_config(str(ds_config), world=ranks), str(model_dir), ranks)
     shape = model_shape(str(model_dir), torch.float32, config["train_micro_batch_size_per_gpu"],
                         block_size, "sdpa")

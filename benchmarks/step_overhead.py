@@ -177,8 +177,8 @@ def plain_worker(args) -> None:
     from tsld_ds.losses import TeacherOutput
     from tsld_ds.models import load_tokenizer, model_body
     from tsld_ds.quant import quantize_model
-    from tsld_ds.train.args import objective_of, parse_args as train_args, quant_config_of
-    from tsld_ds.train.build import seed_everything
+    from tsld_ds.run.distributed import seed_everything
+    from tsld_ds.run.options import parse_args as train_args
     from tsld_ds.train.schedule import lr_lambda
 
     targs = train_args(args.train_argv)
@@ -186,13 +186,13 @@ def plain_worker(args) -> None:
     seed_everything(targs.seed)
     tokenizer = load_tokenizer(targs.model)
     train_rows, _ = dataset_rows(targs.dataset, tokenizer, targs.block_size, seed=targs.seed)
-    teacher = AutoModelForCausalLM.from_pretrained(targs.teacher or targs.model,
+    teacher = AutoModelForCausalLM.from_pretrained(targs.teacher_name,
                                                    dtype=torch.float32)
     teacher.requires_grad_(False).eval()
     student = AutoModelForCausalLM.from_pretrained(targs.model, dtype=torch.float32)
-    quantize_model(student, quant_config_of(targs))
+    quantize_model(student, targs.quant_config)
     student.train()
-    objective = objective_of(targs)
+    objective = targs.objective
     micro = config["train_micro_batch_size_per_gpu"]
     sampler = ResumableDistributedSampler(len(train_rows), num_replicas=1, rank=0,
                                           seed=targs.seed)

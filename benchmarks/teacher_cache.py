@@ -24,7 +24,6 @@ reused, so the same command resumes. Wall times depend on the machine's load: ru
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tsld_ds.run.distributed import free_port  # noqa: E402
+
 TRAIN = REPO / "launch" / "train.py"
 CACHE = REPO / "launch" / "teacher_cache.py"
 PARTS = ("exact", "speed", "fidelity", "size")
@@ -54,11 +57,8 @@ def parse_args(argv=None):
 
 def launch(script: Path, args: list, ranks: int, log: Path) -> float:
     """Runs `script` under the DeepSpeed launcher with `ranks` processes; returns its wall time."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(port), str(script), *map(str, args)]
+           "--master_port", str(free_port()), str(script), *map(str, args)]
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(log, "w") as f:

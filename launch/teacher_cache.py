@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tsld_ds.teacher.cache_cli import run  # noqa: E402
+from tsld_ds.cache.cli import run  # noqa: E402
 
 if __name__ == "__main__":
     run()

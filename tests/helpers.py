@@ -4,11 +4,12 @@ launcher with real processes. Fixtures built from them are in conftest.py."""
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from tsld_ds.run.distributed import free_port  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
@@ -27,12 +28,6 @@ GRADIENT_CASES = {"tsld": ("tsld", {**LOSS_IMPLS, **CHECKPOINTED}),
                   "l2l-checkpointed": ("l2l", {"naive": LOSS_IMPLS["naive"], **CHECKPOINTED})}
 # Several commands in one launch (tests/drivers/run_many.py).
 RUN_MANY_SCRIPT = REPO / "tests" / "drivers" / "run_many.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_llama_config(vocab_size: int, **overrides):

@@ -19,11 +19,11 @@ def require(module: str, package: str, option: str):
     return importlib.import_module(module)
 
 
-def check_options(args) -> None:
+def check_options(attn_implementation: str | None, optimizer: str) -> None:
     """Fails fast, before any process group or model exists."""
-    if args.attn_implementation == "flash_attention_2":
+    if attn_implementation == "flash_attention_2":
         require("flash_attn", "flash-attn", "--attn_implementation flash_attention_2")
-    if args.optimizer == "adamw_8bit":
+    if optimizer == "adamw_8bit":
         require("bitsandbytes", "bitsandbytes", "--optimizer adamw_8bit")
 
 

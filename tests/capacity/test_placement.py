@@ -8,7 +8,7 @@ import torch
 from tsld_ds.capacity.estimate import GiB, Setup, model_shape
 from tsld_ds.capacity.placement import REPLICATED, choose_teacher_config
 from tsld_ds.models import BUILTIN_MODEL
-from tsld_ds.train.build import resolve_zero_sizes
+from tsld_ds.run.ds_config import resolve_zero_sizes
 
 SETUP = Setup(num_gpus=2, num_nodes=1, block_size=128, micro_batch=4,
               gradient_checkpointing=False, attn_implementation="sdpa")

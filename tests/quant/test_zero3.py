@@ -62,7 +62,7 @@ def _worker():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tsld_ds.quant import QuantConfig, quantize_model, quantized_modules
-    from tsld_ds.train.build import init_distributed
+    from tsld_ds.run.distributed import init_distributed
 
     init_distributed(TIMEOUT_S)
     ds_config = {

@@ -13,7 +13,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from helpers import interrupted_cache, step_losses, write_small_corpus
 from tsld_ds.errors import EXIT_USAGE
 from tsld_ds.teacher import CacheIdentity
-from tsld_ds.teacher.cache_cli import main as cache_main
+from tsld_ds.cache.cli import main as cache_main
 from tsld_ds.train.cli import main as train_main
 
 
@@ -192,7 +192,7 @@ def test_a_manifest_whose_shards_leave_a_gap_is_refused(cache_runs, tmp_path):
     ({"teacher_ds_config": "ds.json"}, "with --teacher_cache no teacher runs"),
 ])
 def test_options_a_cache_cannot_serve_are_refused(options, message, tmp_path, capsys):
-    from tsld_ds.train.args import parse_args
+    from tsld_ds.run.options import parse_args
 
     with pytest.raises(SystemExit) as stopped:
         parse_args(["--teacher_cache", str(tmp_path), *[x for k, v in options.items()
@@ -219,7 +219,7 @@ def test_identity_mismatch_names_what_to_fix():
     (["--topk", "0", "--tail_samples", "4"], "--tail_samples needs --topk K"),
 ])
 def test_bad_cache_options_are_refused_in_one_line(options, message, capsys):
-    from tsld_ds.teacher.cache_cli import parse_args
+    from tsld_ds.cache.cli import parse_args
 
     assert parse_args(["--output_dir", "out", "--topk", "0"]).tail_samples == 0  # no tail
 

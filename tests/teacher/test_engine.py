@@ -2,7 +2,7 @@
 import json
 
 from helpers import REPO
-from tsld_ds.teacher import teacher_ds_config
+from tsld_ds.run.ds_config import teacher_ds_config
 
 STUDENT = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8,
            "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {}},
@@ -21,7 +21,7 @@ def test_derived_config_is_zero3_inference_in_the_students_precision():
 
 
 def test_derived_gather_sizes_follow_the_teachers_shape():
-    from tsld_ds.train.build import resolve_zero_sizes
+    from tsld_ds.run.ds_config import resolve_zero_sizes
     teacher = REPO / "tsld_ds" / "assets" / "model_configs" / "llama-2-7b"
     model = json.loads((teacher / "config.json").read_text())
     zero = resolve_zero_sizes(teacher_ds_config(STUDENT), str(teacher), 2)["zero_optimization"]

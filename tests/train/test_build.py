@@ -7,7 +7,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 
 from helpers import REPO
 from tsld_ds.errors import UsageError
-from tsld_ds.train.build import AUTO_SIZES, ZERO_SIZE_FLOOR, resolve_zero_sizes
+from tsld_ds.run.ds_config import AUTO_SIZES, ZERO_SIZE_FLOOR, resolve_zero_sizes
 
 
 def shipped(name: str) -> dict:
@@ -74,7 +74,7 @@ def test_deepspeed_builds_no_shared_memory_all_reduce():
     come back."""
     from deepspeed.comm.torch import build_shm_op
 
-    from tsld_ds.train.build import skip_shm_all_reduce
+    from tsld_ds.run.distributed import skip_shm_all_reduce
 
     skip_shm_all_reduce()
     assert build_shm_op() is None

@@ -15,7 +15,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from helpers import REPO, assert_e2e, free_port, step_losses
-from tsld_ds.train.checkpoint import latest_checkpoint
+from tsld_ds.run.checkpoint import latest_checkpoint
 
 NODE_SCRIPT = REPO / "launch" / "slurm" / "node.sh"
 
@@ -153,11 +153,11 @@ def test_gloo_transport_failures_count_as_a_lost_rank():
     """Where the surviving rank waits when the timeout fires decides the message: a blocking
     collective names gloo's source file, the wait on DeepSpeed's async all-gather does not (seen
     in CI: a raw traceback instead of the one-line error)."""
-    from tsld_ds.train.cli import _first_sentence, _is_collective_failure
+    from tsld_ds.run.cli import first_sentence, is_collective_failure
 
     blocking = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
                             "[127.0.0.1]:14479: Connection reset by peer")
     asynchronous = RuntimeError("Application timeout caused pair closure")
-    assert _is_collective_failure(blocking) and _is_collective_failure(asynchronous)
-    assert not _is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert _first_sentence(asynchronous) == "Application timeout caused pair closure"
+    assert is_collective_failure(blocking) and is_collective_failure(asynchronous)
+    assert not is_collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert first_sentence(asynchronous) == "Application timeout caused pair closure"

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from helpers import step_losses
-from tsld_ds.train.universal import saved_world_size, translate_sampler, universal_path
+from tsld_ds.run.universal import saved_world_size, translate_sampler, universal_path
 
 
 def test_resume_on_one_rank_continues_the_two_rank_losses(tsld_run, one_rank_runs):

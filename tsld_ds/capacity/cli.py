@@ -17,10 +17,11 @@ with contextlib.redirect_stdout(sys.stderr):
 
 from tsld_ds.capacity.estimate import GiB, Setup, estimate, model_shape
 from tsld_ds.capacity.placement import choose_teacher_config
-from tsld_ds.errors import EXIT_COMPLETED, EXIT_USAGE, UsageError
+from tsld_ds.errors import EXIT_COMPLETED, UsageError
 from tsld_ds.models import ASSETS, BUILTIN_MODEL, check_gradient_checkpointing, torch_dtype_of
-from tsld_ds.teacher.engine import teacher_ds_config
-from tsld_ds.train.build import checkpoints_on_host, read_ds_config, resolve_zero_sizes
+from tsld_ds.run.cli import entry_point, run_command
+from tsld_ds.run.ds_config import (checkpoints_on_host, read_ds_config, resolve_zero_sizes,
+                                   teacher_ds_config)
 
 SHIPPED_CONFIGS = ASSETS / "model_configs"
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"   # as launch/train.py's, from the repository
@@ -206,14 +207,15 @@ def format_table(p: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int:
         result = plan(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(result, indent=1) if args.json else format_table(result))
-    return EXIT_COMPLETED
+        print(json.dumps(result, indent=1) if args.json else format_table(result))
+        return EXIT_COMPLETED
+
+    return run_command(work)
 
 
 def run() -> None:
-    sys.exit(main())
+    """Entry point of launch/estimate.py and `tsld-estimate`."""
+    entry_point(main)

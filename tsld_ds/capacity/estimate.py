@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM
 
 from tsld_ds.errors import UsageError
+from tsld_ds.models import read_config
 from tsld_ds.losses.fused import default_chunk_size
 
 GiB = 1 << 30
@@ -107,16 +108,6 @@ class Estimate:
         d = dataclasses.asdict(self)
         d["total_gib"] = self.total_bytes / GiB
         return d
-
-
-def read_config(name_or_path: str, what: str):
-    try:
-        return AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot read the config of {what} '{name_or_path}': {first}; pass a "
-                         "local model directory, a shipped config name or a Hugging Face id "
-                         "that this machine can reach") from None
 
 
 def model_shape(name_or_path: str, dtype: torch.dtype, micro_batch: int, block_size: int,
@@ -228,25 +219,68 @@ def _offloads(zero: dict, key: str) -> bool:
     return zero.get(key, {}).get("device", "none") in ("cpu", "nvme")
 
 
+@dataclass
+class _TeacherFigures:
+    """What the teacher adds: its rows, host bytes, all-gather traffic, and whether ZeRO-3
+    partitions it (its lm_head then gathered for the loss)."""
+    rows: list
+    host_bytes: int = 0
+    allgather_bytes: int = 0
+    internode_bytes: int = 0
+    sharded: bool = False
+
+
 def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
              teacher_config: dict | None, setup: Setup, loss_chunk_size: int | None = None
              ) -> Estimate:
     """Per-GPU memory at the step's peak: what is held throughout (states, shards, buckets, the
     runtime) plus the largest of the phases' transients (each freed before the next phase), plus
     fragmentation of that transient; and the traffic of one micro-batch."""
-    world, rows = setup.world, []
     zero = zero_config(ds_config)
-    offload_optimizer, offload_params = _offloads(zero, "offload_optimizer"), \
-        _offloads(zero, "offload_param")
-    s = student.dtype_bytes
-    tokens = setup.micro_batch * setup.block_size
-    if offload_params and not offload_optimizer:
+    if _offloads(zero, "offload_param") and not _offloads(zero, "offload_optimizer"):
         raise UsageError("offload_param without offload_optimizer is not estimated: offload "
                          "both (ds_configs/zero3_offload.json) or the optimizer alone")
+    sharded = zero.get("stage", 0) == 3
+    rows, states, host_bytes = _student_states(student, zero, setup)
+    t = _teacher_figures(teacher, teacher_config, setup) if teacher is not None \
+        else _TeacherFigures(rows=[])
+    rows += t.rows
+    on_host = ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False)
+    stored, checkpointed = (activation_bytes(student, c, on_host) for c in (False, True))
+    rows += _loss_rows(student, teacher if t.sharded else None, teacher, setup, sharded,
+                       on_host, loss_chunk_size)
+    rows += _backward_rows(student, zero, setup, sharded, stored, checkpointed)
 
+    phase_bytes = {phase: sum(r.bytes for r in rows if r.phase == phase) for phase in PHASES}
+    peak_phase = max(phase_bytes, key=phase_bytes.get)
+    rows.append(Row("allocator fragmentation", int(FRAGMENTATION * phase_bytes[peak_phase]),
+                    HELD, f"{FRAGMENTATION:.0%} of the largest phase's transients"))
+    rows.append(Row("runtime", setup.runtime_bytes, HELD,
+                    "CUDA context, libraries' workspaces"))
+    total = sum(r.bytes for r in rows if r.phase == HELD) + phase_bytes[peak_phase]
+
+    world, s = setup.world, student.dtype_bytes
+    # ZeRO-3: forward, (recompute,) backward; ZeRO-2: the updated parameters after the step
+    gathers = (3 if setup.gradient_checkpointing else 2) if sharded else 1
+    return Estimate(rows=rows, total_bytes=total, peak_phase=peak_phase,
+                    host_bytes_per_node=host_bytes + t.host_bytes,
+                    student_allgather_bytes=gathers * student.params * s * (world - 1) // world,
+                    student_reduce_scatter_bytes=student.params * s * (world - 1) // world,
+                    teacher_allgather_bytes=t.allgather_bytes,
+                    teacher_allgather_internode_bytes=t.internode_bytes,
+                    student_states_bytes=states,
+                    activations_stored_bytes=stored,
+                    activations_checkpointed_bytes=checkpointed)
+
+
+def _student_states(student: ModelShape, zero: dict, setup: Setup) -> tuple[list, int, int]:
+    """The student's held rows, its model states' bytes, and the host bytes of an offload."""
+    world, s = setup.world, student.dtype_bytes
+    offload_optimizer, offload_params = _offloads(zero, "offload_optimizer"), \
+        _offloads(zero, "offload_param")
     # Model states: DeepSpeed's estimate (ZeRO-3: less its largest-layer allowance; the phases
-    # below size the gathered parameters from the config). Its per-parameter counts assume
-    # 16-bit parameters; float32 compute keeps 4-byte ones, 2 more bytes a parameter on the GPU.
+    # size the gathered parameters from the config). Its per-parameter counts assume 16-bit
+    # parameters; float32 compute keeps 4-byte ones, 2 more bytes a parameter on the GPU.
     sharded = zero.get("stage", 0) == 3
     if sharded:
         host, gpu, largest_layer = estimate_zero3_model_states_mem_needs(
@@ -262,73 +296,86 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
             cpu_offload=offload_optimizer)
         note = f"parameters whole, gradients and Adam states 1/{world} each (DeepSpeed's ZeRO-2 " \
             "estimate)"
-    host_bytes = host if offload_optimizer else 0   # DeepSpeed's per-node host figure
     if s == 4 and not offload_params:
         states += 2 * student.params // (world if sharded else 1)
     if offload_optimizer or offload_params:
         note += "; offloaded to the host: " + ", ".join(
             k for k, on in (("optimizer", offload_optimizer), ("parameters", offload_params))
             if on)
-    rows.append(Row("student model states", states, HELD, note))
+    rows = [Row("student model states", states, HELD, note)]
     if zero["contiguous_gradients"]:
         rows.append(Row("student reduce bucket", int(zero["reduce_bucket_size"]) * s,
                         HELD, f"reduce_bucket_size {zero['reduce_bucket_size']:.3g} gradient "
                         "elements, allocated once"))
+    return rows, states, host if offload_optimizer else 0   # DeepSpeed's per-node host figure
 
-    teacher_allgather = teacher_internode = 0
-    teacher_sharded = False
-    if teacher is not None:
-        t_zero = zero_config(teacher_config)
-        t = teacher.dtype_bytes
-        stage = t_zero.get("stage", 0)   # DeepSpeed's default
-        teacher_sharded = stage == 3
-        t_offload = _offloads(t_zero, "offload_param")
-        shards = 0 if t_offload else teacher.params * t // (world if teacher_sharded else 1)
-        hpz = int(t_zero.get("zero_hpz_partition_size", 1)) \
-            if teacher_sharded and not t_offload else 1
-        if hpz > 1:
-            shards += teacher.params * t // hpz   # the secondary copy inside the node
-        if t_offload:
-            host_bytes += teacher.params * t // setup.num_nodes
-        rows.append(Row("teacher parameters", shards, HELD,
-                        ("offloaded to the host" if t_offload else
-                         f"ZeRO-3, 1/{world}" if teacher_sharded else f"stage {stage}, replicated")
-                        + (f" + a secondary 1/{hpz} copy in the node (hpZ)" if hpz > 1 else "")))
-        if teacher_sharded:
-            rows.append(Row("teacher gathered parameters",
-                            _gathered(teacher, t_zero) * t, TEACHER_FORWARD,
-                            f"prefetched up to max live "
-                            f"({t_zero['stage3_max_live_parameters']:.3g}) + the module in use"))
-            teacher_allgather = teacher.params * t * (world - 1) // world
-            if hpz <= 1 and setup.num_nodes > 1:
-                teacher_internode = teacher.params * t * (world - setup.num_gpus) // world
-        rows.append(Row("teacher forward", teacher.block_activation_bytes, TEACHER_FORWARD,
-                        "one block's intermediates at a time (no_grad)"))
 
-    on_host = ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False)
-    stored, checkpointed = (activation_bytes(student, c, on_host) for c in (False, True))
+def _teacher_figures(teacher: ModelShape, teacher_config: dict | None,
+                     setup: Setup) -> _TeacherFigures:
+    """The teacher's shards (replicated, ZeRO-3, hpZ, offloaded), its gathers and forward."""
+    world = setup.world
+    t_zero = zero_config(teacher_config)
+    t = teacher.dtype_bytes
+    stage = t_zero.get("stage", 0)   # DeepSpeed's default
+    figures = _TeacherFigures(rows=[], sharded=stage == 3)
+    t_offload = _offloads(t_zero, "offload_param")
+    shards = 0 if t_offload else teacher.params * t // (world if figures.sharded else 1)
+    hpz = int(t_zero.get("zero_hpz_partition_size", 1)) \
+        if figures.sharded and not t_offload else 1
+    if hpz > 1:
+        shards += teacher.params * t // hpz   # the secondary copy inside the node
+    if t_offload:
+        figures.host_bytes = teacher.params * t // setup.num_nodes
+    figures.rows.append(Row("teacher parameters", shards, HELD,
+                            ("offloaded to the host" if t_offload else
+                             f"ZeRO-3, 1/{world}" if figures.sharded
+                             else f"stage {stage}, replicated")
+                            + (f" + a secondary 1/{hpz} copy in the node (hpZ)" if hpz > 1
+                               else "")))
+    if figures.sharded:
+        figures.rows.append(Row("teacher gathered parameters",
+                                _gathered(teacher, t_zero) * t, TEACHER_FORWARD,
+                                f"prefetched up to max live "
+                                f"({t_zero['stage3_max_live_parameters']:.3g}) + the module in "
+                                "use"))
+        figures.allgather_bytes = teacher.params * t * (world - 1) // world
+        if hpz <= 1 and setup.num_nodes > 1:
+            figures.internode_bytes = teacher.params * t * (world - setup.num_gpus) // world
+    figures.rows.append(Row("teacher forward", teacher.block_activation_bytes, TEACHER_FORWARD,
+                            "one block's intermediates at a time (no_grad)"))
+    return figures
+
+
+def _loss_rows(student: ModelShape, gathered_teacher: ModelShape | None,
+               teacher: ModelShape | None, setup: Setup, sharded: bool, on_host: bool,
+               loss_chunk_size: int | None) -> list:
+    """The loss phase: the kept activations, the lm_heads ZeRO-3 gathers for it (the teacher's
+    when it is partitioned: `gathered_teacher`), the teacher's hidden states, the fused loss's
+    buffers."""
+    s, tokens = student.dtype_bytes, setup.micro_batch * setup.block_size
     kept = kept_activation_bytes(student, setup.gradient_checkpointing, on_host)
     where = f", micro-batch {setup.micro_batch} x {setup.block_size}, " \
         f"{setup.attn_implementation}"
     if setup.gradient_checkpointing:
         place = " on the host" if on_host else ""
-        rows.append(Row("student activations kept", kept, LOSS,
-                        f"{student.layers} blocks' inputs{place}{where}"))
+        rows = [Row("student activations kept", kept, LOSS,
+                    f"{student.layers} blocks' inputs{place}{where}")]
     else:
-        rows.append(Row("student activations kept", kept, LOSS,
-                        f"{student.layers} blocks' saved tensors{where}"))
+        rows = [Row("student activations kept", kept, LOSS,
+                    f"{student.layers} blocks' saved tensors{where}")]
     # An lm_head is gathered apart from its shards only under ZeRO-3; the teacher's final hidden
     # states wait for the loss.
-    teacher_gathers = teacher is not None and teacher_sharded
     heads = (student.lm_head_params * s if sharded else 0) + \
-        (teacher.lm_head_params * t if teacher_gathers else 0)
+        (gathered_teacher.lm_head_params * gathered_teacher.dtype_bytes
+         if gathered_teacher is not None else 0)
     if heads:
         rows.append(Row("lm_heads gathered for the loss", heads, LOSS,
                         " and ".join(w for w, on in (("the student's", sharded),
-                                                     ("the teacher's", teacher_gathers)) if on)))
+                                                     ("the teacher's",
+                                                      gathered_teacher is not None)) if on)))
     if teacher is not None:
-        rows.append(Row("teacher hidden states", tokens * teacher.hidden_size * t, LOSS,
-                        "the teacher's final hidden states, read by the loss"))
+        rows.append(Row("teacher hidden states", tokens * teacher.hidden_size * teacher.dtype_bytes,
+                        LOSS, "the teacher's final hidden states, read by the loss"))
     chunk = min(loss_chunk_size or default_chunk_size(student.vocab_size, student.hidden_size),
                 tokens)
     # The lm_head gradient accumulates in float32 and is returned in the model's dtype.
@@ -337,47 +384,33 @@ def estimate(student: ModelShape, teacher: ModelShape | None, ds_config: dict,
     rows.append(Row("fused loss buffers", loss, LOSS,
                     f"2 float32 [{chunk}, {student.vocab_size}] blocks, the float32 lm_head "
                     "gradient (and its copy in the model's dtype), the hidden states' gradient"))
+    return rows
 
-    rows.append(Row("student activations in backward",
-                    checkpointed if setup.gradient_checkpointing else stored, BACKWARD,
-                    ("the kept inputs, one block recomputed" if setup.gradient_checkpointing
-                     else "every block's saved tensors") + " and one block's gradients"))
+
+def _backward_rows(student: ModelShape, zero: dict, setup: Setup, sharded: bool, stored: int,
+                   checkpointed: int) -> list:
+    """Backward (activations, gathered parameters, a module's gradients) and the optimizer
+    step's flattened gradients."""
+    s = student.dtype_bytes
+    rows = [Row("student activations in backward",
+                checkpointed if setup.gradient_checkpointing else stored, BACKWARD,
+                ("the kept inputs, one block recomputed" if setup.gradient_checkpointing
+                 else "every block's saved tensors") + " and one block's gradients")]
     if sharded:
         rows.append(Row("student gathered parameters", _gathered(student, zero) * s, BACKWARD,
                         f"prefetched up to max live "
                         f"({zero['stage3_max_live_parameters']:.3g}) + the module in use"))
     rows.append(Row("student module gradients", student.largest_module_params * s, BACKWARD,
                     "the largest module's full gradient before it is reduce-scattered"))
-    if sharded and not offload_optimizer:
+    if sharded and not _offloads(zero, "offload_optimizer"):
         # A sub-group closes once it reaches sub_group_size: up to one more parameter's partition.
-        partition = -(-student.params // world)
+        partition = -(-student.params // setup.world)
         group = min(partition, int(zero["sub_group_size"]) - 1
-                    + -(-student.largest_module_params // world))
+                    + -(-student.largest_module_params // setup.world))
         rows.append(Row("gradients flattened for the step", group * (4 + (s if s != 4 else 0)),
                         STEP, f"one sub-group's gradients (sub_group_size "
                         f"{zero['sub_group_size']:.3g}) as one float32 tensor"))
-
-    phase_bytes = {phase: sum(r.bytes for r in rows if r.phase == phase) for phase in PHASES}
-    peak_phase = max(phase_bytes, key=phase_bytes.get)
-    rows.append(Row("allocator fragmentation", int(FRAGMENTATION * phase_bytes[peak_phase]),
-                    HELD, f"{FRAGMENTATION:.0%} of the largest phase's transients"))
-    rows.append(Row("runtime", setup.runtime_bytes, HELD,
-                    "CUDA context, libraries' workspaces"))
-    total = sum(r.bytes for r in rows if r.phase == HELD) + phase_bytes[peak_phase]
-
-    # ZeRO-3: forward, (recompute,) backward; ZeRO-2: the updated parameters after the step
-    gathers = (3 if setup.gradient_checkpointing else 2) if sharded else 1
-    student_allgather = gathers * student.params * s * (world - 1) // world
-    return Estimate(rows=rows, total_bytes=total, peak_phase=peak_phase,
-                    host_bytes_per_node=host_bytes,
-                    student_allgather_bytes=student_allgather,
-                    student_reduce_scatter_bytes=student.params * s * (world - 1)
-                    // world,
-                    teacher_allgather_bytes=teacher_allgather,
-                    teacher_allgather_internode_bytes=teacher_internode,
-                    student_states_bytes=states,
-                    activations_stored_bytes=stored,
-                    activations_checkpointed_bytes=checkpointed)
+    return rows
 
 
 def _gathered(model: ModelShape, zero: dict) -> int:

@@ -3,7 +3,7 @@ rank (ZeRO stage 0: no gathers, no hooks) when `tsld-estimate` puts the whole st
 rank's memory that way, else sharded by ZeRO-3 like the student. launch/train.py and
 tsld-estimate both ask here."""
 from tsld_ds.capacity.estimate import GiB, ModelShape, Setup, estimate
-from tsld_ds.teacher.engine import teacher_ds_config
+from tsld_ds.run.ds_config import teacher_ds_config
 
 REPLICATED = {"zero_optimization": {"stage": 0}}
 

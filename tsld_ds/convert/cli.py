@@ -5,13 +5,13 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from tsld_ds.convert.report import Report
-from tsld_ds.errors import UsageError
-from tsld_ds.convert.fake_quant import DTYPES, fake_quant_tensors
+from tsld_ds.errors import EXIT_COMPLETED, RunFailed, UsageError
+from tsld_ds.quant.fake_quant import DTYPES, fake_quant_tensors
 from tsld_ds.quant import quantized_modules
+from tsld_ds.run.cli import entry_point, run_command
 
 FORMATS = ("hf", "packed", "gguf")
 
@@ -122,12 +122,12 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     from tsld_ds.convert.source import (STUDENT_PREFIX, consolidated_weights, find_checkpoint,
                                         run_tokenizer, student_skeleton)
     from tsld_ds.convert.writers import write_hf, write_packed
-    from tsld_ds.train.checkpoint import verify
+    from tsld_ds.run.checkpoint import verify
 
     source = find_checkpoint(checkpoint)
     out = output_path(output, fmt, overwrite, source.path.parent.parent)
-    model = student_skeleton(source.args)
-    tokenizer = run_tokenizer(source.args)
+    model = student_skeleton(source.config)
+    tokenizer = run_tokenizer(source.config)
     cfg = next((m.cfg for _, m in quantized_modules(model)), None)
     if fmt == "packed" and cfg is None:
         raise UsageError("--format packed needs a quantized run; this one trained in full "
@@ -167,14 +167,18 @@ def check_names(model, weights: dict, prefix: str, path) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> int:
         summary = convert(args.checkpoint, args.output, args.format, args.dtype, args.overwrite)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    if summary["distinct_values"]["check"] != "pass":
-        print(f"error: quantized Linears with more distinct values than their bits allow: "
-              f"{summary['distinct_values']['failing']}", file=sys.stderr)
-        return 1
-    return 0
+        print(json.dumps(summary, indent=2))
+        if summary["distinct_values"]["check"] != "pass":
+            raise RunFailed("quantized Linears with more distinct values than their bits allow: "
+                            f"{summary['distinct_values']['failing']}")
+        return EXIT_COMPLETED
+
+    return run_command(work)
+
+
+def run() -> None:
+    """Entry point of launch/convert.py and `tsld-convert`."""
+    entry_point(main)

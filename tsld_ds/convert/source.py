@@ -6,7 +6,6 @@ world size) in its lazy mode: the fp32 master shards stay memory-mapped and each
 assembled only when the writer asks for it, so host memory holds at most the output copy plus
 one tensor.
 """
-import argparse
 import contextlib
 import io
 from dataclasses import dataclass
@@ -14,14 +13,15 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from tsld_ds.errors import UsageError
-from tsld_ds.models import load_tokenizer, torch_dtype_of
-from tsld_ds.quant import QuantConfig, quantize_model
-from tsld_ds.train import checkpoint as ckpt
-from tsld_ds.train.args import quant_config_of, read_run_args
-from tsld_ds.train.universal import MODEL_STATES, model_states_header
+from tsld_ds.models import load_tokenizer, read_config, torch_dtype_of
+from tsld_ds.quant import quantize_model
+from tsld_ds.run import checkpoint as ckpt
+from tsld_ds.run.config import ARGS_FILE, RunConfig
+from tsld_ds.run.options import read_run_config
+from tsld_ds.run.universal import MODEL_STATES, model_states_header
 
 # The DistillationStudent that the engine trains holds the Hugging Face model as `.model`.
 STUDENT_PREFIX = "model."
@@ -32,7 +32,7 @@ QUANTIZER_OPTIONS = ("bits", "quant_method", "granularity", "group_size", "init_
 @dataclass
 class TrainedCheckpoint:
     path: Path          # OUTPUT_DIR/checkpoints/step_N: DeepSpeed's files
-    args: argparse.Namespace
+    config: RunConfig   # the run's, with the quantizer the checkpoint itself records
     header: dict        # rank 0's model-states file without the module weights
 
     @property
@@ -58,15 +58,15 @@ def find_checkpoint(path) -> TrainedCheckpoint:
         raise UsageError(f"--checkpoint '{path}' is not a tsld-ds run directory nor a DeepSpeed "
                          "checkpoint (no *model_states.pt files)")
     run_dir = path.parent.parent
-    if not (run_dir / "args.json").is_file():
-        raise UsageError(f"checkpoint '{path}' has no args.json in its run directory '{run_dir}': "
-                         "the student's layout cannot be rebuilt")
-    args = read_run_args(run_dir)
+    if not (run_dir / ARGS_FILE).is_file():
+        raise UsageError(f"checkpoint '{path}' has no {ARGS_FILE} in its run directory "
+                         f"'{run_dir}': the student's layout cannot be rebuilt")
     # The checkpoint's own quantizer, where it records it: args.json is the latest run's (whose
     # paths name the same model, or the resume would have refused it).
     saved = ckpt.saved_options(path) or {}
-    vars(args).update({k: saved[k] for k in QUANTIZER_OPTIONS if saved.get(k) is not None})
-    return TrainedCheckpoint(path=path, args=args, header=model_states_header(path))
+    config = read_run_config(run_dir).replace(**{k: saved[k] for k in QUANTIZER_OPTIONS
+                                                 if saved.get(k) is not None})
+    return TrainedCheckpoint(path=path, config=config, header=model_states_header(path))
 
 
 def consolidated_weights(checkpoint: TrainedCheckpoint) -> dict:
@@ -79,21 +79,16 @@ def consolidated_weights(checkpoint: TrainedCheckpoint) -> dict:
         raise UsageError(f"cannot consolidate checkpoint '{checkpoint.path}': {e}") from None
 
 
-def student_skeleton(args: argparse.Namespace):
+def student_skeleton(config: RunConfig):
     """The student's Hugging Face model on the meta device (no memory), with the QuantLinears
     the run trained: the module names and quantizer settings that the weights belong to."""
-    try:
-        config = AutoConfig.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read the config of the run's --model '{args.model}': "
-                         f"{e}") from None
+    model_config = read_config(config.model, "the run's --model")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    quant_config: QuantConfig | None = quant_config_of(args)
-    if quant_config is not None:
-        quantize_model(model, quant_config)
+        model = AutoModelForCausalLM.from_config(model_config)
+    if config.quant_config is not None:
+        quantize_model(model, config.quant_config)
     return model
 
 
-def run_tokenizer(args: argparse.Namespace):
-    return load_tokenizer(args.tokenizer or args.model)
+def run_tokenizer(config: RunConfig):
+    return load_tokenizer(config.tokenizer_name)

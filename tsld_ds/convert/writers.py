@@ -1,4 +1,4 @@
-"""Writing the fake-quant tensors of a student (`tsld_ds.convert.fake_quant.fake_quant_tensors`)
+"""Writing the fake-quant tensors of a student (`tsld_ds.quant.fake_quant.fake_quant_tensors`)
 as a Hugging Face directory: dequantized (`hf`) or with packed quantized Linears (`packed`)."""
 import dataclasses
 from pathlib import Path
@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from tsld_ds.convert.packed import pack_fake_quant, quantization_config
 from tsld_ds.convert.report import Report
-from tsld_ds.convert.fake_quant import cast, save_hf
+from tsld_ds.quant.fake_quant import cast, save_hf
 
 
 def _rows(tensor: torch.Tensor, module) -> torch.Tensor:

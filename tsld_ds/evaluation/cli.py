@@ -2,14 +2,14 @@
 converted directory or any Hugging Face model, as a JSON report."""
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from tsld_ds.errors import UsageError
-from tsld_ds.convert.fake_quant import DTYPES
-from tsld_ds.train.args import build_parser as training_parser
+from tsld_ds.errors import EXIT_COMPLETED
+from tsld_ds.quant.fake_quant import DTYPES
+from tsld_ds.run.cli import entry_point, run_command
+from tsld_ds.run.options import defaults as training_defaults
 
 # Data options a run directory supplies from its args.json when not given here.
 RUN_DEFAULTS = {"dataset": "dataset", "dataset_config": "dataset_config",
@@ -18,7 +18,7 @@ RUN_DEFAULTS = {"dataset": "dataset", "dataset_config": "dataset_config",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    training = training_parser().parse_args([])
+    training = training_defaults()
     p = argparse.ArgumentParser(
         prog="launch/eval.py",
         description="Evaluate a model: validation perplexity by the method training uses "
@@ -65,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def data_options(args, run_args) -> dict:
+def data_options(args, run_config) -> dict:
     """Explicit options, else the run's, else training's defaults."""
-    defaults = run_args or training_parser().parse_args([])
+    defaults = run_config or training_defaults()
     options = {}
     for ours, theirs in RUN_DEFAULTS.items():
         value = getattr(args, ours)
-        if value is None and (run_args is not None or ours != "max_blocks"):
+        if value is None and (run_config is not None or ours != "max_blocks"):
             value = getattr(defaults, theirs)
         options[ours] = value
     return options
@@ -86,12 +86,12 @@ def evaluate(args) -> dict:
     loaded = load_eval_model(args.model, DTYPES[args.dtype], device)
     report = {"model": args.model, "loaded_from": loaded.path, "kind": loaded.kind,
               "dtype": args.dtype, "device": device}
-    if loaded.run_args is not None:
+    if loaded.run_config is not None:
         summary = Path(args.model) / "summary.json"
         if summary.is_file():
             report["training_ppl_after"] = json.loads(summary.read_text()).get("student_ppl_after")
     if not args.no_perplexity:
-        options = data_options(args, loaded.run_args)
+        options = data_options(args, loaded.run_config)
         blocks = validation_blocks(loaded.tokenizer, options["dataset"],
                                    dataset_config=options["dataset_config"],
                                    text_column=options["text_column"], seed=options["seed"],
@@ -119,13 +119,17 @@ def main(argv=None) -> int:
             build_parser().error(f"--{name} is too small: {value}")
     if args.include_path is not None and not Path(args.include_path).is_dir():
         build_parser().error(f"--include_path '{args.include_path}' is not a directory")
-    try:
-        report = evaluate(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return 0
+
+    def work() -> int:
+        text = json.dumps(evaluate(args), indent=2, default=str)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        return EXIT_COMPLETED
+
+    return run_command(work)
+
+
+def run() -> None:
+    """Entry point of launch/eval.py and `tsld-eval`."""
+    entry_point(main)

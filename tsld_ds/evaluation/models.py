@@ -1,7 +1,6 @@
 """What `launch/eval.py` evaluates: a training run (its exported `hf/` model, scored on the run's
 own validation data by default), a packed directory (`tsld_ds.load_packed`), or any Hugging Face
 model directory or name (stock `AutoModelForCausalLM`)."""
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -12,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from tsld_ds.errors import UsageError
 from tsld_ds.models import check_model_source, load_tokenizer
 from tsld_ds.packed.load import load_packed, read_quantization_config
-from tsld_ds.train.args import read_run_args
+from tsld_ds.run.config import ARGS_FILE, RunConfig
+from tsld_ds.run.options import read_run_config
 
 
 @dataclass
@@ -21,15 +21,15 @@ class EvalModel:
     tokenizer: object
     kind: str                                # "run", "packed" or "hf"
     path: str
-    run_args: Optional[argparse.Namespace]   # the training options, for a run directory
+    run_config: Optional[RunConfig]          # the training options, for a run directory
 
 
 def load_eval_model(name_or_path: str, dtype: torch.dtype, device="cpu") -> EvalModel:
     path = Path(name_or_path).expanduser()
-    run_args = None
+    run_config = None
     kind = "hf"
-    if (path / "args.json").is_file():
-        run_args = read_run_args(path)
+    if (path / ARGS_FILE).is_file():
+        run_config = read_run_config(path)
         kind, path = "run", path / "hf"
         if not path.is_dir():
             raise UsageError(f"run '{name_or_path}' has no exported model in {path}; write one "
@@ -47,4 +47,4 @@ def load_eval_model(name_or_path: str, dtype: torch.dtype, device="cpu") -> Eval
         model = model.to(device)
     tokenizer = load_tokenizer(str(path) if path.exists() else name_or_path)
     return EvalModel(model=model.eval(), tokenizer=tokenizer, kind=kind, path=str(path),
-                     run_args=run_args)
+                     run_config=run_config)

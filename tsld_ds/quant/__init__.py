@@ -1,4 +1,5 @@
-"""Weight quantization for QAT: quantizers, QuantLinear and model surgery."""
+"""Weight quantization for QAT: quantizers, QuantLinear, model surgery, and the trained
+student's fake-quant weights (`fake_quant`)."""
 
 from .config import QuantConfig
 from .linear import QuantLinear

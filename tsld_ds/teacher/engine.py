@@ -2,11 +2,10 @@
 
 Its parameters are replicated on every rank (ZeRO stage 0) when they fit beside the student
 (`tsld_ds.capacity.placement` decides), else partitioned across ranks by ZeRO-3 like the
-student's; it produces its outputs on the fly for each micro-batch. For the fused loss it returns final
+student's (`tsld_ds.run.ds_config.teacher_ds_config` derives that config); it produces its outputs on the fly for each micro-batch. For the fused loss it returns final
 hidden states and lends its lm_head (gathered) instead of [tokens, vocab] logits.
 """
 import contextlib
-import copy
 
 import deepspeed
 import torch
@@ -14,46 +13,6 @@ from torch import nn
 
 from tsld_ds.losses import TeacherOutput
 from tsld_ds.models import model_body
-
-# Keys of a student DeepSpeed config that also describe how the teacher must run.
-_SHARED_KEYS = ("train_micro_batch_size_per_gpu", "bf16", "fp16", "steps_per_print",
-                "wall_clock_breakdown")
-
-
-# What the derived ZeRO-3 config leaves to the teacher's shape (resolve_zero_sizes fills them):
-# without a bound on what is gathered at once, DeepSpeed's prefetch gathers a 7B block's weights
-# all ahead of their use.
-_TEACHER_AUTO_SIZES = {key: "auto" for key in ("stage3_prefetch_bucket_size",
-                                                "stage3_param_persistence_threshold",
-                                                "stage3_max_live_parameters")}
-
-
-def teacher_ds_config(student_config: dict, teacher_config: dict | None = None) -> dict:
-    """The teacher's engine config: the given one, or ZeRO-3 inference derived from the student's.
-
-    Precision and logging follow the student's where the given config does not set them; the
-    micro-batch always does (both engines see the same batches). The derived ZeRO-3 config also
-    takes the student's offload_param and memory_efficient_linear: DeepSpeed's memory-efficient
-    linear replaces torch's F.linear for the whole process, the student's layers included. Its
-    gather sizes are "auto", for the caller to fill from the teacher's shape
-    (`tsld_ds.train.build.resolve_zero_sizes`)."""
-    config = {k: copy.deepcopy(v) for k, v in student_config.items() if k in _SHARED_KEYS}
-    if teacher_config is not None and ("bf16" in teacher_config or "fp16" in teacher_config):
-        config.pop("bf16", None)   # a config that sets its precision sets all of it
-        config.pop("fp16", None)
-    if teacher_config is None:
-        teacher_config = {"zero_optimization": {"stage": 3, **_TEACHER_AUTO_SIZES}}
-        student_zero = student_config.get("zero_optimization", {})
-        for key in ("offload_param", "memory_efficient_linear"):
-            if key in student_zero:
-                teacher_config["zero_optimization"][key] = copy.deepcopy(student_zero[key])
-    config.update(copy.deepcopy(teacher_config))
-    for key in ("optimizer", "scheduler", "train_batch_size", "gradient_accumulation_steps"):
-        config.pop(key, None)
-    config["train_micro_batch_size_per_gpu"] = student_config["train_micro_batch_size_per_gpu"]
-    config["gradient_accumulation_steps"] = 1
-    return config
-
 
 class _TeacherForward(nn.Module):
     """What the engine runs: the body, and the lm_head only when logits are asked for. Returns

@@ -8,7 +8,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from tsld_ds.convert.fake_quant import DTYPES, fake_quant_state_dict, save_hf
+from tsld_ds.quant.fake_quant import DTYPES, fake_quant_state_dict, save_hf
 
 
 def gathered_state_dict(model) -> dict:

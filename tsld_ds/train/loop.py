@@ -1,17 +1,18 @@
 """One QAT run, top to bottom.
 
 build both engines (`build.py`) -> perplexity before -> optimizer steps (each: per micro-batch,
-`micro_step`: teacher outputs -> student forward with the loss -> backward -> engine step; then
-metrics, periodic eval and checkpoints) -> perplexity after, final checkpoint, Hugging Face
-export, summary.
+`micro_step`: teacher outputs -> student forward with the loss -> backward -> engine step) ->
+perplexity after, final checkpoint, Hugging Face export, summary.
 
-A stop signal (SIGUSR1/SIGTERM: preemption, time limit) ends the run after the current step with a
-checkpoint; a NaN/inf loss skips the batch on every rank, and too many in a row stop the run, also
-with a checkpoint.
+What happens between steps belongs to the object that owns it and its cadence: the metrics log
+(`--log_every`), the evaluator (`--eval_every`), the checkpoint saver (`--save_every`), the stop
+signals (SIGUSR1/SIGTERM/Ctrl-C end the run after the current step, with a checkpoint) and the
+NaN/inf guard (a batch whose loss is not finite on any rank is skipped on all; too many in a row
+stop the run, with a checkpoint).
 """
 import json
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,14 +22,14 @@ from tqdm import tqdm
 from tsld_ds.data import EpochBatches
 from tsld_ds.devices import pins_memory, to_device
 from tsld_ds.evaluation.perplexity import perplexity, summed_nll
+from tsld_ds.run import checkpoint as ckpt
+from tsld_ds.run import universal
+from tsld_ds.run.config import RunConfig
 from tsld_ds.teacher import TeacherCache
-from tsld_ds.train import checkpoint as ckpt
-from tsld_ds.train import universal
-from tsld_ds.train.args import defining_options
-from tsld_ds.train.build import RUN_OUTPUTS, Run, build_run
+from tsld_ds.train.build import Run, build_run, clear_previous_run
 from tsld_ds.train.export import export_hf
 from tsld_ds.train.hooks import TrainHooks
-from tsld_ds.train.metrics import MetricsLog, RunSummary
+from tsld_ds.train.metrics import MetricsLog, RunSummary, StepWindow
 from tsld_ds.train.nonfinite import NonFiniteGuard, NonFiniteLoss
 from tsld_ds.train.signals import StopSignals
 
@@ -74,114 +75,91 @@ def _gather_from_ranks(losses: dict, stop_signal: int) -> tuple[torch.Tensor, in
     return values[:, :-1], int(values[:, -1].max())
 
 
-def student_perplexity(run: Run, blocks, max_blocks: int | None) -> float:
-    def nll(input_ids, labels):
-        return run.engine(input_ids, labels, nll_only=True)
+class Evaluator:
+    """The student's validation perplexity (`eval_ppl`) before training, every `every` steps
+    (0: never between) and after; with `train_blocks`, also its perplexity on the first training
+    blocks (`train_ppl`)."""
 
-    run.engine.eval()
-    ppl = perplexity(nll, blocks, run.micro_batch, device=run.engine.device,
-                     max_blocks=max_blocks)
-    run.engine.train()
-    return ppl
+    def __init__(self, run: Run, *, every: int, max_blocks: int | None, train_blocks: int):
+        self.run, self.every = run, every
+        self.max_blocks, self.train_blocks = max_blocks, train_blocks
 
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and step < self.run.total_steps
 
-def evaluate(run: Run, args) -> dict:
-    """The student's validation perplexity (`eval_ppl`), and with --eval_train_blocks its
-    perplexity on the first training blocks (`train_ppl`)."""
-    ppls = {"eval_ppl": student_perplexity(run, run.val_blocks, args.eval_max_blocks)}
-    if args.eval_train_blocks:
-        ppls["train_ppl"] = student_perplexity(run, run.train_blocks, args.eval_train_blocks)
-    return ppls
+    def evaluate(self) -> dict:
+        ppls = {"eval_ppl": self._perplexity(self.run.val_blocks, self.max_blocks)}
+        if self.train_blocks:
+            ppls["train_ppl"] = self._perplexity(self.run.train_blocks, self.train_blocks)
+        return ppls
 
+    def teacher_perplexity(self) -> float:
+        run = self.run
+        if isinstance(run.teacher, TeacherCache):  # summed per row when the cache was built
+            return run.teacher.validation_perplexity(self.max_blocks)
 
-def teacher_perplexity(run: Run, args) -> float:
-    if isinstance(run.teacher, TeacherCache):  # summed per row when the cache was built
-        return run.teacher.validation_perplexity(args.eval_max_blocks)
+        def nll(input_ids, labels):
+            with run.teacher.outputs(input_ids) as t:
+                return summed_nll(t.hidden, t.weight, t.bias, labels,
+                                  chunk_size=run.objective.chunk_size,
+                                  vocab_chunk_size=run.objective.vocab_chunk_size)
 
-    def nll(input_ids, labels):
-        with run.teacher.outputs(input_ids) as t:
-            return summed_nll(t.hidden, t.weight, t.bias, labels,
-                              chunk_size=run.objective.chunk_size,
-                              vocab_chunk_size=run.objective.vocab_chunk_size)
+        return perplexity(nll, run.val_blocks, run.micro_batch, device=run.engine.device,
+                          max_blocks=self.max_blocks)
 
-    return perplexity(nll, run.val_blocks, run.micro_batch, device=run.engine.device,
-                      max_blocks=args.eval_max_blocks)
+    def _perplexity(self, blocks, max_blocks: int | None) -> float:
+        engine = self.run.engine
 
+        def nll(input_ids, labels):
+            return engine(input_ids, labels, nll_only=True)
 
-class StepWindow:
-    """Loss terms and timing accumulated between two metric lines, averaged over ranks. The sums
-    stay on the engine's device: the host reads them once per metric line, not per micro-batch."""
-
-    def __init__(self):
-        self.sums, self.micro_steps, self.seconds = {}, 0, 0.0
-
-    def add(self, terms: dict) -> None:
-        for name, value in terms.items():
-            value = value.double()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.micro_steps += 1
-
-    def mean_over_ranks(self) -> dict:
-        values = torch.stack(list(self.sums.values()))
-        dist.all_reduce(values)
-        values /= dist.get_world_size() * self.micro_steps
-        return dict(zip(self.sums, values.tolist()))
+        engine.eval()
+        ppl = perplexity(nll, blocks, self.run.micro_batch, device=engine.device,
+                         max_blocks=max_blocks)
+        engine.train()
+        return ppl
 
 
-def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummary:
-    hooks = hooks or TrainHooks()
-    wall_start = time.time()
-    run = build_run(args)
-    hooks.run_built(run)
-    engine, sampler = run.engine, run.sampler
-    rank, world = dist.get_rank(), dist.get_world_size()
-    is_main = rank == 0
-
-    output_dir = Path(args.output_dir)
-    needed_bytes = ckpt.checkpoint_bytes(engine)
-    ckpt.check_room(output_dir, needed_bytes)
-    step = 0
-    if run.resume_from is not None:
-        state = universal.load_checkpoint(engine, run.resume_from)  # at any world size
-        step = state["step"]
-        sampler.load_state_dict(state["sampler"])
-        _follow_schedule(run, args.lr)
-    if is_main:
-        if run.resume_from is None and args.overwrite_output_dir:
-            _clear_previous_run(output_dir)
+def _prepare_output_dir(config: RunConfig, run: Run) -> Path:
+    """Rank 0 makes --output_dir ready: a previous run's outputs gone (--overwrite_output_dir),
+    the options saved, and no summary.json until the run completes (launch/slurm/train.sbatch
+    requeues the job until then)."""
+    output_dir = Path(config.output_dir)
+    if dist.get_rank() == 0:
+        if run.resume_from is None and config.overwrite_output_dir:
+            clear_previous_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-        # Written when the run completes: launch/slurm/train.sbatch requeues the job until then.
+        config.save(output_dir)
         (output_dir / "summary.json").unlink(missing_ok=True)
     dist.barrier()
-    log = MetricsLog(output_dir, enabled=is_main,
-                     resumed_step=step if run.resume_from is not None else None)
+    return output_dir
 
-    summary = RunSummary(world_size=world, kd=args.kd, bits=args.bits,
-                         quantization=run.quant_config.to_dict() if run.quant_config else None)
-    if run.teacher is not None:
-        summary.teacher_numel, summary.teacher_numel_this_rank = run.teacher.partitioning()
-        summary.teacher_ppl = teacher_perplexity(run, args)
-    if step == 0:
-        ppls = evaluate(run, args)
-        summary.student_ppl_before = ppls["eval_ppl"]
-        log.log(0, **ppls, teacher_ppl=summary.teacher_ppl)
-    else:  # measured when the run started; its log kept it
-        summary.student_ppl_before = log.earliest("eval_ppl")
 
+@dataclass
+class _Session:
+    """A run's engines and the objects that own what happens between its steps."""
+    run: Run
+    output_dir: Path
+    log: MetricsLog
+    evaluator: Evaluator
+    saver: ckpt.CheckpointSaver
+    summary: RunSummary
+    step: int   # the last step done
+
+
+def train(config: RunConfig, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummary:
+    hooks = hooks or TrainHooks()
+    wall_start = time.time()
+    session = _start(config, hooks)
+    run, step = session.run, session.step
+    engine, sampler = run.engine, run.sampler
     batches = EpochBatches(run.train_blocks, run.micro_batch, sampler,
                            pin_memory=pins_memory(engine.device))
-    tokens_per_micro_step = run.micro_batch * args.block_size * world
-    progress = tqdm(total=run.total_steps, initial=step, disable=not is_main,
+    window = StepWindow(run.micro_batch * config.block_size * dist.get_world_size())
+    nonfinite = NonFiniteGuard(config.max_nonfinite_batches)
+    progress = tqdm(total=run.total_steps, initial=step, disable=dist.get_rank() != 0,
                     desc="QAT" if run.quant_config else "train", dynamic_ncols=True)
-    window = StepWindow()
-    nonfinite = NonFiniteGuard(args.max_nonfinite_batches)
-    saver = ckpt.CheckpointSaver(engine, args.output_dir,
-                                 saved_step=step if run.resume_from is not None else None,
-                                 options=defining_options(args), needed_bytes=needed_bytes,
-                                 keep=args.keep_checkpoints, hooks=hooks)
     stopping = None  # the stop signal any rank received, as all ranks learn it together
-    train_seconds, train_tokens = 0.0, 0
     engine.train()
     while step < run.total_steps:
         started = time.time()
@@ -189,64 +167,108 @@ def train(args, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummar
         for _ in range(run.accumulation):
             terms = None
             while terms is None:  # a batch with a NaN/inf loss on any rank is dropped on all ranks
-                batch = next(batches)
                 try:
-                    terms, stopping = micro_step(run, batch, nonfinite, stop, step + 1, hooks)
+                    terms, stopping = micro_step(run, next(batches), nonfinite, stop, step + 1,
+                                                 hooks)
                 except NonFiniteLoss:  # stop, with the weights of the last good step saved
-                    saver.save(step, _client_state(step, sampler))
+                    session.saver.save(step, _client_state(step, sampler))
                     raise
             window.add(terms)
         step += 1
-        seconds = time.time() - started
-        window.seconds += seconds
-        train_seconds += seconds
-        train_tokens += tokens_per_micro_step * run.accumulation
-
-        if step % args.log_every == 0 or step == run.total_steps or stopping:
-            record = window.mean_over_ranks()
-            record.update(lr=lr, grad_norm=_grad_norm(engine), epoch=sampler.epoch,
-                          tokens_per_s=tokens_per_micro_step * window.micro_steps / window.seconds)
-            log.log(step, **record)
+        window.step_done(time.time() - started)
+        record = session.log.step_done(
+            step, window, last=step == run.total_steps or stopping is not None,
+            extra=lambda: dict(lr=lr, grad_norm=_grad_norm(engine), epoch=sampler.epoch))
+        if record is not None:
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                  tok_s=f"{record['tokens_per_s']:.0f}")
-            window = StepWindow()
         progress.update(1)
         if stopping:
             break
-        if args.eval_every and step % args.eval_every == 0 and step < run.total_steps:
-            ppls = evaluate(run, args)
-            log.log(step, **ppls)
+        if session.evaluator.due(step):
+            ppls = session.evaluator.evaluate()
+            session.log.log(step, **ppls)
             progress.write(f"step {step}: validation perplexity {ppls['eval_ppl']:.3f}"
                            + (f", training {ppls['train_ppl']:.3f}" if "train_ppl" in ppls
                               else ""))
-        if args.save_every and step % args.save_every == 0 and step < run.total_steps:
-            saver.save(step, _client_state(step, sampler))
+        if step < run.total_steps:
+            session.saver.maybe_save(step, _client_state(step, sampler))
     progress.close()
+    session.step = step
+    session.summary.tokens_per_s = window.tokens_per_s_overall
+    return _finish(session, config, stopping, wall_start)
+
+
+def _start(config: RunConfig, hooks: TrainHooks) -> _Session:
+    """Both engines built, a resume's state loaded, the output directory ready, the teacher's and
+    the student's perplexity before the first step (a resumed run's log kept the latter)."""
+    run = build_run(config)
+    hooks.run_built(run)
+    needed_bytes = ckpt.checkpoint_bytes(run.engine)
+    ckpt.check_room(config.output_dir, needed_bytes)
+    step = 0
+    if run.resume_from is not None:
+        state = universal.load_checkpoint(run.engine, run.resume_from)  # at any world size
+        step = state["step"]
+        run.sampler.load_state_dict(state["sampler"])
+        _follow_schedule(run, config.lr)
+    output_dir = _prepare_output_dir(config, run)
+    resumed_step = step if run.resume_from is not None else None
+    session = _Session(
+        run=run, output_dir=output_dir, step=step,
+        log=MetricsLog(output_dir, enabled=dist.get_rank() == 0, every=config.log_every,
+                       resumed_step=resumed_step),
+        evaluator=Evaluator(run, every=config.eval_every, max_blocks=config.eval_max_blocks,
+                            train_blocks=config.eval_train_blocks),
+        saver=ckpt.CheckpointSaver(run.engine, output_dir, saved_step=resumed_step,
+                                   every=config.save_every, options=run.defining_options,
+                                   needed_bytes=needed_bytes, keep=config.keep_checkpoints,
+                                   on_files_written=hooks.checkpoint_files_written),
+        summary=RunSummary(world_size=dist.get_world_size(), kd=config.kd, bits=config.bits,
+                           quantization=run.quant_config.to_dict() if run.quant_config
+                           else None))
+    summary = session.summary
+    if run.teacher is not None:
+        summary.teacher_numel, summary.teacher_numel_this_rank = run.teacher.partitioning()
+        summary.teacher_ppl = session.evaluator.teacher_perplexity()
+    if step == 0:
+        ppls = session.evaluator.evaluate()
+        summary.student_ppl_before = ppls["eval_ppl"]
+        session.log.log(0, **ppls, teacher_ppl=summary.teacher_ppl)
+    else:  # measured when the run started; its log kept it
+        summary.student_ppl_before = session.log.earliest("eval_ppl")
+    return session
+
+
+def _finish(session: _Session, config: RunConfig, stopping: str | None,
+            wall_start: float) -> RunSummary:
+    """A stopped run: its checkpoint, and no summary.json (a requeue resumes it). A completed one:
+    the perplexity after, the final checkpoint, the Hugging Face export and summary.json."""
+    run, summary, step = session.run, session.summary, session.step
     summary.steps = step
+    client_state = _client_state(step, run.sampler)
     if stopping:
         summary.stopped_by = stopping
-        summary.checkpoint = str(saver.save(step, _client_state(step, sampler)))
-        if is_main:
+        summary.checkpoint = str(session.saver.save(step, client_state))
+        if dist.get_rank() == 0:
             print(f"stopped on {stopping} after step {step} of {run.total_steps}; checkpoint "
                   f"{summary.checkpoint}; continue with --resume latest", flush=True)
-        log.close()
+        session.log.close()
         return summary
-
-    ppls = evaluate(run, args)
+    ppls = session.evaluator.evaluate()
     summary.student_ppl_after = ppls["eval_ppl"]
-    log.log(step, **ppls)
-    summary.checkpoint = str(saver.save(step, _client_state(step, sampler)))
-    if not args.no_export:
+    session.log.log(step, **ppls)
+    summary.checkpoint = str(session.saver.save(step, client_state))
+    if not config.no_export:
         summary.hf_model = str(export_hf(run.student_model, run.tokenizer,
-                                         Path(args.output_dir) / "hf", dtype=args.export_dtype))
-    summary.tokens_per_s = train_tokens / max(train_seconds, 1e-9)
+                                         session.output_dir / "hf", dtype=config.export_dtype))
     summary.wall_time_s = time.time() - wall_start
-    summary.metrics = str(Path(args.output_dir) / "metrics.jsonl")
-    if is_main:
-        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary.as_json(),
-                                                                       indent=2))
+    summary.metrics = str(session.output_dir / "metrics.jsonl")
+    if dist.get_rank() == 0:
+        (session.output_dir / "summary.json").write_text(json.dumps(summary.as_json(),
+                                                                    indent=2))
         print(summary.format())
-    log.close()
+    session.log.close()
     return summary
 
 
@@ -257,15 +279,6 @@ def _follow_schedule(run: Run, peak_lr: float) -> None:
     multiplier = run.lr_multiplier(run.scheduler.last_epoch)
     for group in run.engine.optimizer.param_groups:
         group["lr"] = peak_lr * multiplier
-
-
-def _clear_previous_run(output_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = output_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def _client_state(step: int, sampler) -> dict:

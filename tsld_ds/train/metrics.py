@@ -1,20 +1,68 @@
-"""Run logs on rank 0: one JSON line per logging step, TensorBoard when it is installed; and the
-run's summary."""
+"""Run logs on rank 0: one JSON line per logging step, TensorBoard when it is installed; the loss
+terms and timing between two such lines; and the run's summary."""
 import json
-import os
 import time
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from tsld_ds.files import write_atomically
+
+
+class StepWindow:
+    """Loss terms and timing accumulated between two metric lines, averaged over ranks; and the
+    run's tokens/s over all its steps. The sums stay on the engine's device: the host reads them
+    once per metric line, not per micro-batch."""
+
+    def __init__(self, tokens_per_micro_step: int):
+        self.tokens_per_micro_step = tokens_per_micro_step
+        self.total_tokens, self.total_seconds = 0, 0.0
+        self._new_step = 0  # micro-steps of the step in progress
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums, self.micro_steps, self.seconds = {}, 0, 0.0
+
+    def add(self, terms: dict) -> None:
+        for name, value in terms.items():
+            value = value.double()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.micro_steps += 1
+        self._new_step += 1
+
+    def step_done(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.total_seconds += seconds
+        self.total_tokens += self.tokens_per_micro_step * self._new_step
+        self._new_step = 0
+
+    def close(self) -> dict:
+        """The window's mean loss terms over ranks and micro-batches (a collective), then a new
+        window."""
+        values = torch.stack(list(self.sums.values()))
+        dist.all_reduce(values)
+        values /= dist.get_world_size() * self.micro_steps
+        record = dict(zip(self.sums, values.tolist()))
+        self.tokens_per_s = self.tokens_per_micro_step * self.micro_steps / self.seconds
+        self._reset()
+        return record
+
+    @property
+    def tokens_per_s_overall(self) -> float:
+        return self.total_tokens / max(self.total_seconds, 1e-9)
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard) of a run, each step logged once: a resumed run keeps the
-    records up to its checkpoint's step and logs the later ones again; a new run starts both
-    anew (a run that left no checkpoint cannot be continued)."""
+    """metrics.jsonl (and TensorBoard) of a run, a line every `every` steps, each step logged
+    once: a resumed run keeps the records up to its checkpoint's step and logs the later ones
+    again; a new run starts both anew (a run that left no checkpoint cannot be continued).
+    Written by rank 0 (`enabled`); every rank takes part in its collectives."""
 
-    def __init__(self, output_dir, enabled: bool, resumed_step: int | None = None):
-        self.enabled = enabled
+    def __init__(self, output_dir, enabled: bool, every: int, resumed_step: int | None = None):
+        self.enabled, self.every = enabled, every
         self.file = None
         self.tensorboard = None
         self.kept = []  # the records a resumed run keeps, as dicts
@@ -27,9 +75,7 @@ class MetricsLog:
             kept = [line for line in self.path.read_text(errors="replace").splitlines(True)
                     if _step_of(line) is not None and _step_of(line) <= resumed_step]
         self.kept = [json.loads(line) for line in kept]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(kept))
         self.file = open(self.path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -42,6 +88,17 @@ class MetricsLog:
         """The first kept record's value of `key` (None if none has it; on ranks that do not
         log)."""
         return next((r[key] for r in self.kept if key in r), None)
+
+    def step_done(self, step: int, window: StepWindow, *, last: bool,
+                  extra: Callable[[], dict]) -> dict | None:
+        """Logs the window's line when this step is due one (every `every` steps, and the last
+        or stopping step), with `extra()`'s values; returns it (None when not due)."""
+        if step % self.every != 0 and not last:
+            return None
+        record = {**window.close(), **extra()}
+        record["tokens_per_s"] = window.tokens_per_s
+        self.log(step, **record)
+        return record
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:

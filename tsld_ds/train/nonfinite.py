@@ -7,9 +7,11 @@ import sys
 import torch
 from tqdm import tqdm
 
+from tsld_ds.errors import RunFailed
 
-class NonFiniteLoss(Exception):
-    """Too many batches in a row with a NaN/inf loss; the run stopped."""
+
+class NonFiniteLoss(RunFailed):
+    """Too many batches in a row with a NaN/inf loss; the run stopped (every rank alike)."""
 
 
 class NonFiniteGuard:

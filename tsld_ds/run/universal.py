@@ -16,7 +16,7 @@ position is translated:
   boundaries may fall at other steps; ranks beyond the old world size have no saved RNG state
   and keep the seeded one (only dropout uses it).
 
-By hand: `python -m tsld_ds.train.universal OUTPUT_DIR/checkpoints/step_N` writes the same
+By hand: `python -m tsld_ds.run.universal OUTPUT_DIR/checkpoints/step_N` writes the same
 `step_N_universal/`; `--resume` at the new world size then uses it.
 """
 import argparse
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from tsld_ds.errors import UsageError
-from tsld_ds.train import checkpoint as ckpt
+from tsld_ds.run import checkpoint as ckpt
 
 _COMPLETE = "universal_complete"
 MODEL_STATES = "*model_states.pt"
@@ -108,7 +108,7 @@ def load_checkpoint(engine, path: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tsld_ds.train.universal",
+        prog="python -m tsld_ds.run.universal",
         description="Convert a tsld-ds checkpoint into DeepSpeed's universal format (written "
         "beside it as step_N_universal/), so that --resume works at another world size. "
         "--resume does this by itself when it finds a world-size mismatch.")

@@ -1,11 +1,12 @@
-"""Command-line options of `launch/train.py`.
+"""Command-line options of `launch/train.py`, parsed once into a `RunConfig`, and the option
+groups other commands share with it (the data a run trains on, the engines it runs).
 
 Batch size, precision, gradient accumulation and clipping come from the DeepSpeed config; every
 other knob of a run is an option here, with its default shown in `--help`. Everything that can be
 checked without the models is checked in `parse_args`.
 """
 import argparse
-import hashlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tsld_ds.data import BUILTIN_DATASET
 from tsld_ds.errors import UsageError, exit_code_table
 from tsld_ds.losses import KD_CHOICES, LOSS_IMPLS, TOKEN_SCALES, Objective
 from tsld_ds.models import BUILTIN_MODEL
-from tsld_ds.quant import QuantConfig
+from tsld_ds.run.config import ARGS_FILE, RunConfig
 
 BITS_CHOICES = (2, 4, 8, 16)
 DEFAULT_MAX_STEPS = 300
@@ -29,6 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n" + exit_code_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_model_options(p)
+    add_data_options(p, seed_help="seed of initialisation and data order")
+    add_engine_options(p, ds_help="DeepSpeed config of the student: batch, precision, "
+                       "optimizer, ZeRO")
+    _add_quantization_options(p)
+    _add_distillation_options(p)
+    _add_training_options(p)
+    _add_output_options(p)
+    # Set by the DeepSpeed launcher; the environment's LOCAL_RANK is what we use.
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --teacher, --tokenizer, --from_scratch, --gradient_checkpointing."""
     model = p.add_argument_group("model")
     model.add_argument("--model", default=BUILTIN_MODEL,
                        help="student: a Hugging Face model name or a local model directory "
@@ -41,18 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--from_scratch", action="store_true",
                        help="initialise the student randomly from --model's config instead of "
                        "loading its weights (pretraining, e.g. the built-in teacher)")
-    model.add_argument("--attn_implementation", default=None,
-                       choices=("eager", "sdpa", "flash_attention_2"),
-                       help="attention kernel of student and teacher (default: transformers' "
-                       "choice; eager is forced for --kd l2l, which needs attention scores)")
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="the student keeps only each decoder block's input and recomputes "
                        "its activations in backward (transformers' non-reentrant checkpointing): "
                        "one block's activations at a time instead of every block's, for about "
                        "one more student forward per step (default: off)")
 
-    add_data_options(p)
 
+def _add_quantization_options(p: argparse.ArgumentParser) -> None:
+    """--bits, --quant_method, --granularity, --group_size, --init_scale."""
     quant = p.add_argument_group("quantization")
     quant.add_argument("--bits", type=int, default=2, choices=BITS_CHOICES,
                        help="weight bits of the student's transformer-block Linears; 16 trains "
@@ -70,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="initial learned clip scale of --quant_method pact (default: "
                        "%(default)s)")
 
+
+def _add_distillation_options(p: argparse.ArgumentParser) -> None:
+    """--kd and its temperature and token scale, --teacher_cache, the fused loss's options."""
     loss = p.add_argument_group("distillation")
     loss.add_argument("--kd", default="tsld", choices=KD_CHOICES,
                       help="training objective: gt (cross-entropy only), logit (teacher soft CE), "
@@ -100,14 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="vocabulary entries per block of the fused loss: an online "
                       "log-sum-exp and one extra lm_head matmul (default: the whole vocabulary)")
 
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """The optimizer, the schedule and the budget."""
     train = p.add_argument_group("training")
-    train.add_argument("--ds_config", default="ds_configs/zero3.json",
-                       help="DeepSpeed config of the student: batch, precision, optimizer, ZeRO "
-                       "(default: %(default)s)")
-    train.add_argument("--teacher_ds_config", default=None,
-                       help="DeepSpeed config of the teacher's inference engine (default: "
-                       "derived from --ds_config: ZeRO-3, same precision and micro-batch, no "
-                       "optimizer)")
     train.add_argument("--lr", type=float, default=1e-4,
                        help="peak learning rate (default: %(default)s)")
     train.add_argument("--optimizer", default="deepspeed", choices=("deepspeed", "adamw_8bit"),
@@ -125,18 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="optimizer steps to run; overrides --epochs (default: "
                        f"{DEFAULT_MAX_STEPS} when --epochs is not given, a few minutes for the "
                        "built-in model on 2 CPU cores)")
-    train.add_argument("--dist_timeout", type=float, default=1800,
-                       help="seconds a collective may wait for the other ranks before the run "
-                       "fails, so that a dead rank stops the others instead of hanging them "
-                       "(default: %(default)s)")
     train.add_argument("--max_nonfinite_batches", type=int, default=5,
                        help="a micro-batch whose loss is NaN/inf on any rank is skipped on every "
                        "rank (no backward, no update); after this many in a row the run saves a "
                        "checkpoint and stops, naming the bad loss terms; 1 stops at the first "
                        "(default: %(default)s)")
-    train.add_argument("--seed", type=int, default=42,
-                       help="seed of initialisation and data order (default: %(default)s)")
 
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """Evaluation, logging, checkpoints, the output directory, resuming and the export."""
     out = p.add_argument_group("evaluation, logging and checkpoints")
     out.add_argument("--eval_every", type=int, default=100,
                      help="validation perplexity every N steps; 0: only before and after "
@@ -169,14 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip writing the final Hugging Face model to OUTPUT_DIR/hf")
     out.add_argument("--export_dtype", default=None, choices=("fp32", "bf16", "fp16"),
                      help="dtype of the final Hugging Face model (default: the training dtype)")
-    # Set by the DeepSpeed launcher; the environment's LOCAL_RANK is what we use.
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return p
 
-
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    """--dataset, --dataset_config, --text_column, --block_size: the rows a run trains on, shared
-    by launch/train.py and tsld-cache."""
+def add_data_options(p: argparse.ArgumentParser, *, seed_help: str) -> None:
+    """--dataset, --dataset_config, --text_column, --block_size, --seed: the rows a run trains
+    on, shared by launch/train.py and tsld-cache."""
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default=BUILTIN_DATASET,
                       help="a Hugging Face dataset name, a local directory, or a .txt/.jsonl/.json "
@@ -192,34 +197,49 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                       help="tokens per training row, at most the model's positions: text is cut "
                       "into blocks of this size, instruction examples are truncated (the log "
                       "counts them) and padded to it; the paper uses 512 (default: %(default)s)")
+    data.add_argument("--seed", type=int, default=42,
+                      help=f"{seed_help}; it also picks the validation split of a dataset "
+                      "without one (default: %(default)s)")
 
 
-def objective_of(args) -> Objective:
-    """The training objective of the options; ValueError for a combination it refuses."""
-    return Objective.from_kd(args.kd, temperature=args.kd_temperature,
-                             token_scale=args.token_scale, impl=args.loss_impl,
-                             chunk_size=args.loss_chunk_size,
-                             vocab_chunk_size=args.loss_vocab_chunk_size)
+def add_engine_options(p: argparse.ArgumentParser, *, ds_help: str) -> None:
+    """--ds_config, --teacher_ds_config, --attn_implementation, --dist_timeout: the DeepSpeed
+    engines a run starts, shared by launch/train.py and tsld-cache."""
+    engines = p.add_argument_group("engines")
+    engines.add_argument("--ds_config", default="ds_configs/zero3.json",
+                         help=f"{ds_help} (default: %(default)s)")
+    engines.add_argument("--teacher_ds_config", default=None,
+                         help="DeepSpeed config of the teacher's inference engine (default: "
+                         "derived from --ds_config: ZeRO-3, same precision and micro-batch, no "
+                         "optimizer)")
+    engines.add_argument("--attn_implementation", default=None,
+                         choices=("eager", "sdpa", "flash_attention_2"),
+                         help="attention kernel (default: transformers' choice; eager is forced "
+                         "for --kd l2l, which needs attention scores)")
+    engines.add_argument("--dist_timeout", type=float, default=1800,
+                         help="seconds a collective may wait for the other ranks before the run "
+                         "fails, so that a dead rank stops the others instead of hanging them "
+                         "(default: %(default)s)")
 
 
-def quant_config_of(args) -> QuantConfig | None:
-    """The student's weight quantizer; None for --bits 16 (full precision)."""
-    if args.bits == 16:
-        return None
-    try:
-        group_size = -1 if args.group_size is None else args.group_size  # QuantConfig's "none"
-        return QuantConfig(bits=args.bits, method=args.quant_method, granularity=args.granularity,
-                           group_size=group_size, init_scale=args.init_scale)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+def read_run_config(run_dir) -> RunConfig:
+    """A run's configuration: its args.json over the parser's defaults (a run written before an
+    option was added takes its default)."""
+    values = vars(build_parser().parse_args([]))
+    values.update(json.loads((Path(run_dir) / ARGS_FILE).read_text()))
+    return to_config(values)
 
 
-def read_run_args(run_dir) -> argparse.Namespace:
-    """A run's options: its args.json over the parser's defaults (older runs may lack options
-    added since)."""
-    args = build_parser().parse_args([])
-    vars(args).update(json.loads((Path(run_dir) / "args.json").read_text()))
-    return args
+def defaults() -> RunConfig:
+    """launch/train.py's configuration when no option is given."""
+    return parse_args([])
+
+
+def to_config(values: dict) -> RunConfig:
+    """The RunConfig of parsed options: the launcher's --local_rank, and options an older
+    args.json holds that runs no longer have, left out."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in values.items() if k in names})
 
 
 # Options that must be positive, and those that may also be 0 (None means "not given").
@@ -229,7 +249,7 @@ _POSITIVE = ("block_size", "max_steps", "epochs", "lr", "kd_temperature", "init_
 _NOT_NEGATIVE = ("warmup_steps", "eval_every", "save_every", "eval_train_blocks")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> RunConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in _POSITIVE:
@@ -252,7 +272,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--token_scale weighs the TSLD term; it needs --kd tsld or tsld_nogt, "
                      f"not --kd {args.kd}")
     args.token_scale = args.token_scale or "confidence"
-    objective = objective_of(args)  # what could refuse it, argparse and the checks above have
+    config = to_config(vars(args))
+    objective = config.objective  # what could refuse it, argparse and the checks above have
     if args.teacher_cache is not None:
         if not objective.needs_teacher:
             parser.error(f"--teacher_cache holds a teacher's outputs; --kd {args.kd} uses none")
@@ -266,78 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--from_scratch with distillation needs a separate --teacher "
                      "(a randomly initialised model cannot teach itself)")
     try:
-        quant_config_of(args)
+        config.quant_config
     except UsageError as e:
         parser.error(str(e))
-    return args
-
-
-# The options a checkpoint is bound to: they define the model, its quantizer and the objective.
-# `--resume` holds a checkpoint to the values it was written with; launch/convert.py rebuilds the
-# student from them. Models and tokenizers are compared by content, not path (a model staged to
-# node-local storage for each job is the same model).
-DEFINING_OPTIONS = ("model", "teacher", "tokenizer", "bits", "quant_method", "granularity",
-                    "group_size", "init_scale", "kd", "kd_temperature", "token_scale")
-_BY_CONTENT = {"model": ("config.json", "*.safetensors", "*.bin", "*.index.json"),
-               "teacher": ("config.json", "*.safetensors", "*.bin", "*.index.json"),
-               "tokenizer": ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                             "special_tokens_map.json")}
-# Compared only when both objectives have them (a different --kd is reported as such).
-_USED_BY_THE_OBJECTIVE = ("teacher", "kd_temperature", "token_scale")
-
-
-def _fingerprint(name_or_path: str, patterns: tuple) -> str:
-    """A local model or tokenizer directory's identity: SHA-256 over its small files' contents
-    and its weight files' names and sizes; a hub name is its own identity."""
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        return name_or_path
-    digest = hashlib.sha256()
-    for pattern in patterns:
-        for file in sorted(path.glob(pattern)):
-            small = file.suffix in (".json", ".model")
-            digest.update(file.name.encode() + (file.read_bytes() if small
-                                                 else str(file.stat().st_size).encode()))
-    return digest.hexdigest()[:16]
-
-
-def defining_options(args) -> dict:
-    """`args`' values of DEFINING_OPTIONS, resolved: the teacher and tokenizer that default to
-    --model, the quantizer's own defaults (None at --bits 16), None for what the objective does
-    not use; models and tokenizers with their content fingerprints (`NAME_fingerprint`)."""
-    objective = objective_of(args)
-    quant = quant_config_of(args)
-    quant_fields = quant.to_dict() if quant is not None else {}
-    tsld = objective.soft == "tsld"
-    options = {
-        "model": args.model,
-        "teacher": (args.teacher or args.model) if objective.needs_teacher else None,
-        "tokenizer": args.tokenizer or args.model,
-        "bits": args.bits, "quant_method": quant_fields.get("method"),
-        "granularity": quant_fields.get("granularity"),
-        "group_size": quant_fields.get("group_size"),
-        "init_scale": quant_fields.get("init_scale") if quant_fields.get("method") == "pact"
-        else None,
-        "kd": args.kd, "kd_temperature": args.kd_temperature if tsld else None,
-        "token_scale": args.token_scale if tsld else None,
-    }
-    for name, patterns in _BY_CONTENT.items():
-        if options[name] is not None:
-            options[f"{name}_fingerprint"] = _fingerprint(options[name], patterns)
-    return options
-
-
-def differing_options(saved: dict, args) -> list[str]:
-    """'--NAME SAVED (checkpoint) vs NOW' for each defining option `args` changes; models and
-    tokenizers differ when their contents do, wherever they are."""
-    now = defining_options(args)
-    differing = []
-    for name in DEFINING_OPTIONS:
-        key = f"{name}_fingerprint" if name in _BY_CONTENT and f"{name}_fingerprint" in saved \
-            else name
-        if None in (saved.get(name), now[name]) and name in _USED_BY_THE_OBJECTIVE:
-            continue  # one of the objectives has no such term: --kd says it
-        if saved.get(key) != now.get(key):
-            what = " (another model or tokenizer)" if key != name else ""
-            differing.append(f"--{name} {saved.get(name)} (checkpoint) vs {now[name]}{what}")
-    return differing
+    return config

@@ -7,18 +7,18 @@ lr scheduler) plus what an exact resume needs besides: the step, the data sample
 every rank's RNG states. And two files of ours:
 
 - `run_options.json`: the options that define the model, its quantizer and the objective
-  (`tsld_ds.train.args.DEFINING_OPTIONS`); `--resume` refuses others, conversion uses these.
+  (`tsld_ds.run.config.DEFINING_OPTIONS`); `--resume` refuses others, conversion uses these.
 - `manifest.json`: every other file's size and SHA-256, so that a truncated or damaged file is
   named instead of loading silently or failing deep inside torch.load.
 """
 import errno
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,8 +26,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from tsld_ds.errors import RunFailed, UsageError
-from tsld_ds.train.args import differing_options
-from tsld_ds.train.hooks import TrainHooks
+from tsld_ds.files import nearest_existing_parent, sha256_file, sync_directory, write_atomically
 
 LATEST = "latest"
 OPTIONS_FILE = "run_options.json"
@@ -35,7 +34,7 @@ MANIFEST_FILE = "manifest.json"
 _TMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
 _DELETING_SUFFIX = ".deleting"
-UNIVERSAL_SUFFIX = "_universal"  # tsld_ds.train.universal's conversions, beside their source
+UNIVERSAL_SUFFIX = "_universal"  # tsld_ds.run.universal's conversions, beside their source
 _TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -64,11 +63,13 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, output_dir, step: int, client_state: dict, *, options: dict,
-                    needed_bytes: int, keep: int | None, hooks: TrainHooks) -> Path:
+                    needed_bytes: int, keep: int | None,
+                    on_files_written: Callable[[int], None] | None = None) -> Path:
     """Writes checkpoints/step_N atomically on every rank, with the run's defining `options` and
     the manifest, synced to disk before `latest` names it; then deletes older checkpoints beyond
     the newest `keep`. Returns its final path. A write that fails for lack of space (or quota)
-    removes its partial files and raises RunFailed."""
+    removes its partial files and raises RunFailed. `on_files_written(step)` runs once this
+    rank's files are on disk, before the checkpoint is committed."""
     root = checkpoint_dir(output_dir)
     tag = tag_for_step(step)
     tmp = root / (tag + _TMP_SUFFIX)
@@ -80,14 +81,15 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, *, option
         engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state,
                                save_latest=False)
         torch.save(_rng_state(), tmp / f"rng_state_rank{rank}.pt")
-        hooks.checkpoint_files_written(step)
+        if on_files_written is not None:
+            on_files_written(step)
         if rank == 0:
             (tmp / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")
         dist.barrier()  # every rank's files are complete
         manifest = _manifest(tmp)
         if rank == 0:
-            _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-            _sync_directory(tmp)
+            write_atomically(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+            sync_directory(tmp)
     except (OSError, RuntimeError) as e:
         if not _write_failed(e):
             raise
@@ -113,22 +115,6 @@ def _sweep_debris(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sync_directory(path: Path) -> None:
-    """Makes the names in `path` (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(root: Path, tag: str) -> None:
     # An older save of this step (a run resumed from an earlier checkpoint) may be what `latest`
     # names: it is renamed aside and deleted only once the new one is in its place, so `latest`
@@ -139,9 +125,8 @@ def _commit(root: Path, tag: str) -> None:
         os.replace(final, replaced)
     os.replace(root / (tag + _TMP_SUFFIX), final)
     shutil.rmtree(replaced, ignore_errors=True)
-    _write_synced(root / (LATEST + _TMP_SUFFIX), tag + "\n")
-    os.replace(root / (LATEST + _TMP_SUFFIX), root / LATEST)
-    _sync_directory(root)
+    write_atomically(root / LATEST, tag + "\n")
+    sync_directory(root)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -193,9 +178,7 @@ def checkpoint_bytes(engine) -> int:
 
 def check_room(output_dir, needed_bytes: int) -> None:
     """Refuses to start training when the output filesystem cannot hold one checkpoint."""
-    path = Path(output_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(nearest_existing_parent(output_dir)).free
     if free < needed_bytes:
         raise UsageError(f"--output_dir {output_dir} has {format_bytes(free)} free; one "
                          f"checkpoint of this run needs about {format_bytes(needed_bytes)}")
@@ -240,22 +223,11 @@ def _gathered(part: dict) -> dict:
     return {key: value for p in parts for key, value in p.items()}
 
 
-def _sha256(path: Path, *, sync: bool = False) -> str:
-    """The file's SHA-256; with `sync`, its data is also flushed to the disk."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
 def _manifest(directory: Path) -> dict:
     """{file: {bytes, sha256}} of every file in `directory`, each rank hashing (and syncing to
     disk) the files it wrote."""
     mine = {name: {"bytes": (directory / name).stat().st_size,
-                   "sha256": _sha256(directory / name, sync=True)}
+                   "sha256": sha256_file(directory / name, sync=True)}
             for name in _mine(_listed(directory))}
     return {"files": dict(sorted(_gathered(mine).items()))}
 
@@ -279,7 +251,7 @@ def damaged_files(path: Path) -> list[str] | None:
         elif file.stat().st_size != want["bytes"]:
             problems[name] = (f"{name}: {file.stat().st_size} bytes, {want['bytes']} written "
                               "(truncated or overwritten)")
-        elif _sha256(file) != want["sha256"]:
+        elif sha256_file(file) != want["sha256"]:
             problems[name] = f"{name}: contents changed since it was written (SHA-256 differs)"
     problems = _gathered(problems)
     return [problems[name] for name in sorted(problems)]
@@ -311,25 +283,22 @@ def saved_options(path: Path) -> dict | None:
         raise UsageError(f"checkpoint {path}: {OPTIONS_FILE} is damaged (not JSON)") from None
 
 
-def check_options(path: Path, args) -> None:
-    """Refuses to resume the checkpoint at `path` with options that define another model,
-    quantizer or objective."""
-    saved = saved_options(path)
-    differing = differing_options(saved, args) if saved is not None else []
-    if differing:
-        raise UsageError(f"--resume {path}: the checkpoint was written with other options: "
-                         f"{'; '.join(differing)}. Resume with its options, or start a new run "
-                         "in another --output_dir")
-
-
 class CheckpointSaver:
-    """Saves one run's checkpoints, each step at most once: a stop right after a periodic save,
-    or a finished run resumed, keeps the checkpoint already on disk instead of writing it again."""
+    """Saves one run's checkpoints: every `every` steps (0: only when the run ends or stops), and
+    each step at most once: a stop right after a periodic save, or a finished run resumed, keeps
+    the checkpoint already on disk instead of writing it again."""
 
-    def __init__(self, engine, output_dir, saved_step: int | None, *, options: dict,
-                 needed_bytes: int, keep: int | None, hooks: TrainHooks):
+    def __init__(self, engine, output_dir, saved_step: int | None, *, every: int, options: dict,
+                 needed_bytes: int, keep: int | None,
+                 on_files_written: Callable[[int], None] | None = None):
         self.engine, self.output_dir, self.saved_step = engine, output_dir, saved_step
-        self.settings = dict(options=options, needed_bytes=needed_bytes, keep=keep, hooks=hooks)
+        self.every = every
+        self.settings = dict(options=options, needed_bytes=needed_bytes, keep=keep,
+                             on_files_written=on_files_written)
+
+    def maybe_save(self, step: int, client_state: dict) -> None:
+        if self.every and step % self.every == 0:
+            self.save(step, client_state)
 
     def save(self, step: int, client_state: dict) -> Path:
         if step != self.saved_step:

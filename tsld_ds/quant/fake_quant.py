@@ -12,7 +12,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from tsld_ds.quant import QuantLinear, quantize_weight, quantized_modules
+from .linear import QuantLinear
+from .quantizers import quantize_weight
+from .surgery import quantized_modules
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

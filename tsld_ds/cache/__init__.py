@@ -1,0 +1,1 @@
+"""`tsld-cache`: the teacher's outputs computed once (`cli` parses, `build` shards the work)."""

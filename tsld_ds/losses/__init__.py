@@ -9,9 +9,10 @@ from .modules import (
     FusedLinearTSLDLoss,
     fused_linear_tsld_loss,
 )
-from .objective import KD_CHOICES, LOSS_IMPLS, Objective, TeacherOutput
+from .objective import KD_CHOICES, LOSS_IMPLS, Objective
 from .positions import TOKEN_SCALES, next_token_targets, token_scale
-from .reference import TopKTeacher, gt_loss, l2l_loss, logit_kd_loss, tsld_loss
+from .reference import gt_loss, l2l_loss, logit_kd_loss, tsld_loss
+from .teacher import TeacherOutput, TopKTeacher
 
 __all__ = [
     "KD_CHOICES",

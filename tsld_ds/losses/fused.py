@@ -33,9 +33,10 @@ from torch.autograd.function import once_differentiable
 
 from . import positions
 from .positions import next_token_targets
+from .teacher import TeacherOutput
 
 if TYPE_CHECKING:  # the objective calls this module
-    from .objective import Objective, TeacherOutput
+    from .objective import Objective
 
 
 def default_chunk_size(vocab_size: int, hidden_size: int) -> int:

@@ -3,19 +3,19 @@
 `Objective.from_kd(kd)` is the one place that reads `--kd`: it says which terms the loss has
 (a soft term, logit KD or TSLD; the ground-truth CE; the layer-to-layer MSE), how the TSLD term
 weighs tokens, which implementation computes the logit terms (the fused lm_head loss, or the
-reference on full logits) and so what the teacher must hand over. `TeacherOutput` carries the
-teacher's side of one micro-batch from its engine to the loss.
+reference on full logits) and so what the teacher must hand over (a `TeacherOutput`,
+`tsld_ds.losses.teacher`).
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .fused import fused_linear_loss
 from .positions import TOKEN_SCALES
-from .reference import TopKTeacher, gt_loss, l2l_loss, logit_kd_loss, tsld_loss
+from .reference import gt_loss, l2l_loss, logit_kd_loss, tsld_loss
+from .teacher import TeacherOutput
 
 # --kd -> (soft term, with the ground-truth CE, with the layer-to-layer MSE)
 _KD_TERMS = {
@@ -29,59 +29,6 @@ _KD_TERMS = {
 KD_CHOICES = tuple(_KD_TERMS)
 LOSS_IMPLS = ("fused", "naive")
 SOFT_TERMS = ("logit", "tsld")
-
-
-@dataclass(frozen=True, eq=False)
-class TeacherOutput:
-    """The frozen teacher's side of one micro-batch: its `logits` [B, L, V]; or its final
-    `hidden` states [B, L, H_t] with its lm_head (`weight` [V, H_t], `bias`), from which the fused
-    loss builds the logits one chunk at a time; or its `topk` cache rows (`TopKTeacher`); and
-    every block's `hidden_states` and `attentions` for the layer term. It is a fixed target: no
-    gradient flows into it."""
-
-    logits: Optional[Tensor] = None
-    hidden: Optional[Tensor] = None
-    weight: Optional[Tensor] = None
-    bias: Optional[Tensor] = None
-    topk: Optional[TopKTeacher] = None
-    hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
-
-    def __post_init__(self):
-        if sum(t is not None for t in (self.logits, self.hidden, self.topk)) != 1:
-            raise ValueError("give the teacher as logits, as hidden states + lm_head weight, or "
-                             "as top-k rows")
-        if self.hidden is not None and self.weight is None:
-            raise ValueError("the teacher's hidden states need its lm_head weight")
-
-    @property
-    def vocab_size(self) -> Optional[int]:
-        """V, or None for top-k rows (they name token ids, not a vocabulary)."""
-        if self.topk is not None:
-            return None
-        return self.logits.shape[-1] if self.logits is not None else self.weight.shape[0]
-
-    def token_rows(self) -> "TeacherOutput":
-        """The same teacher, detached, with its per-token tensors flattened to [B·L, ·]."""
-        def rows(t):
-            return None if t is None else t.detach().reshape(-1, t.shape[-1])
-
-        topk = None if self.topk is None else self.topk._replace(
-            logprobs=rows(self.topk.logprobs), ids=rows(self.topk.ids),
-            target_logprob=self.topk.target_logprob.detach().reshape(-1))
-        return replace(self, logits=rows(self.logits), hidden=rows(self.hidden), topk=topk,
-                       weight=self.weight.detach() if self.weight is not None else None,
-                       bias=self.bias.detach() if self.bias is not None else None)
-
-    def soft_target(self):
-        """What the reference losses take: [B, L, V] logits (built from the hidden states when
-        given those), or the top-k rows."""
-        if self.topk is not None:
-            return self.topk
-        if self.logits is not None:
-            return self.logits.detach()
-        with torch.no_grad():
-            return F.linear(self.hidden, self.weight, self.bias)
 
 
 @dataclass(frozen=True)

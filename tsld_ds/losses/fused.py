@@ -24,24 +24,20 @@ tail bucket, top k with a sampled tail. A teacher from a top-k cache takes no lo
 soft CE needs the student's logits at the K ids (and, with the bucket, the student's mass outside
 them), and its gradient is the student's block scaled per row plus K scattered entries per row.
 
-`fused_linear_loss` is the one functional entry point; `tsld_ds.losses.modules` wraps it as
-`nn.Module`s.
+`fused_row_loss` runs the engine on a `RowLoss`, the per-row coefficients of the soft and hard
+terms. `tsld_ds.losses.objective.fused_linear_loss`, the one functional entry point, sets them
+from an `Objective`; `tsld_ds.losses.modules` wraps that as `nn.Module`s.
 """
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional, Tuple, Type
+from typing import Optional, Tuple, Type
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import positions
 from .blocks import RunningLogSumExp, block_view, chunks, linear_into, targets_in
-from .positions import next_token_targets
 from .teacher import TeacherOutput
-from .teacher_forms import TeacherForm, form_of
-
-if TYPE_CHECKING:  # the objective calls this module
-    from .objective import Objective
+from .teacher_forms import TeacherForm
 
 
 def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
@@ -58,70 +54,21 @@ def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
     return max(16, chunk // 16 * 16)
 
 
-def fused_linear_loss(student_hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
-                      objective: "Objective", teacher: Optional["TeacherOutput"] = None, *,
-                      lm_head_bias: Optional[Tensor] = None) -> Dict[str, Tensor]:
-    """The logit terms of `objective` (its soft term and ground-truth CE; docs/method.md §2) as
-    {"loss": differentiable total, term: detached value, ...}, equal to the reference losses on
-    `student_hidden @ lm_head_weight.T (+ lm_head_bias)`. Its layer term and its `impl` are the
-    caller's (`Objective.__call__` adds the one and chooses this function by the other).
-
-    student_hidden [B, L, H] (unshifted), labels [B, L]; the teacher as in `TeacherOutput`.
-    Gradients reach student_hidden, lm_head_weight and lm_head_bias.
-    """
-    batch, length, hidden_size = student_hidden.shape
-    vocab_size = lm_head_weight.shape[0]
-    acc_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-    targets = next_token_targets(labels, objective.ignore_index)
-    valid = targets != objective.ignore_index
-    rows = valid.flatten().nonzero().squeeze(1)
-    row_targets = targets.flatten()[rows]
-    chunk_size = objective.chunk_size or default_chunk_size(vocab_size, hidden_size)
-    vocab_chunk_size = objective.vocab_chunk_size or vocab_size
-    if objective.soft is not None:
-        if teacher is None:
-            raise ValueError(f"the {objective.soft} term needs the teacher's output")
-        if teacher.vocab_size not in (None, vocab_size):
-            raise ValueError(f"teacher vocabulary {teacher.vocab_size} != student vocabulary "
-                             f"{vocab_size}")
-        teacher = teacher.token_rows()
-        form = form_of(teacher, vocab_size)
-    else:
-        form = TeacherForm
-
-    per_token_mean = torch.full_like(row_targets, 1, dtype=acc_dtype) / max(rows.numel(), 1)
-    soft_coef = per_token_mean if objective.soft == "logit" else None
-    if objective.soft == "tsld":
-        teacher_ce = torch.zeros(batch * length, dtype=acc_dtype, device=rows.device)
-        teacher_ce[rows] = form.target_ce(teacher, rows, row_targets, chunk_size,
-                                          vocab_chunk_size, acc_dtype)
-        weights = positions.token_scale(teacher_ce.view(batch, length), valid,
-                                        objective.temperature, objective.token_scale)
-        if objective.reduction == "mean":
-            weights = weights / valid.any(dim=-1).sum().clamp_min(1)
-        soft_coef = weights.flatten()[rows]
-    spec = _RowLoss(rows, row_targets, soft_coef, per_token_mean if objective.hard else None,
-                    form, teacher, chunk_size, vocab_chunk_size)
-
-    hidden = student_hidden.reshape(batch * length, hidden_size)
-    trainable = [t for t in (student_hidden, lm_head_weight, lm_head_bias) if t is not None]
+def fused_row_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                   spec: "RowLoss") -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, soft total, hard total) of `spec` on hidden [N, H] through the lm_head (weight
+    [V, H], bias): the loss differentiable w.r.t. those of them that require grad, the totals
+    not. Without autograd (evaluation) only the values, one matmul per chunk."""
+    trainable = [t for t in (hidden, weight, bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in trainable):
-        loss, soft_total, hard_total = _FusedLinearLoss.apply(hidden, lm_head_weight,
-                                                              lm_head_bias, spec)
-    else:  # evaluation: values only, one matmul per chunk
-        soft_total, hard_total = _ChunkedLinearLoss(hidden, lm_head_weight, lm_head_bias, spec,
-                                                    needs_grad=(False, False, False)).run()
-        loss = soft_total + hard_total
-    terms = {"loss": loss}
-    if objective.hard:
-        terms["gt"] = hard_total.detach()
-    if objective.soft is not None:
-        terms[objective.soft] = soft_total.detach()
-    return terms
+        return _FusedLinearLoss.apply(hidden, weight, bias, spec)
+    soft_total, hard_total = _ChunkedLinearLoss(hidden, weight, bias, spec,
+                                                needs_grad=(False, False, False)).run()
+    return soft_total + hard_total, soft_total, hard_total
 
 
 @dataclass(frozen=True, eq=False)
-class _RowLoss:
+class RowLoss:
     """What the chunk engine sums: Σ_n soft_coef[n]·softCE_n + hard_coef[n]·CE_n over the token
     rows `rows` of the flattened hidden states, scored on `targets`. A missing coefficient drops
     its term; the teacher (flattened, see `TeacherOutput.token_rows`) gives p^T in its `form`
@@ -141,7 +88,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Runs the chunk engine in forward and keeps its gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, spec: _RowLoss):
+    def forward(ctx, hidden, weight, bias, spec: RowLoss):
         engine = _ChunkedLinearLoss(hidden, weight, bias, spec,
                                     needs_grad=tuple(ctx.needs_input_grad[:3]))
         soft_total, hard_total = engine.run()
@@ -162,7 +109,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
 
 class _ChunkedLinearLoss:
-    """The chunk engine: a `_RowLoss` of hidden [N, H] through the lm_head (weight [V, H], bias)
+    """The chunk engine: a `RowLoss` of hidden [N, H] through the lm_head (weight [V, H], bias)
     and, when asked, its gradients, one chunk of token rows at a time.
 
     Per chunk, `_statistics` is the first sweep over the vocabulary blocks (each row's
@@ -173,7 +120,7 @@ class _ChunkedLinearLoss:
     accumulators are float32 (float64 for float64 inputs); matmuls run in the input dtype.
     """
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], spec: _RowLoss,
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], spec: RowLoss,
                  needs_grad: Tuple[bool, bool, bool]):
         self.hidden, self.weight, self.bias, self.spec = hidden, weight, bias, spec
         self.acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -299,9 +246,9 @@ class _ChunkedLinearLoss:
 
 
 class _ChunkRows:
-    """One chunk of a `_RowLoss`: its token rows, their hidden states, targets and coefficients."""
+    """One chunk of a `RowLoss`: its token rows, their hidden states, targets and coefficients."""
 
-    def __init__(self, spec: _RowLoss, chunk: slice, hidden: Tensor):
+    def __init__(self, spec: RowLoss, chunk: slice, hidden: Tensor):
         self.index, self.targets = spec.rows[chunk], spec.targets[chunk]
         self.n = len(self.index)
         self.hidden = hidden.index_select(0, self.index)

@@ -13,6 +13,7 @@ from .objective import KD_CHOICES, LOSS_IMPLS, Objective, fused_linear_loss
 from .positions import TOKEN_SCALES, next_token_targets, token_scale
 from .reference import gt_loss, l2l_loss, logit_kd_loss, tsld_loss
 from .teacher import TeacherOutput, TopKTeacher
+from .teacher_forms import topk_with_sampled_tail
 
 __all__ = [
     "KD_CHOICES",
@@ -33,5 +34,6 @@ __all__ = [
     "logit_kd_loss",
     "next_token_targets",
     "token_scale",
+    "topk_with_sampled_tail",
     "tsld_loss",
 ]

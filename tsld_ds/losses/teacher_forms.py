@@ -177,6 +177,29 @@ class SparseTopKForm(TeacherForm):
         grad.scatter_add_(1, col, torch.where(inside, self.ids_grad, 0))
 
 
+def topk_with_sampled_tail(logprobs: Tensor, k: int, samples: int, generator):
+    """The top k of log-probabilities [n, V] and their ids, followed by `samples` tokens drawn
+    with replacement from the distribution outside them: each distinct token drawn c times gets
+    log(c / samples · P_tail), so the sparse target's expectation is the full distribution (its
+    entries sum to 1); slots a repeated draw leaves hold other tail tokens at -inf. [n, k +
+    samples] values and ids, the ids of a row distinct. `tsld-cache --tail_samples` stores these
+    rows; `SparseTopKForm` reads them."""
+    values, ids = logprobs.topk(k, dim=-1)
+    if samples == 0:
+        return values, ids
+    tail = logprobs.scatter(1, ids, float("-inf"))
+    tail_mass = tail.logsumexp(dim=1, keepdim=True)
+    # A row whose tail is all -inf draws uniformly; its draws weigh log 0 = -inf.
+    proposal = torch.where(tail_mass.isfinite(), torch.softmax(tail, dim=1), 1.0)
+    drawn = torch.multinomial(proposal, samples, replacement=True, generator=generator)
+    counts = torch.zeros_like(logprobs).scatter_add_(1, drawn, torch.ones_like(logprobs[:, :1])
+                                                     .expand_as(drawn))
+    counts.scatter_(1, ids, -1.0)  # a slot left by a repeated draw never takes a top-k id
+    count, tail_ids = counts.topk(samples, dim=-1)
+    tail_values = torch.where(count > 0, (count / samples).log() + tail_mass, float("-inf"))
+    return torch.cat([values, tail_values], dim=1), torch.cat([ids, tail_ids], dim=1)
+
+
 class TopKBucketForm(SparseTopKForm):
     """A top-k cache's K entries and one bucket for the rest of the teacher's mass, P^T_tail =
     1 - Σ_S p^T (`TopKTeacher`: the soft CE over K + 1 buckets). The student's bucket, the

@@ -54,19 +54,6 @@ def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
     return max(16, chunk // 16 * 16)
 
 
-def fused_row_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                   spec: "RowLoss") -> Tuple[Tensor, Tensor, Tensor]:
-    """(loss, soft total, hard total) of `spec` on hidden [N, H] through the lm_head (weight
-    [V, H], bias): the loss differentiable w.r.t. those of them that require grad, the totals
-    not. Without autograd (evaluation) only the values, one matmul per chunk."""
-    trainable = [t for t in (hidden, weight, bias) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in trainable):
-        return _FusedLinearLoss.apply(hidden, weight, bias, spec)
-    soft_total, hard_total = _ChunkedLinearLoss(hidden, weight, bias, spec,
-                                                needs_grad=(False, False, False)).run()
-    return soft_total + hard_total, soft_total, hard_total
-
-
 @dataclass(frozen=True, eq=False)
 class RowLoss:
     """What the chunk engine sums: Σ_n soft_coef[n]·softCE_n + hard_coef[n]·CE_n over the token
@@ -82,6 +69,19 @@ class RowLoss:
     teacher: Optional[TeacherOutput]
     chunk_size: int
     vocab_chunk_size: int
+
+
+def fused_row_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                   spec: RowLoss) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, soft total, hard total) of `spec` on hidden [N, H] through the lm_head (weight
+    [V, H], bias): the loss differentiable w.r.t. those of them that require grad, the totals
+    not. Without autograd (evaluation) only the values, one matmul per chunk."""
+    trainable = [t for t in (hidden, weight, bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in trainable):
+        return _FusedLinearLoss.apply(hidden, weight, bias, spec)
+    soft_total, hard_total = _ChunkedLinearLoss(hidden, weight, bias, spec,
+                                                needs_grad=(False, False, False)).run()
+    return soft_total + hard_total, soft_total, hard_total
 
 
 class _FusedLinearLoss(torch.autograd.Function):

@@ -203,9 +203,9 @@ def topk_with_sampled_tail(logprobs: Tensor, k: int, samples: int, generator):
 class TopKBucketForm(SparseTopKForm):
     """A top-k cache's K entries and one bucket for the rest of the teacher's mass, P^T_tail =
     1 - Σ_S p^T (`TopKTeacher`: the soft CE over K + 1 buckets). The student's bucket, the
-    log-sum-exp of its logits off the K ids, is kept in the buffer's own frame: summed directly
-    (1 - Σ_S p^S cancels) and relative to its own max (relative to the overall max it can
-    underflow)."""
+    log-sum-exp of its logits off the K ids, is worked out in the buffer in a frame of its own:
+    summed directly (1 - Σ_S p^S cancels) and relative to its own max (relative to the overall
+    max it can underflow)."""
 
     uses_buffer = True
 

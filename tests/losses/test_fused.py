@@ -353,7 +353,7 @@ def test_topk_teacher_matches_reference(case, objective, k, device):
 def test_topk_teacher_with_a_sampled_tail_matches_reference(case, objective, device):
     """Top 5 and 16 draws from the tail (tsld-cache --tail_samples): no tail bucket, repeated
     draws leaving -inf entries; fused against the float64 reference, values and gradients."""
-    from tsld_ds.cache.build import topk_with_sampled_tail
+    from tsld_ds.losses import topk_with_sampled_tail
 
     batch, length, vocab, hidden, chunk, vocab_chunk = case
     inputs = make_loss_inputs(batch, length, vocab, hidden, device=device, dtype=torch.float64,
@@ -371,7 +371,7 @@ def test_a_sampled_tail_is_an_unbiased_target(device):
     """The sparse target of top k plus tail draws sums to 1, keeps the top k exact, names each
     token once, and averages to the full distribution (so the soft term's value and gradient,
     linear in it, do too)."""
-    from tsld_ds.cache.build import topk_with_sampled_tail
+    from tsld_ds.losses import topk_with_sampled_tail
 
     logp = torch.log_softmax(2 * torch.randn(6, 41, dtype=torch.float64, device=device), dim=-1)
     draws, samples = 4000, 8

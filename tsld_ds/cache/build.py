@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
 from tqdm import tqdm
 
 from tsld_ds.cache.config import CacheConfig
@@ -27,7 +26,7 @@ from tsld_ds.devices import to_device
 from tsld_ds.errors import RunFailed, UsageError
 from tsld_ds.evaluation.perplexity import summed_nll
 from tsld_ds.files import check_writable, write_atomically
-from tsld_ds.losses import default_chunk_size, next_token_targets
+from tsld_ds.losses import default_chunk_size, next_token_targets, topk_with_sampled_tail
 from tsld_ds.models import (check_block_size, check_model_source, load_causal_lm, load_tokenizer,
                             torch_dtype_of, vocab_size_of)
 from tsld_ds.run.distributed import init_distributed, on_rank_zero, seed_everything
@@ -266,28 +265,6 @@ def _cached_values(teacher, labels, topk: int, tail_samples: int, draws) -> dict
         parts.append(part)
     values = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return {name: v.reshape(batch, length, *v.shape[1:]).cpu() for name, v in values.items()}
-
-
-def topk_with_sampled_tail(logprobs: Tensor, k: int, samples: int, generator):
-    """The top k of log-probabilities [n, V] and their ids, followed by `samples` tokens drawn
-    with replacement from the distribution outside them: each distinct token drawn c times gets
-    log(c / samples · P_tail), so the sparse target's expectation is the full distribution (its
-    entries sum to 1); slots a repeated draw leaves hold other tail tokens at -inf. [n, k +
-    samples] values and ids, the ids of a row distinct."""
-    values, ids = logprobs.topk(k, dim=-1)
-    if samples == 0:
-        return values, ids
-    tail = logprobs.scatter(1, ids, float("-inf"))
-    tail_mass = tail.logsumexp(dim=1, keepdim=True)
-    # A row whose tail is all -inf draws uniformly; its draws weigh log 0 = -inf.
-    proposal = torch.where(tail_mass.isfinite(), torch.softmax(tail, dim=1), 1.0)
-    drawn = torch.multinomial(proposal, samples, replacement=True, generator=generator)
-    counts = torch.zeros_like(logprobs).scatter_add_(1, drawn, torch.ones_like(logprobs[:, :1])
-                                                     .expand_as(drawn))
-    counts.scatter_(1, ids, -1.0)  # a slot left by a repeated draw never takes a top-k id
-    count, tail_ids = counts.topk(samples, dim=-1)
-    tail_values = torch.where(count > 0, (count / samples).log() + tail_mass, float("-inf"))
-    return torch.cat([values, tail_values], dim=1), torch.cat([ids, tail_ids], dim=1)
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .fused import fused_linear_loss
-from .objective import Objective, TeacherOutput
+from .objective import Objective, fused_linear_loss
+from .teacher import TeacherOutput
 
 
 class FusedLinearLoss(nn.Module):

@@ -3,19 +3,23 @@
 `Objective.from_kd(kd)` is the one place that reads `--kd`: it says which terms the loss has
 (a soft term, logit KD or TSLD; the ground-truth CE; the layer-to-layer MSE), how the TSLD term
 weighs tokens, which implementation computes the logit terms (the fused lm_head loss, or the
-reference on full logits) and so what the teacher must hand over. `TeacherOutput` carries the
-teacher's side of one micro-batch from its engine to the loss.
+reference on full logits) and so what the teacher must hand over (a `TeacherOutput`,
+`tsld_ds.losses.teacher`). `fused_linear_loss` is its fused implementation's functional entry
+point: the objective's per-token coefficients, summed by the chunk engine of `fused.py`.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import fused_linear_loss
-from .positions import TOKEN_SCALES
-from .reference import TopKTeacher, gt_loss, l2l_loss, logit_kd_loss, tsld_loss
+from . import positions
+from .fused import RowLoss, default_chunk_size, fused_row_loss
+from .positions import TOKEN_SCALES, next_token_targets
+from .reference import gt_loss, l2l_loss, logit_kd_loss, tsld_loss
+from .teacher import TeacherOutput
+from .teacher_forms import TeacherForm, form_of
 
 # --kd -> (soft term, with the ground-truth CE, with the layer-to-layer MSE)
 _KD_TERMS = {
@@ -29,59 +33,6 @@ _KD_TERMS = {
 KD_CHOICES = tuple(_KD_TERMS)
 LOSS_IMPLS = ("fused", "naive")
 SOFT_TERMS = ("logit", "tsld")
-
-
-@dataclass(frozen=True, eq=False)
-class TeacherOutput:
-    """The frozen teacher's side of one micro-batch: its `logits` [B, L, V]; or its final
-    `hidden` states [B, L, H_t] with its lm_head (`weight` [V, H_t], `bias`), from which the fused
-    loss builds the logits one chunk at a time; or its `topk` cache rows (`TopKTeacher`); and
-    every block's `hidden_states` and `attentions` for the layer term. It is a fixed target: no
-    gradient flows into it."""
-
-    logits: Optional[Tensor] = None
-    hidden: Optional[Tensor] = None
-    weight: Optional[Tensor] = None
-    bias: Optional[Tensor] = None
-    topk: Optional[TopKTeacher] = None
-    hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
-
-    def __post_init__(self):
-        if sum(t is not None for t in (self.logits, self.hidden, self.topk)) != 1:
-            raise ValueError("give the teacher as logits, as hidden states + lm_head weight, or "
-                             "as top-k rows")
-        if self.hidden is not None and self.weight is None:
-            raise ValueError("the teacher's hidden states need its lm_head weight")
-
-    @property
-    def vocab_size(self) -> Optional[int]:
-        """V, or None for top-k rows (they name token ids, not a vocabulary)."""
-        if self.topk is not None:
-            return None
-        return self.logits.shape[-1] if self.logits is not None else self.weight.shape[0]
-
-    def token_rows(self) -> "TeacherOutput":
-        """The same teacher, detached, with its per-token tensors flattened to [B·L, ·]."""
-        def rows(t):
-            return None if t is None else t.detach().reshape(-1, t.shape[-1])
-
-        topk = None if self.topk is None else self.topk._replace(
-            logprobs=rows(self.topk.logprobs), ids=rows(self.topk.ids),
-            target_logprob=self.topk.target_logprob.detach().reshape(-1))
-        return replace(self, logits=rows(self.logits), hidden=rows(self.hidden), topk=topk,
-                       weight=self.weight.detach() if self.weight is not None else None,
-                       bias=self.bias.detach() if self.bias is not None else None)
-
-    def soft_target(self):
-        """What the reference losses take: [B, L, V] logits (built from the hidden states when
-        given those), or the top-k rows."""
-        if self.topk is not None:
-            return self.topk
-        if self.logits is not None:
-            return self.logits.detach()
-        with torch.no_grad():
-            return F.linear(self.hidden, self.weight, self.bias)
 
 
 @dataclass(frozen=True)
@@ -187,3 +138,62 @@ class Objective:
                                            ignore_index=ignore)
         loss = sum(terms.values())
         return {"loss": loss, **{name: term.detach() for name, term in terms.items()}}
+
+
+def fused_linear_loss(student_hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
+                      objective: Objective, teacher: Optional[TeacherOutput] = None, *,
+                      lm_head_bias: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """The logit terms of `objective` (its soft term and ground-truth CE; docs/method.md §2) by
+    the fused lm_head loss, as {"loss": differentiable total, term: detached value, ...}, equal
+    to the reference losses on `student_hidden @ lm_head_weight.T (+ lm_head_bias)`. Its layer
+    term and its `impl` are the caller's (`Objective.__call__` adds the one and chooses this
+    function by the other).
+
+    The objective sets each valid token row's coefficients here (docs/method.md §3.1: the mean
+    over tokens; TSLD's token scale from the teacher's CE on the label, which its form gives for
+    every row first); the chunk engine (`fused.py`) sums the terms with them.
+
+    student_hidden [B, L, H] (unshifted), labels [B, L]; the teacher as in `TeacherOutput`.
+    Gradients reach student_hidden, lm_head_weight and lm_head_bias.
+    """
+    batch, length, hidden_size = student_hidden.shape
+    vocab_size = lm_head_weight.shape[0]
+    acc_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    targets = next_token_targets(labels, objective.ignore_index)
+    valid = targets != objective.ignore_index
+    rows = valid.flatten().nonzero().squeeze(1)
+    row_targets = targets.flatten()[rows]
+    chunk_size = objective.chunk_size or default_chunk_size(vocab_size, hidden_size)
+    vocab_chunk_size = objective.vocab_chunk_size or vocab_size
+    if objective.soft is not None:
+        if teacher is None:
+            raise ValueError(f"the {objective.soft} term needs the teacher's output")
+        if teacher.vocab_size not in (None, vocab_size):
+            raise ValueError(f"teacher vocabulary {teacher.vocab_size} != student vocabulary "
+                             f"{vocab_size}")
+        teacher = teacher.token_rows()
+        form = form_of(teacher, vocab_size)
+    else:
+        form = TeacherForm
+
+    per_token_mean = torch.full_like(row_targets, 1, dtype=acc_dtype) / max(rows.numel(), 1)
+    soft_coef = per_token_mean if objective.soft == "logit" else None
+    if objective.soft == "tsld":
+        teacher_ce = torch.zeros(batch * length, dtype=acc_dtype, device=rows.device)
+        teacher_ce[rows] = form.target_ce(teacher, rows, row_targets, chunk_size,
+                                          vocab_chunk_size, acc_dtype)
+        weights = positions.token_scale(teacher_ce.view(batch, length), valid,
+                                        objective.temperature, objective.token_scale)
+        if objective.reduction == "mean":
+            weights = weights / valid.any(dim=-1).sum().clamp_min(1)
+        soft_coef = weights.flatten()[rows]
+    spec = RowLoss(rows, row_targets, soft_coef, per_token_mean if objective.hard else None,
+                   form, teacher, chunk_size, vocab_chunk_size)
+    loss, soft_total, hard_total = fused_row_loss(
+        student_hidden.reshape(batch * length, hidden_size), lm_head_weight, lm_head_bias, spec)
+    terms = {"loss": loss}
+    if objective.hard:
+        terms["gt"] = hard_total.detach()
+    if objective.soft is not None:
+        terms[objective.soft] = soft_total.detach()
+    return terms

@@ -5,7 +5,7 @@ position n is scored on token n + 1 and labels equal to ``ignore_index`` are ski
 logits are upcast to float32. The teacher is a fixed target: no gradient flows into it.
 These are the ``--loss_impl naive`` path and the ground truth the fused losses are tested against.
 """
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,32 +13,7 @@ from torch import Tensor
 
 from . import positions
 from .positions import next_token_targets
-
-
-class TopKTeacher(NamedTuple):
-    """The teacher as a top-k cache keeps it (docs/method.md §2.5), per position of [B, L]: the
-    log-probabilities `logprobs` [B, L, K] of its K most likely tokens `ids` [B, L, K], and
-    `target_logprob` [B, L], log p^T of the next-token label (anything where there is none).
-
-    Its soft CE is over K + 1 buckets, the K tokens and the rest: -Σ_{i in S} p^T_i log p^S_i
-    - P^T_tail log P^S_tail, with P^T_tail = 1 - Σ_{i in S} p^T_i the teacher's mass outside
-    the K tokens and P^S_tail the student's. Its gradient w.r.t. the student's logits is
-    p^S - q with q = p^T on the K tokens and the teacher's tail mass spread over the rest in the
-    student's proportions. TSLD's token scale uses `target_logprob`, exact.
-
-    With `has_tail` False the entries carry the teacher's whole mass (top k plus tokens sampled
-    from its tail, each weighted so the sparse target's expectation is p^T; entries of no mass
-    are -inf): the soft CE is -Σ_i q_i log p^S_i over them, q normalized to sum to 1 exactly,
-    with no tail bucket."""
-
-    logprobs: Tensor
-    ids: Tensor
-    target_logprob: Tensor
-    has_tail: bool = True
-
-
-# The teacher of a soft term: full logits [B, L, V], or its top-k cache.
-TeacherTarget = Union[Tensor, TopKTeacher]
+from .teacher import TeacherTarget, TopKTeacher
 
 
 def _upcast(x: Tensor) -> Tensor:

@@ -100,7 +100,7 @@ def test_packed_gives_hf_logits_in_fewer_bytes(llama256_run, tmp_path):
 
     summary = convert(llama256_run, tmp_path / "packed", "packed")
     convert(llama256_run, tmp_path / "hf", "hf")
-    assert summary["compression_vs_bf16"] >= 7.0
+    assert summary["quantized_weight_size_vs_bf16"] <= 1 / 7
     assert summary["distinct_values"]["check"] == "pass"
     packed = load_packed(tmp_path / "packed")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -139,7 +139,9 @@ def test_config_names_the_stored_dtype(fmt, llama256_run, tmp_path):
     # llama256's own config says bfloat16 (it is stored so); the run trained in fp32.
     for dtype, stored in ((None, "F32"), ("bf16", "BF16")):
         out = tmp_path / f"{fmt}-{dtype}"
-        convert(llama256_run, out, fmt, dtype)
+        summary = convert(llama256_run, out, fmt, dtype)
+        if fmt == "hf":  # dequantized weights: twice bf16's bytes in fp32, as many in bf16
+            assert summary["quantized_weight_size_vs_bf16"] == {"F32": 2.0, "BF16": 1.0}[stored]
         config = json.loads((out / "config.json").read_text())
         with safe_open(out / "model.safetensors", "pt") as f:
             dtypes = {f.get_slice(name).get_dtype() for name in f.keys()} - {"I32", "I64"}
@@ -201,7 +203,7 @@ def test_gguf_tensors_give_back_the_hf_weights(run_name, quant_type, shared_runs
     summary = convert(run, tmp_path / "model.gguf", "gguf")
     convert(run, tmp_path / "hf", "hf")
     assert summary["distinct_values"]["check"] == "pass"
-    assert summary["compression_vs_bf16"] > (7 if quant_type == "TQ2_0" else 3)
+    assert summary["quantized_weight_size_vs_bf16"] < (1 / 7 if quant_type == "TQ2_0" else 1 / 3)
     types = gguf_tensors_against_hf(tmp_path / "model.gguf", tmp_path / "hf")
     assert types[quant_type] == 14
 

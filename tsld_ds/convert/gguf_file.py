@@ -20,7 +20,7 @@ import torch
 
 from tsld_ds.convert.packed import grid_levels
 from tsld_ds.convert.report import Report
-from tsld_ds.data import special_tokens_added
+from tsld_ds.data import bos_eos_added, special_tokens_added
 from tsld_ds.errors import UsageError
 from tsld_ds.quant import QuantConfig, quantized_modules
 
@@ -169,12 +169,13 @@ def _add_vocabulary(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None
 def added_bos_eos(tokenizer) -> tuple[bool, bool]:
     """(adds a BOS before a text, adds an EOS after it) by default: llama.cpp's two keys for what
     a tokenizer adds. One that adds anything else is refused."""
-    before, after = special_tokens_added(tokenizer)
-    if before not in ([], [tokenizer.bos_token_id]) or after not in ([], [tokenizer.eos_token_id]):
+    added = bos_eos_added(tokenizer)
+    if added is None:
+        before, after = special_tokens_added(tokenizer)
         raise UsageError(f"--format gguf: llama.cpp adds at most a BOS before a text and an EOS "
                          f"after it; this tokenizer adds {before} before and {after} after by "
                          "default (use --format hf)")
-    return bool(before), bool(after)
+    return added
 
 
 def prepends_space(tokenizer) -> bool:

@@ -8,12 +8,14 @@ from tsld_ds.data.packing import document_separator, tokenize_and_pack
 from tsld_ds.data.rows import dataset_rows, validation_rows
 from tsld_ds.data.sampler import ResumableDistributedSampler
 from tsld_ds.data.text import load_splits, load_text_splits
-from tsld_ds.data.tokenizers import check_tokenizers_match, save_tokenizer, special_tokens_added
+from tsld_ds.data.tokenizers import (bos_eos_added, check_tokenizers_match, save_tokenizer,
+                                     special_tokens_added)
 
 __all__ = [
     "BUILTIN_DATASET",
     "EpochBatches",
     "ResumableDistributedSampler",
+    "bos_eos_added",
     "builtin_corpus_dir",
     "builtin_tokenizer_path",
     "check_tokenizers_match",

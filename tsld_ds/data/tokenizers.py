@@ -6,6 +6,8 @@ a tokenizer the project writes must say, to every reader, exactly what it adds. 
 feeds both models the same ids and compares their logits position by position and vocabulary
 entry by entry, so the two tokenizers must agree on every id.
 """
+from __future__ import annotations
+
 import json
 from pathlib import Path
 
@@ -26,6 +28,16 @@ def special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:
                      f"by default, which does not hold its ids without special tokens {plain}")
 
 
+def bos_eos_added(tokenizer) -> tuple[bool, bool] | None:
+    """(whether a BOS goes before a text, whether an EOS goes after it) when the tokenizer's
+    default special tokens are just those, the two flags most readers know (transformers'
+    `add_bos_token`/`add_eos_token`, llama.cpp's keys); None when it adds anything else."""
+    before, after = special_tokens_added(tokenizer)
+    if before not in ([], [tokenizer.bos_token_id]) or after not in ([], [tokenizer.eos_token_id]):
+        return None
+    return bool(before), bool(after)
+
+
 def save_tokenizer(tokenizer, directory) -> None:
     """`tokenizer.save_pretrained(directory)`, with tokenizer_config.json's `add_bos_token` and
     `add_eos_token` saying what it adds by default. transformers 5 reads that from
@@ -34,12 +46,12 @@ def save_tokenizer(tokenizer, directory) -> None:
     missing `add_bos_token` means true. A tokenizer that adds anything else than a BOS before
     and an EOS after a text keeps what save_pretrained wrote (its post-processor says it)."""
     tokenizer.save_pretrained(directory)
-    before, after = special_tokens_added(tokenizer)
-    if before not in ([], [tokenizer.bos_token_id]) or after not in ([], [tokenizer.eos_token_id]):
+    added = bos_eos_added(tokenizer)
+    if added is None:
         return
     path = Path(directory) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    config.update(add_bos_token=bool(before), add_eos_token=bool(after))
+    config.update(add_bos_token=added[0], add_eos_token=added[1])
     path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                     encoding="utf-8")
 

@@ -30,9 +30,11 @@ setup(
         # compressed-tensors: interop checks of the packed format; lm-eval: eval.py --tasks on
         # a local task; matplotlib: test_reproduce; setuptools >= 70.1 builds wheels itself
         # (tests/ops/test_kernel_sources.py builds one); triton: the kernels' tests run them in
-        # its CPU interpreter and compile them for sm_80/sm_90 (a GPU's torch brings its own)
+        # its CPU interpreter and compile them for sm_80/sm_90 (a GPU's torch brings its own);
+        # cyllama: llama.cpp (b9190) as a prebuilt manylinux2014 wheel, which runs the GGUF
+        # output in the tests (llama-cpp-python builds llama.cpp from source, ~35 min here)
         "test": ["pytest", "compressed-tensors", "lm-eval", "matplotlib", "setuptools>=70.1",
-                 "triton==3.9.0"],
+                 "triton==3.9.0", "cyllama==0.2.18"],
         "results": ["matplotlib"],  # benchmarks/reproduce.py's plots
         "gpu": ["flash-attn", "bitsandbytes"],
     },

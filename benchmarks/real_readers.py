@@ -9,6 +9,9 @@ users load them with, never with tsld-ds's own reader:
   add_space_prefix applied, which transformers' builder ignores) on the first 200 validation
   lines of the built-in corpus, against the ids training gives them; and with llama.cpp's
   default space prefix instead;
+- the GGUF in llama.cpp itself (cyllama's prebuilt bindings, b9190): its own tokenization and
+  every position's logits over the first 512 tokens of the validation text, against the hf
+  output's (largest difference, argmax agreement, perplexity of both);
 - packed: stock transformers + compressed-tensors in a fresh interpreter (4-bit with
   CompressedTensorsConfig(dequantize=True), see README), logits on validation text against the
   hf output's;
@@ -99,7 +102,7 @@ def gguf_tokenizer_matches(gguf_path: Path, tokenizer, lines) -> dict:
     keys = {key: bool(fields[f"tokenizer.ggml.{key}"].parts[-1][0])
             for key in ("add_space_prefix", "add_bos_token", "add_eos_token")}
     rebuilt = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    ours = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    ours = tokenizer(lines)["input_ids"]  # training's: the tokenizer's defaults
     report = {"keys": keys, "lines": len(lines)}
     for label, prefix in (("matching_lines", keys["add_space_prefix"]),
                           ("matching_lines_with_llama_cpp_default_prefix", True)):
@@ -107,6 +110,60 @@ def gguf_tokenizer_matches(gguf_path: Path, tokenizer, lines) -> dict:
             replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
         report[label] = sum(rebuilt(line)["input_ids"] == ids for line, ids in zip(lines, ours))
     return report
+
+
+def llama_cpp_logits(gguf_path: Path, text: str, max_tokens: int):
+    """(ids, logits [len(ids), vocab] as numpy) of the first `max_tokens` tokens of `text`, as
+    llama.cpp itself tokenizes it (with the BOS/EOS its GGUF keys ask for) and runs it in one
+    batch on the CPU, every position's logits kept. Through cyllama's bindings of llama.cpp (a
+    prebuilt wheel on PyPI)."""
+    import numpy as np
+    from cyllama.llama import llama_cpp
+
+    class Model(llama_cpp.LlamaModel):
+        # cyllama 0.2.18's LlamaContext.get_logits* read `model.n_vocab`, which its LlamaModel
+        # does not have (docs/dependencies.md).
+        @property
+        def n_vocab(self):
+            return self.get_vocab().n_vocab
+
+    llama_cpp.disable_logging()
+    llama_cpp.ggml_backend_load_all()
+    model_params = llama_cpp.LlamaModelParams()
+    model_params.n_gpu_layers = 0
+    model = Model(str(gguf_path), model_params)
+    ids = model.get_vocab().tokenize(text, add_special=True, parse_special=False)[:max_tokens]
+    context_params = llama_cpp.LlamaContextParams()
+    context_params.n_ctx = context_params.n_batch = context_params.n_ubatch = len(ids)
+    context_params.n_threads = context_params.n_threads_batch = 1
+    context = llama_cpp.LlamaContext(model, context_params)
+    batch = llama_cpp.LlamaBatch(n_tokens=len(ids), embd=0, n_seq_max=1)
+    for position, token in enumerate(ids):
+        batch.add(token, position, [0], True)
+    context.decode(batch)
+    logits = np.array([context.get_logits_ith(i) for i in range(len(ids))], dtype=np.float32)
+    return list(ids), logits
+
+
+def llama_cpp_against_hf(gguf_path: Path, hf, tokenizer, text: str, max_tokens: int) -> dict:
+    """llama.cpp's per-position logits of `text` against the hf output's on the same ids, with
+    llama.cpp's ids against the ones training gives the text (its tokenizer's defaults)."""
+    import numpy as np
+
+    ids, theirs = llama_cpp_logits(gguf_path, text, max_tokens)
+    ours = tokenizer(text)["input_ids"][:max_tokens]
+    with torch.no_grad():
+        reference = hf(torch.tensor([ids])).logits[0].float().numpy()
+
+    def perplexity(logits):
+        logprobs = torch.from_numpy(logits[:-1]).log_softmax(-1)
+        return torch.exp(-logprobs.gather(1, torch.tensor(ids[1:])[:, None]).mean()).item()
+
+    return {"tokens": len(ids), "same_ids_as_training": ids == ours,
+            "max_abs_logit_difference": float(np.abs(theirs - reference).max()),
+            "max_abs_logit": float(np.abs(reference).max()),
+            "same_argmax": float((theirs.argmax(1) == reference.argmax(1)).mean()),
+            "perplexity": {"llama_cpp": perplexity(theirs), "hf": perplexity(reference)}}
 
 
 def stored_dtypes(directory: Path) -> dict:
@@ -139,8 +196,8 @@ def main(argv=None) -> None:
     lines = [line for line in (builtin_corpus_dir() / "validation.txt").read_text().splitlines()
              if line.strip()][:200]
 
-    ids = torch.tensor([tokenizer(" ".join(lines[:40]), add_special_tokens=False)
-                        ["input_ids"][:hf.config.max_position_embeddings]])
+    ids = torch.tensor([tokenizer(" ".join(lines[:40]))["input_ids"]
+                        [:hf.config.max_position_embeddings]])
     loaded = stock_logits(out / "packed", ids, out, dequantize=bits == 4)
     assert not loaded["tsld_ds_imported"]
     stock = loaded["logits"]
@@ -150,7 +207,10 @@ def main(argv=None) -> None:
         "run": str(run), "bits": bits,
         "gguf": {"bytes": summaries["gguf"]["bytes"],
                  "types": gguf_against_hf(out / "model.gguf", hf),
-                 "tokenizer": gguf_tokenizer_matches(out / "model.gguf", tokenizer, lines)},
+                 "tokenizer": gguf_tokenizer_matches(out / "model.gguf", tokenizer, lines),
+                 "in_llama_cpp": llama_cpp_against_hf(out / "model.gguf", hf, tokenizer,
+                                                      "\n".join(lines),
+                                                      hf.config.max_position_embeddings)},
         "packed_in_stock_transformers": {
             "bytes": summaries["packed"]["bytes"], "tokens": ids.shape[1],
             "max_abs_logit_difference": (stock - reference).abs().max().item(),

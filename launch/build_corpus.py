@@ -11,6 +11,8 @@ Needs the `bible` program and its text from Debian's bible-kjv package
   kjv/SOURCE.md                      provenance, rebuild command and statistics
   tokenizer/                         SentencePiece BPE, 4096 tokens with byte fallback, trained on
                                      the train split, as a Hugging Face LlamaTokenizer directory
+                                     that adds no special token by default (as training reads
+                                     text: documents separated by EOS)
 
 Rebuilding gives byte-identical files.
 """
@@ -30,7 +32,7 @@ from transformers import AutoTokenizer, LlamaTokenizer
 # SentencePiece-only extractor (the convert_slow_tokenizer one needs protobuf, not a dependency).
 from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
-from tsld_ds.data import builtin_corpus_dir, load_text_splits
+from tsld_ds.data import builtin_corpus_dir, document_separator, load_text_splits, save_tokenizer
 
 VERSE_LINE = re.compile(r"(?P<book>[1-3]?[A-Za-z]+)(?P<chapter>\d+):(?P<verse>\d+) (?P<text>.*)")
 KJV_VERSES = 31102
@@ -74,7 +76,10 @@ def write_corpus(chapters: list[list[str]], corpus_dir: Path) -> dict[str, list[
 
 
 def train_tokenizer(documents: list[str], tokenizer_dir: Path) -> None:
-    """Train SentencePiece BPE on `documents` and save it as a Hugging Face LlamaTokenizer."""
+    """Train SentencePiece BPE on `documents` and save it as a Hugging Face LlamaTokenizer that
+    adds no BOS or EOS by default: training tokenizes each document with its tokenizer's defaults,
+    and this corpus's documents are separated by EOS, so a stock `AutoTokenizer` reads a text as
+    training did."""
     model = io.BytesIO()  # in memory: a model_prefix would be recorded in the model file
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(documents),  # whole chapters, so pieces learn the verse breaks
@@ -100,21 +105,23 @@ def train_tokenizer(documents: list[str], tokenizer_dir: Path) -> None:
     model_file = tokenizer_dir / "tokenizer.model"
     model_file.write_bytes(model.getvalue())
     vocab, _, merges = SentencePieceExtractor(str(model_file)).extract()
-    LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                   pad_token="<pad>", add_prefix_space=False, add_bos_token=True,
-                   add_eos_token=False).save_pretrained(tokenizer_dir)
+    save_tokenizer(LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>", add_prefix_space=False,
+                                  add_bos_token=False, add_eos_token=False), tokenizer_dir)
     reference = spm.SentencePieceProcessor(model_file=str(model_file)).encode(documents)
     reloaded = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if reloaded(documents, add_special_tokens=False)["input_ids"] != reference:
-        raise RuntimeError("the Hugging Face tokenizer encodes the corpus differently from SentencePiece")
+    if reloaded(documents)["input_ids"] != reference:
+        raise RuntimeError("the Hugging Face tokenizer encodes the corpus by default differently "
+                           "from SentencePiece")
 
 
 def token_statistics(documents: dict[str, list[str]], tokenizer) -> dict:
-    """Tokens per split as packed for training (documents + EOS) and the validation perplexity of
-    an add-one-smoothed unigram model of the train tokens: the floor any LM should beat."""
+    """Tokens per split as packed for training (`tsld_ds.data.tokenize_and_pack`: documents
+    tokenized by default, each followed by EOS) and the validation perplexity of an
+    add-one-smoothed unigram model of the train tokens: the floor any LM should beat."""
+    separator = document_separator(tokenizer)
     streams = {
-        split: np.array([t for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]
-                         for t in (*ids, tokenizer.eos_token_id)])
+        split: np.array([t for ids in tokenizer(docs)["input_ids"] for t in (*ids, *separator)])
         for split, docs in documents.items()
     }
     counts = np.bincount(streams["train"], minlength=len(tokenizer)) + 1

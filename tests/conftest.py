@@ -22,8 +22,9 @@ import torch  # noqa: E402
 import helpers  # noqa: E402
 from helpers import (  # noqa: E402
     GRADIENT_CASES, INSTRUCTIONS, LOSS_IMPLS, REPO, Finished, cache_args, cache_command_entry, copied_run, gt_args,
-    interrupted_cache, moved, run_many, save_tiny_model, step_losses, tiny_llama_config,
-    train_args, train_command_entry, write_ds_config, write_small_corpus)
+    interrupted_cache, moved, run_many, save_llama_style_tokenizer, save_opt_style_tokenizer,
+    save_tiny_model, step_losses, tiny_llama_config, train_args, train_command_entry,
+    write_ds_config, write_small_corpus)
 
 # Without a GPU the Triton kernels' tests (tests/ops) run them on CPU tensors in Triton's
 # interpreter. Triton reads the switch when a kernel is defined, so it is set before any test
@@ -127,6 +128,24 @@ def builtin_tokenizer():
     from tsld_ds.data import builtin_tokenizer_path
 
     return AutoTokenizer.from_pretrained(builtin_tokenizer_path())
+
+
+@pytest.fixture(scope="session")
+def llama_style_tokenizer(tmp_path_factory):
+    """LLaMA's convention, built locally: the built-in vocabulary, a BOS before every text."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        save_llama_style_tokenizer(tmp_path_factory.mktemp("llama-style-tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def opt_style_tokenizer(tmp_path_factory, small_corpus_dir):
+    """OPT's convention, built locally: a byte-level BPE, `</s>` before every text."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(save_opt_style_tokenizer(
+        tmp_path_factory.mktemp("opt-style-tokenizer"), small_corpus_dir))
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,44 @@ def save_tiny_model(path: Path, config, tokenizer, seed: int = 0, dtype=None) ->
     return path
 
 
+def save_llama_style_tokenizer(path: Path) -> Path:
+    """The built-in SentencePiece model as LLaMA's tokenizer class with LLaMA's default: a BOS
+    before every text (`add_bos_token=True`, the post-processor "<s> $A"). Built here, never
+    downloaded."""
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
+
+    from tsld_ds.data import builtin_tokenizer_path
+
+    model_file = builtin_tokenizer_path() / "tokenizer.model"
+    vocab, _, merges = SentencePieceExtractor(str(model_file)).extract()
+    LlamaTokenizer(vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>",
+                   eos_token="</s>", pad_token="<pad>", add_prefix_space=False,
+                   add_bos_token=True, add_eos_token=False).save_pretrained(path)
+    return path
+
+
+def save_opt_style_tokenizer(path: Path, corpus: Path) -> Path:
+    """A byte-level BPE (GPT-2's kind, as OPT's) trained on `corpus`'s train.txt with OPT's
+    special tokens (<s> 0, <pad> 1, </s> 2, <unk> 3) and OPT's default: `</s>` before every text,
+    which is also its BOS. Built here with the tokenizers library, never downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train([str(corpus / "train.txt")], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>",
+                            unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
+    return path
+
+
 def write_small_corpus(path: Path) -> Path:
     """The first few thousand verses of the built-in corpus as train/validation text files."""
     from tsld_ds.data import builtin_corpus_dir

@@ -1,4 +1,6 @@
-"""Data: loading corpora, packing into blocks, resumable sharded sampling, the built-in assets."""
+"""Data: loading corpora, packing into blocks (each document as its tokenizer tokenizes it by
+default), resumable sharded sampling, the built-in assets and what stock readers make of the
+shipped tokenizers."""
 
 import json
 import re
@@ -16,10 +18,15 @@ from tsld_ds.data import (
     builtin_corpus_dir,
     builtin_tokenizer_path,
     check_tokenizers_match,
+    dataset_rows,
+    document_separator,
     load_text_splits,
     make_dataloader,
+    save_tokenizer,
+    special_tokens_added,
     tokenize_and_pack,
 )
+from tsld_ds.models import BUILTIN_MODEL
 
 GENESIS_1_1 = "In the beginning God created the heaven and the earth."
 
@@ -62,14 +69,56 @@ def test_builtin_tokenizer_loads_as_llama_and_round_trips(tokenizer):
     assert len(tokenizer) == 4096
     assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
         0, 1, 2, 3)
-    ids = tokenizer(GENESIS_1_1)["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id and len(ids) < 15
-    assert tokenizer.decode(ids, skip_special_tokens=True) == GENESIS_1_1
+    ids = tokenizer(GENESIS_1_1)["input_ids"]  # by default: no BOS, as training reads text
+    assert tokenizer.bos_token_id not in ids and len(ids) < 15
+    assert tokenizer.decode(ids) == GENESIS_1_1
     # Byte fallback: text far from the corpus still encodes without <unk> and decodes exactly.
     odd = "  Größe: 42 €\tend 😀\n"
     odd_ids = tokenizer(odd, add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in odd_ids
     assert tokenizer.decode(odd_ids) == odd
+
+
+SHIPPED_TOKENIZERS = [builtin_tokenizer_path(), BUILTIN_MODEL]
+
+
+@pytest.mark.parametrize("directory", SHIPPED_TOKENIZERS, ids=["tokenizer", "tiny-llama-kjv"])
+def test_stock_readers_of_the_shipped_tokenizers_tokenize_as_training_does(directory):
+    """What users load the shipped tokenizers with, each with its defaults: stock transformers'
+    AutoTokenizer, the tokenizers library on tokenizer.json alone (as vLLM, TGI...), and
+    llama.cpp's converter (gguf-py's SpecialVocab: whether a BOS/EOS is added). On the built-in
+    validation split each gives the ids training packs (documents separated by EOS)."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    _, validation = load_text_splits(BUILTIN_DATASET)
+    documents = texts(validation)
+    auto = AutoTokenizer.from_pretrained(directory)
+    eos = auto.eos_token_id
+    training = tokenize_and_pack(validation, auto, block_size=1)["input_ids"]  # the whole stream
+    training = [row[0] for row in training]
+    by_auto = [t for ids in auto(documents)["input_ids"] for t in ids + [eos]]
+    raw = Tokenizer.from_file(str(f"{directory}/tokenizer.json"))
+    by_raw = [t for encoding in raw.encode_batch(documents) for t in encoding.ids + [eos]]
+    assert by_auto == by_raw == training
+    special = gguf.SpecialVocab(directory, load_merges=False)
+    assert (special.add_special_token.get("bos"), special.add_special_token.get("eos")) \
+        == (False, False)
+
+
+def test_the_builtin_runs_ids_are_todays(tokenizer):
+    """The default run's rows (the built-in corpus, block 128, through `dataset_rows` with the
+    built-in model's tokenizer) are those of the convention before each document was tokenized
+    with its tokenizer's defaults: without special tokens, followed by EOS (the shipped
+    tokenizers then added a BOS by default, which that call left out; the vocabulary and merges
+    are unchanged). So the default run's figures do not move."""
+    shipped = AutoTokenizer.from_pretrained(BUILTIN_MODEL)
+    train, validation = dataset_rows(BUILTIN_DATASET, shipped, 128, seed=42)
+    for rows, split in zip((train, validation), load_text_splits(BUILTIN_DATASET)):
+        ids = tokenizer(texts(split), add_special_tokens=False)["input_ids"]
+        stream = [t for doc in ids for t in doc + [tokenizer.eos_token_id]]
+        blocks = [stream[i:i + 128] for i in range(0, len(stream) - 127, 128)]
+        assert rows["input_ids"] == blocks
 
 
 # --- load_text_splits ----------------------------------------------------------------------------
@@ -171,6 +220,63 @@ def test_packing_cuts_the_eos_separated_stream_into_full_blocks(tokenizer):
     assert len(packed) == len(stream) // 16
     assert all(len(row) == 16 for row in packed["input_ids"])
     assert [t for row in packed["input_ids"] for t in row] == stream[: len(packed) * 16]
+
+
+SAMPLE = ["In the beginning God created the heaven and the earth.",
+          "And God said, Let there be light: and there was light."]
+
+
+@pytest.mark.parametrize("style,before", [("builtin", None), ("llama", "<s>"), ("opt", "</s>")])
+def test_each_document_is_tokenized_as_its_tokenizer_does_by_default(
+        style, before, tokenizer, llama_style_tokenizer, opt_style_tokenizer):
+    """LLaMA's convention puts its BOS before each document, OPT's its `</s>` (run_clm and the
+    paper's code see documents so); a tokenizer that marks no boundary, as the built-in one,
+    gets an EOS after each document."""
+    tok = {"builtin": tokenizer, "llama": llama_style_tokenizer, "opt": opt_style_tokenizer}[style]
+    plain = [tok(doc, add_special_tokens=False)["input_ids"] for doc in SAMPLE]
+    if before is None:
+        expected = [t for doc in plain for t in doc + [tok.eos_token_id]]
+        assert special_tokens_added(tok) == ([], []) and document_separator(tok) == [2]
+    else:
+        mark = tok.convert_tokens_to_ids(before)
+        expected = [t for doc in plain for t in [mark] + doc]
+        assert special_tokens_added(tok) == ([mark], []) and document_separator(tok) == []
+    packed = tokenize_and_pack(Dataset.from_dict({"text": SAMPLE}), tok, block_size=1)
+    assert [row[0] for row in packed["input_ids"]] == expected
+
+
+def test_a_tokenizer_without_a_boundary_nor_an_eos_is_refused():
+    class NoEos:  # the calls packing makes of a tokenizer
+        eos_token_id = None
+
+        def __call__(self, text, add_special_tokens=True, **options):
+            return {"input_ids": [ord(c) for c in text]}
+
+    with pytest.raises(ValueError, match="marks no document boundary and has no eos_token"):
+        tokenize_and_pack(Dataset.from_dict({"text": SAMPLE}), NoEos(), block_size=4)
+
+
+@pytest.mark.parametrize("style", ["builtin", "llama", "opt"])
+def test_a_saved_tokenizer_says_what_it_adds_to_every_reader(style, tmp_path, tokenizer,
+                                                             llama_style_tokenizer,
+                                                             opt_style_tokenizer):
+    """`save_tokenizer` (the converter's and the built-in tokenizer's): stock AutoTokenizer and
+    tokenizer.json alone give the saved tokenizer's default ids, and tokenizer_config.json's
+    add_bos_token/add_eos_token (read by transformers 4's LLaMA tokenizers, and by gguf-py's
+    SpecialVocab for llama.cpp) say the same."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    tok = {"builtin": tokenizer, "llama": llama_style_tokenizer, "opt": opt_style_tokenizer}[style]
+    save_tokenizer(tok, tmp_path)
+    expected = tok(SAMPLE)["input_ids"]
+    assert AutoTokenizer.from_pretrained(tmp_path)(SAMPLE)["input_ids"] == expected
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert [e.ids for e in raw.encode_batch(SAMPLE)] == expected
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    adds_bos = style != "builtin"
+    assert (config["add_bos_token"], config["add_eos_token"]) == (adds_bos, False)
+    assert gguf.SpecialVocab(tmp_path, load_merges=False).add_special_token["bos"] == adds_bos
 
 
 def test_packing_a_corpus_shorter_than_one_block_is_an_error(tokenizer):

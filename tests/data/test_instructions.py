@@ -81,6 +81,38 @@ def test_chat_messages_train_on_every_assistant_turn(template, tokenizer):
                              for t, label in zip(row["input_ids"], row["labels"])]
 
 
+# A LLaMA-2-chat-like template that writes its own BOS before each exchange.
+BOS_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+                "m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}"
+                "{% endif %}{% endfor %}")
+
+
+def test_instruction_rows_hold_the_chat_templates_special_tokens_only(llama_style_tokenizer,
+                                                                       tokenizer):
+    """Packed text takes a LLaMA tokenizer's BOS before each document; an instruction example
+    does not: its special tokens are the chat template's own (one BOS per exchange here), and a
+    prompt/response example has none before its prompt, as with the built-in tokenizer."""
+    example = {"prompt": "Complete the verse: And God said,", "response": " Let there be light."}
+    llama_rows, _ = instruction_rows(Dataset.from_list([example]), llama_style_tokenizer, 32)
+    builtin_rows, _ = instruction_rows(Dataset.from_list([example]), tokenizer, 32)
+    assert llama_rows["input_ids"] == builtin_rows["input_ids"]
+    assert llama_rows[0]["input_ids"][0] != llama_style_tokenizer.bos_token_id
+
+    llama_style_tokenizer.chat_template = BOS_TEMPLATE
+    messages = [{"role": "user", "content": "Who made light?"},
+                {"role": "assistant", "content": "God."},
+                {"role": "user", "content": "When?"},
+                {"role": "assistant", "content": "In the beginning."}]
+    try:
+        rows, _ = instruction_rows(Dataset.from_list([{"messages": messages}]),
+                                   llama_style_tokenizer, 64)
+    finally:
+        llama_style_tokenizer.chat_template = None
+    row = [t for t in rows[0]["input_ids"] if t != llama_style_tokenizer.pad_token_id]
+    assert row[0] == llama_style_tokenizer.bos_token_id
+    assert row.count(llama_style_tokenizer.bos_token_id) == 2
+
+
 def test_a_conversation_without_an_assistant_turn_is_refused(tokenizer):
     examples = Dataset.from_list([{"messages": [{"role": "user", "content": "Hello"}]}])
     with pytest.raises(ValueError, match="no assistant message"):

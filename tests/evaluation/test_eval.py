@@ -53,13 +53,64 @@ def test_perplexity_runs_without_a_process_group():
     assert perplexity(diverged, Blocks(), 2, device="cpu") == math.inf
 
 
-def test_tasks_without_lm_eval_name_the_package(llama256_run, capsys, monkeypatch):
+def test_tasks_without_lm_eval_name_the_package_before_the_model_loads(tiny_llama_dir, capsys,
+                                                                      monkeypatch):
+    import tsld_ds.evaluation.models
+
     find_spec = importlib.util.find_spec  # lm-eval is in the test extra: hide it
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args, **kwargs: None if name == "lm_eval"
                         else find_spec(name, *args, **kwargs))
-    assert eval_main(["--model", str(llama256_run), "--no_perplexity", "--tasks", "piqa"]) == 2
-    assert "pip install lm-eval" in capsys.readouterr().err
+
+    def load_eval_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before lm-eval was looked for")
+
+    monkeypatch.setattr(tsld_ds.evaluation.models, "load_eval_model", load_eval_model)
+    assert eval_main(["--model", str(tiny_llama_dir), "--tasks", "piqa"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --tasks needs lm-evaluation-harness: pip "
+                                               "install lm-eval")
+
+
+class CountingTokenizer:
+    """A tokenizer that records every text it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, []
+
+    def __call__(self, text, **options):
+        self.texts += [text] if isinstance(text, str) else list(text)
+        return self.tokenizer(text, **options)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("carved", [False, True])
+def test_evaluation_tokenizes_the_validation_split_only(carved, llama_style_tokenizer,
+                                                       small_corpus_dir, tmp_path):
+    """eval.py's rows are training's validation rows (here with a LLaMA-style tokenizer: a BOS
+    before each document, as training packs them), and the training split is never tokenized,
+    also when the validation split is carved out of it."""
+    from tsld_ds.data import dataset_rows, load_text_splits
+    from tsld_ds.evaluation.perplexity import validation_blocks
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if carved:  # one file: the validation split is carved out of the training documents
+        (corpus / "all.txt").write_text((small_corpus_dir / "train.txt").read_text())
+    else:
+        for name in ("train.txt", "validation.txt"):
+            (corpus / name).write_text((small_corpus_dir / name).read_text())
+    counting = CountingTokenizer(llama_style_tokenizer)
+    blocks = validation_blocks(counting, str(corpus), seed=3, block_size=32)
+    train, validation = load_text_splits(str(corpus), seed=3)
+    assert set(validation["text"]) <= set(counting.texts)
+    assert not set(counting.texts) & set(train["text"])
+    assert blocks["input_ids"] == dataset_rows(str(corpus), llama_style_tokenizer, 32,
+                                               seed=3)[1]["input_ids"]
+    stream = [t for row in blocks["input_ids"] for t in row]
+    assert stream[0] == llama_style_tokenizer.bos_token_id
+    assert llama_style_tokenizer.eos_token_id not in stream
 
 
 def test_lm_eval_scores_a_local_task_offline(llama256_run, tmp_path):

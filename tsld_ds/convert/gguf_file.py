@@ -20,6 +20,7 @@ import torch
 
 from tsld_ds.convert.packed import grid_levels
 from tsld_ds.convert.report import Report
+from tsld_ds.data import bos_eos_added, special_tokens_added
 from tsld_ds.errors import UsageError
 from tsld_ds.quant import QuantConfig, quantized_modules
 
@@ -76,6 +77,7 @@ def check_supported(model, cfg: Optional[QuantConfig], tokenizer,
     if backend["type"] != "BPE" or not backend.get("byte_fallback"):
         raise UsageError("--format gguf writes SentencePiece-style vocabularies (BPE with byte "
                          "fallback, as LLaMA's); this tokenizer is not one")
+    added_bos_eos(tokenizer)
 
 
 def rope_rows_to_ggml(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -128,9 +130,10 @@ def _add_vocabulary(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None
     and scores that rank merges. SentencePiece numbers its BPE pieces in merge order, so -id is
     their score; rows of the embedding past the tokenizer's vocabulary become unused pads.
 
-    llama.cpp then tokenizes as training did: a leading '▁' only where the tokenizer prepends
-    one (`add_space_prefix`), and no BOS or EOS added to a text, since training tokenized each
-    document without special tokens (its blocks separate documents by one EOS)."""
+    llama.cpp then tokenizes a text as training tokenized a document: a leading '▁' only where
+    the tokenizer prepends one (`add_space_prefix`), and a BOS before it or an EOS after it only
+    where the tokenizer adds one by default (the built-in one adds neither: its documents are
+    separated by EOS in training's blocks; LLaMA's adds the BOS)."""
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(tokenizer.all_special_ids)
     tokens, scores, types = [], [], []
@@ -158,8 +161,21 @@ def _add_vocabulary(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None
         if token_id is not None:
             getattr(writer, f"add_{name}_token_id")(token_id)
     writer.add_add_space_prefix(prepends_space(tokenizer))
-    writer.add_add_bos_token(False)
-    writer.add_add_eos_token(False)
+    add_bos, add_eos = added_bos_eos(tokenizer)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+
+
+def added_bos_eos(tokenizer) -> tuple[bool, bool]:
+    """(adds a BOS before a text, adds an EOS after it) by default: llama.cpp's two keys for what
+    a tokenizer adds. One that adds anything else is refused."""
+    added = bos_eos_added(tokenizer)
+    if added is None:
+        before, after = special_tokens_added(tokenizer)
+        raise UsageError(f"--format gguf: llama.cpp adds at most a BOS before a text and an EOS "
+                         f"after it; this tokenizer adds {before} before and {after} after by "
+                         "default (use --format hf)")
+    return added
 
 
 def prepends_space(tokenizer) -> bool:

@@ -12,10 +12,11 @@ The price is the padding's compute, which `--block_size` (alias `--max_length`) 
 
 An example's text is tokenized whole, as the model reads a prompt followed by its reply (a
 tokenizer that prepends a space, as Llama-2's, would put a spurious one before a response
-tokenized alone); a token is trained when it holds a character of a response. No BOS is
-added, as for packed text (a chat template writes its own). Chat `messages` are rendered
-with the tokenizer's chat template, or a plain `role: content` one when it has none; every
-assistant turn is a response.
+tokenized alone); a token is trained when it holds a character of a response. The only special
+tokens are those the text holds: a chat template writes its own (a BOS where it has one), and
+the tokenizer adds none of its defaults (packed text, `tsld_ds.data.packing`, takes them). Chat
+`messages` are rendered with the tokenizer's chat template, or a plain `role: content` one when
+it has none; every assistant turn is a response.
 """
 from __future__ import annotations
 

@@ -78,10 +78,12 @@ def data_options(args, run_config) -> dict:
 
 
 def evaluate(args) -> dict:
-    from tsld_ds.evaluation.harness import run_tasks
+    from tsld_ds.evaluation.harness import check_harness, run_tasks
     from tsld_ds.evaluation.models import load_eval_model
     from tsld_ds.evaluation.perplexity import model_perplexity, validation_blocks
 
+    if args.tasks:
+        check_harness()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_eval_model(args.model, DTYPES[args.dtype], device)
     report = {"model": args.model, "loaded_from": loaded.path, "kind": loaded.kind,

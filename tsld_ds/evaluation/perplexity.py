@@ -12,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from tsld_ds.data import dataset_rows
+from tsld_ds.data import validation_rows
 from tsld_ds.devices import to_device
 from tsld_ds.errors import UsageError
 from tsld_ds.losses import FusedLinearCrossEntropyLoss
@@ -63,9 +63,10 @@ def summed_nll(hidden, weight, bias, labels, *, chunk_size: int | None = None,
 
 def validation_blocks(tokenizer, dataset: str, *, dataset_config=None, text_column=None,
                       seed: int = 42, block_size: int = 128):
+    """The validation split's rows as training makes them; the training split is not tokenized."""
     try:
-        return dataset_rows(dataset, tokenizer, block_size, dataset_config=dataset_config,
-                            text_column=text_column, seed=seed)[1]
+        return validation_rows(dataset, tokenizer, block_size, dataset_config=dataset_config,
+                               text_column=text_column, seed=seed)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(f"--dataset {dataset}: {e}") from None
 

@@ -94,7 +94,10 @@ def save_hf(model, weights: dict, tokenizer, out_dir) -> Path:
     """`out_dir` with config, generation config, tokenizer and `weights` as safetensors shards.
     `model` supplies the config and the module layout (it may live on the meta device); the
     config's `dtype` is the stored floating tensors' own, so `from_pretrained` loads them as they
-    are (not in the dtype the base model's config happened to name)."""
+    are (not in the dtype the base model's config happened to name). The tokenizer says what it
+    adds by default to every reader (`save_tokenizer`), as training tokenized with it."""
+    from tsld_ds.data import save_tokenizer  # imports datasets: not at the CLIs' --help
+
     out_dir = Path(out_dir)
     stored = {t.dtype for t in weights.values() if t.is_floating_point()}
     if len(stored) != 1:
@@ -103,7 +106,7 @@ def save_hf(model, weights: dict, tokenizer, out_dir) -> Path:
                           safe_serialization=True)
     model.config.dtype = stored.pop()  # save_pretrained wrote the skeleton's parameters' dtype
     model.config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     return out_dir

@@ -314,6 +314,7 @@ def prepare_task(args, env: dict, dry_run: bool) -> list:
     teacher fine-tuned on it) and the teacher's exact cache. Points the runs' --model,
     --teacher, --dataset and --teacher_cache at them; returns the stages' commands."""
     from reproduce_task import write_task_split
+
     from tsld_ds.errors import UsageError
     from tsld_ds.models import BUILTIN_MODEL
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger: stdout is for commands
@@ -489,6 +490,7 @@ def write_report(args, invocations: list) -> Path:
 
 def _confidence(args, dataset: str, split: str, blocks):
     from teacher_confidence import teacher_confidence
+
     from tsld_ds.models import BUILTIN_MODEL
 
     return teacher_confidence(args.teacher or args.model or BUILTIN_MODEL, dataset,
@@ -500,6 +502,7 @@ def _confidence(args, dataset: str, split: str, blocks):
 def _short_section(args, results, docs: Path, budget: str, common: dict, invocations) -> str:
     from reproduce_plots import plot_confidence, plot_curves
     from reproduce_report import confidence_lines, short_section, teacher_perplexity
+
     from tsld_ds.data import BUILTIN_DATASET
     from tsld_ds.models import BUILTIN_MODEL
 

@@ -4,8 +4,8 @@ Every run spells out its whole quantizer and objective, so its command line says
 without relying on launch/train.py's defaults.
 """
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
 
 KD_LABELS = {"gt": "GT only", "logit": "Logit", "logit_gt": "Logit+GT", "l2l": "L2L+Logit",
              "tsld": "TSLD", "tsld_nogt": "TSLD without GT"}
@@ -22,7 +22,7 @@ class RunSpec:
     label: str         # the method column of the results table
     bits: int
     quantizer: str     # the quantizer column
-    options: Tuple[str, ...]  # launch/train.py options that make this run what it is
+    options: tuple[str, ...]  # launch/train.py options that make this run what it is
 
 
 def _run(name, group, label, bits, kd="tsld", method=None, granularity="channel", quantizer=None,
@@ -33,12 +33,12 @@ def _run(name, group, label, bits, kd="tsld", method=None, granularity="channel"
     return RunSpec(name, group, label, bits, quantizer or QUANTIZERS[bits][1], options)
 
 
-def _main_runs(bits: int) -> List[RunSpec]:
+def _main_runs(bits: int) -> list[RunSpec]:
     return [_run(f"w{bits}-{kd}", f"main-w{bits}", label, bits, kd=kd)
             for kd, label in KD_LABELS.items()]
 
 
-def _ablations() -> List[RunSpec]:
+def _ablations() -> list[RunSpec]:
     """TSLD at 2 bits with one flag changed from w2-tsld."""
     group = "ablations"
     runs = [
@@ -60,11 +60,11 @@ def _ablations() -> List[RunSpec]:
     return runs
 
 
-GRID: List[RunSpec] = _main_runs(2) + _main_runs(4) + _ablations()
+GRID: list[RunSpec] = _main_runs(2) + _main_runs(4) + _ablations()
 GROUPS = ("main-w2", "main-w4", "ablations")
 
 
-def select_runs(patterns: Sequence[str]) -> List[RunSpec]:
+def select_runs(patterns: Sequence[str]) -> list[RunSpec]:
     """The runs named by group names, run names or shell-style patterns (all if none), in grid
     order. An entry that matches nothing is an error: a typo must not silently skip runs."""
     if not patterns:

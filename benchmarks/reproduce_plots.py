@@ -1,18 +1,17 @@
 """Figures of docs/results.md (matplotlib, Agg backend: files only, no display needed)."""
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import torch  # noqa: E402
-
 from reproduce_report import RunResults  # noqa: E402
 from teacher_confidence import TeacherConfidence  # noqa: E402
 
 
-def plot_curves(results: Sequence[RunResults], teacher_ppl: Optional[float], path: Path,
+def plot_curves(results: Sequence[RunResults], teacher_ppl: float | None, path: Path,
                 title: str) -> None:
     """Validation perplexity against step, one line per run (mean over its seeds)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -34,7 +33,7 @@ def plot_curves(results: Sequence[RunResults], teacher_ppl: Optional[float], pat
     plt.close(fig)
 
 
-def plot_train_and_validation(results: Sequence[RunResults], teacher: Tuple[float, float],
+def plot_train_and_validation(results: Sequence[RunResults], teacher: tuple[float, float],
                               steps_per_epoch: int, path: Path, title: str) -> None:
     """Validation (left) and training-block (right) perplexity against epoch, one line per run
     (mean over its seeds), with the fine-tuned teacher's (validation, training) perplexity."""

@@ -2,12 +2,11 @@
 import json
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-
 from reproduce_grid import GROUPS, KD_LABELS, RunSpec
 from teacher_confidence import TeacherConfidence
 
@@ -21,10 +20,10 @@ class SeedResult:
     seed: int
     ppl_after: float
     ppl_before: float
-    teacher_ppl: Optional[float]  # absent for --kd gt, which loads no teacher
+    teacher_ppl: float | None  # absent for --kd gt, which loads no teacher
     wall_time_s: float
-    curve: List[Tuple[int, float]]  # (step, validation perplexity), from step 0
-    train_curve: List[Tuple[int, float]]  # (step, perplexity on the first training blocks)
+    curve: list[tuple[int, float]]  # (step, validation perplexity), from step 0
+    train_curve: list[tuple[int, float]]  # (step, perplexity on the first training blocks)
 
     @property
     def best_ppl(self) -> float:
@@ -35,20 +34,20 @@ class SeedResult:
         return min(self.curve, key=lambda point: point[1])[0]
 
     @property
-    def train_ppl_after(self) -> Optional[float]:
+    def train_ppl_after(self) -> float | None:
         return self.train_curve[-1][1] if self.train_curve else None
 
 
 @dataclass
 class RunResults:
     spec: RunSpec
-    seeds: List[SeedResult]
+    seeds: list[SeedResult]
 
-    def mean_sd(self, field: str) -> Tuple[float, Optional[float]]:
+    def mean_sd(self, field: str) -> tuple[float, float | None]:
         values = [getattr(s, field) for s in self.seeds]
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
-    def mean_curve(self, which: str = "curve") -> List[Tuple[int, float]]:
+    def mean_curve(self, which: str = "curve") -> list[tuple[int, float]]:
         """Mean perplexity over seeds at the steps every seed evaluated (`which`: "curve" for
         validation, "train_curve" for the training blocks)."""
         by_step = [dict(getattr(s, which)) for s in self.seeds]
@@ -67,23 +66,23 @@ def read_seed_result(run_dir: Path, seed: int) -> SeedResult:
                       curve("train_ppl"))
 
 
-def teacher_perplexity(results: Sequence[RunResults]) -> Optional[float]:
+def teacher_perplexity(results: Sequence[RunResults]) -> float | None:
     """The FP teacher's validation perplexity as the runs measured it (they all agree)."""
     values = [s.teacher_ppl for r in results for s in r.seeds if s.teacher_ppl is not None]
     return statistics.mean(values) if values else None
 
 
-def _ppl(mean: float, sd: Optional[float]) -> str:
+def _ppl(mean: float, sd: float | None) -> str:
     return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f}"
 
 
-def _gap(ppl: float, teacher: Optional[float]) -> str:
+def _gap(ppl: float, teacher: float | None) -> str:
     if teacher is None:
         return "n/a"
     return f"{ppl - teacher:+.2f} ({(ppl / teacher - 1) * 100:+.1f}%)"
 
 
-def results_table(results: Sequence[RunResults], teacher: Optional[float]) -> List[str]:
+def results_table(results: Sequence[RunResults], teacher: float | None) -> list[str]:
     """Markdown rows: the FP teacher, then per group its PTQ floor and its runs."""
     lines = ["| run | method | bits | quantizer | val PPL | gap to FP | PPL before QAT "
              "| train wall time (s) | seeds |",
@@ -111,7 +110,7 @@ def results_table(results: Sequence[RunResults], teacher: Optional[float]) -> Li
 
 
 def ordering(results: Sequence[RunResults], field: str = "ppl_after",
-             what: str = "") -> List[str]:
+             what: str = "") -> list[str]:
     """One line per main group: its methods from best to worst by `field` (a SeedResult
     perplexity), and the paper's order check; `what` names the field in the line."""
     lines = []
@@ -144,16 +143,16 @@ def kept_findings(path: Path) -> str:
     return _between(path, FINDINGS_START, FINDINGS_END) or FINDINGS_PLACEHOLDER
 
 
-def kept_section(path: Path, regime: str) -> Optional[str]:
+def kept_section(path: Path, regime: str) -> str | None:
     """The section an earlier call wrote for `regime` (REGIMES), to keep beside a new one."""
     return _between(path, *_section_marks(regime))
 
 
-def _section_marks(regime: str) -> Tuple[str, str]:
+def _section_marks(regime: str) -> tuple[str, str]:
     return f"<!-- regime {regime} -->", f"<!-- /regime {regime} -->"
 
 
-def _between(path: Path, start: str, end: str) -> Optional[str]:
+def _between(path: Path, start: str, end: str) -> str | None:
     if path.is_file():
         match = re.search(re.escape(start) + r"\n(.*?)" + re.escape(end), path.read_text(),
                           flags=re.S)
@@ -165,7 +164,7 @@ def _between(path: Path, start: str, end: str) -> Optional[str]:
 REGIMES = ("long", "short")  # the page's sections, in order
 
 
-def results_page(sections: Dict[str, str], findings: str) -> str:
+def results_page(sections: dict[str, str], findings: str) -> str:
     """docs/results.md: each regime's section (REGIMES order), then the findings."""
     lines = [
         "# Reproducing the TSLD comparison with tsld-ds",
@@ -185,7 +184,7 @@ def results_page(sections: Dict[str, str], findings: str) -> str:
     return "\n".join([*lines, "## Findings", "", FINDINGS_START, findings, FINDINGS_END, ""])
 
 
-def _setup_lines(setup: Dict[str, str], invocations: Sequence[dict]) -> List[str]:
+def _setup_lines(setup: dict[str, str], invocations: Sequence[dict]) -> list[str]:
     commands = "\n".join(f"# {i['date']}: {i['elapsed_s']:.0f} s, {i['ran']} runs trained, "
                          f"load average {i['load_average'][0]:.1f} at start"
                          + (f"; {i['note']}" if "note" in i else "") + f"\n{i['command']}"
@@ -196,8 +195,8 @@ def _setup_lines(setup: Dict[str, str], invocations: Sequence[dict]) -> List[str
                "of:", "", "```", commands, "```"] if invocations else [])]
 
 
-def short_section(*, results: Sequence[RunResults], setup: Dict[str, str],
-                  invocations: Sequence[dict], plots: Dict[str, str],
+def short_section(*, results: Sequence[RunResults], setup: dict[str, str],
+                  invocations: Sequence[dict], plots: dict[str, str],
                   confidence_lines: Sequence[str]) -> str:
     """The short preset's section: a fixed number of steps on the whole dataset."""
     teacher = teacher_perplexity(results)
@@ -236,8 +235,8 @@ class TeacherStage:
     """The FP stage of the long preset: the teacher before and after its fine-tuning."""
     val_before: float
     val_after: float
-    train_before: Optional[float]
-    train_after: Optional[float]
+    train_before: float | None
+    train_after: float | None
 
     @classmethod
     def read(cls, run_dir: Path) -> "TeacherStage":
@@ -248,7 +247,7 @@ class TeacherStage:
 
 
 def long_table(results: Sequence[RunResults], stage: TeacherStage,
-               steps_per_epoch: int) -> List[str]:
+               steps_per_epoch: int) -> list[str]:
     """Markdown rows of the long regime: the teacher before and after the FP stage, the PTQ
     floor, then each objective's final and best validation perplexity and its training one."""
     def opt(value):
@@ -279,7 +278,7 @@ def long_table(results: Sequence[RunResults], stage: TeacherStage,
 
 
 def long_section(*, results: Sequence[RunResults], stage: TeacherStage, steps_per_epoch: int,
-                 setup: Dict[str, str], invocations: Sequence[dict], plots: Dict[str, str],
+                 setup: dict[str, str], invocations: Sequence[dict], plots: dict[str, str],
                  confidence_lines: Sequence[str]) -> str:
     """The long preset's section: many epochs on a small task, with a fine-tuned teacher."""
     lines = [
@@ -314,7 +313,7 @@ def long_section(*, results: Sequence[RunResults], stage: TeacherStage, steps_pe
 
 
 def confidence_lines(stats: TeacherConfidence, temperature: float = 10.0,
-                     what: str = "validation") -> List[str]:
+                     what: str = "validation") -> list[str]:
     """What the teacher-confidence figure shows, in numbers (`what` tokens: the split's)."""
     confidence, scale = stats.confidence, stats.relative_scale[temperature]
     order = confidence.argsort()

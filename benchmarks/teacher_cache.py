@@ -96,7 +96,6 @@ def train(root: Path, name: str, args: list, ranks: int) -> dict:
 
 
 def exact_part(root: Path) -> dict:
-    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 

@@ -4,8 +4,8 @@ The weights come from the project's own `token_scale` over each block (a block i
 sequence, as in training), so the plot shows what training actually applies.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ IGNORE_INDEX = -100
 @dataclass
 class TeacherConfidence:
     teacher_ce: torch.Tensor                 # [tokens] the teacher's CE on each next token
-    relative_scale: Dict[float, torch.Tensor]  # τ -> [tokens] w_n · (tokens in its sequence)
+    relative_scale: dict[float, torch.Tensor]  # τ -> [tokens] w_n · (tokens in its sequence)
     block_size: int
 
     @property
@@ -36,8 +36,8 @@ class TeacherConfidence:
 
 @torch.no_grad()
 def teacher_confidence(teacher: str, dataset: str, *, temperatures: Sequence[float],
-                       dataset_config: Optional[str] = None, text_column: Optional[str] = None,
-                       seed: int = 42, block_size: int = 128, max_blocks: Optional[int] = None,
+                       dataset_config: str | None = None, text_column: str | None = None,
+                       seed: int = 42, block_size: int = 128, max_blocks: int | None = None,
                        batch_size: int = 8, split: str = "validation") -> TeacherConfidence:
     """Teacher CE and TSLD weights (scaled so that uniform weighting is 1) on the first
     ``max_blocks`` blocks of a split as training builds them: "validation", those it evaluates

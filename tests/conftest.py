@@ -16,15 +16,32 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALL
 # directory shared by venvs of other paths would be rebuilt by each in turn).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
+import helpers  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import helpers  # noqa: E402
 from helpers import (  # noqa: E402
-    GRADIENT_CASES, INSTRUCTIONS, LOSS_IMPLS, REPO, Finished, cache_args, cache_command_entry, copied_run, gt_args,
-    interrupted_cache, moved, run_many, save_llama_style_tokenizer, save_opt_style_tokenizer,
-    save_tiny_model, step_losses, tiny_llama_config, train_args, train_command_entry,
-    write_ds_config, write_small_corpus)
+    GRADIENT_CASES,
+    INSTRUCTIONS,
+    LOSS_IMPLS,
+    REPO,
+    Finished,
+    cache_args,
+    cache_command_entry,
+    copied_run,
+    gt_args,
+    interrupted_cache,
+    moved,
+    run_many,
+    save_llama_style_tokenizer,
+    save_opt_style_tokenizer,
+    save_tiny_model,
+    step_losses,
+    tiny_llama_config,
+    train_args,
+    train_command_entry,
+    write_ds_config,
+    write_small_corpus,
+)
 
 # Without a GPU the Triton kernels' tests (tests/ops) run them on CPU tensors in Triton's
 # interpreter. Triton reads the switch when a kernel is defined, so it is set before any test

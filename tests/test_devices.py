@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, train_args, write_ds_config
+
 from tsld_ds.devices import pins_memory, to_device
 
 FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "linspace",

@@ -3,7 +3,6 @@
 import textwrap
 
 
-
 class UsageError(Exception):
     """Bad input: a wrong path, a config that cannot work, mismatched teacher and student."""
 

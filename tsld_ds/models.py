@@ -13,8 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM,
-                          AutoTokenizer)
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+)
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from tsld_ds.errors import UsageError

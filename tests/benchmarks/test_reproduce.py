@@ -11,13 +11,11 @@ import sys
 import time
 
 import pytest
-
 from helpers import REPO, write_ds_config
 
 SCRIPT = REPO / "benchmarks" / "reproduce.py"
 sys.path.insert(0, str(SCRIPT.parent))
 from reproduce import budget_options, parse_args, same_options  # noqa: E402
-
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO
 
 SCRIPT = REPO / "benchmarks" / "step_overhead.py"

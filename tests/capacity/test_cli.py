@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO
+
 from tsld_ds.capacity.cli import main
 from tsld_ds.errors import EXIT_USAGE
 

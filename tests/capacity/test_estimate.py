@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+from helpers import REPO, tiny_llama_config
 from transformers import AutoModelForCausalLM, OPTConfig
 
-from helpers import REPO, tiny_llama_config
 from tsld_ds.capacity.cli import SHIPPED_CONFIGS
 from tsld_ds.capacity.estimate import Setup, estimate, model_shape
-from tsld_ds.run.ds_config import teacher_ds_config
-from tsld_ds.run.ds_config import resolve_zero_sizes
+from tsld_ds.run.ds_config import resolve_zero_sizes, teacher_ds_config
 
 # Parameter counts of the published checkpoints these configs come from.
 PUBLISHED_PARAMS = {"llama-1b": 1_100_048_384, "llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248,

@@ -2,8 +2,8 @@
 import json
 import sys
 
-from helpers import REPO
 import torch
+from helpers import REPO
 
 from tsld_ds.capacity.estimate import GiB, Setup, model_shape
 from tsld_ds.capacity.placement import REPLICATED, choose_teacher_config

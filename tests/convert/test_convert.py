@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, tree_digest
 from safetensors import safe_open
 
-from benchmarks.real_readers import (dequantized_gguf, gguf_tokenizer_matches,
-                                     llama_cpp_against_hf, llama_cpp_logits, stock_logits)
-from helpers import REPO, tree_digest
-from tsld_ds.convert.cli import convert, main as convert_main
+from benchmarks.real_readers import (
+    dequantized_gguf,
+    gguf_tokenizer_matches,
+    llama_cpp_against_hf,
+    llama_cpp_logits,
+    stock_logits,
+)
+from tsld_ds.convert.cli import convert
+from tsld_ds.convert.cli import main as convert_main
 from tsld_ds.evaluation.cli import main as eval_main
 
 # Run in a fresh interpreter: stock transformers only, tsld_ds never imported.
@@ -274,12 +280,12 @@ def ternary_builtin_model(tmp_path, tokenizer):
     `tokenizer`'s vocabulary keys: the default run's outputs, without a training launch."""
     from transformers import AutoModelForCausalLM
 
-    from tsld_ds.quant.fake_quant import fake_quant_tensors
     from tsld_ds.convert.gguf_file import write_gguf
     from tsld_ds.convert.report import Report
     from tsld_ds.convert.writers import write_hf
     from tsld_ds.models import BUILTIN_MODEL
     from tsld_ds.quant import QuantConfig, quantize_model
+    from tsld_ds.quant.fake_quant import fake_quant_tensors
 
     model = AutoModelForCausalLM.from_pretrained(BUILTIN_MODEL, dtype=torch.float32)
     cfg = QuantConfig(bits=2)
@@ -338,9 +344,9 @@ def test_gguf_keys_add_what_the_tokenizer_adds(llama_style_tokenizer, tmp_path):
 
 
 def test_gguf_refuses_what_its_types_cannot_hold(builtin_tokenizer):
+    from helpers import tiny_llama_config
     from transformers import AutoModelForCausalLM
 
-    from helpers import tiny_llama_config
     from tsld_ds.convert.gguf_file import check_supported
     from tsld_ds.errors import UsageError
     from tsld_ds.quant import QuantConfig, quantize_model

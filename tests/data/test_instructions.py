@@ -6,9 +6,9 @@ import sys
 
 import pytest
 from datasets import Dataset
+from helpers import REPO
 from transformers import AutoTokenizer
 
-from helpers import REPO
 from tsld_ds.data import builtin_tokenizer_path, dataset_rows, instruction_rows, load_splits
 from tsld_ds.data.instructions import IGNORE_INDEX
 

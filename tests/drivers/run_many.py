@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch.distributed as dist  # noqa: E402
+from train_with_faults import FaultHooks  # noqa: E402
 
 from tsld_ds.cache import cli as cache_cli  # noqa: E402
-from tsld_ds.train import cli as train_cli  # noqa: E402
 from tsld_ds.run.distributed import init_distributed  # noqa: E402
-from train_with_faults import FaultHooks  # noqa: E402
+from tsld_ds.train import cli as train_cli  # noqa: E402
 
 GROUP_TIMEOUT_S = 600
 

@@ -118,9 +118,8 @@ def test_lm_eval_scores_a_local_task_offline(llama256_run, tmp_path):
     verse); its accuracy is the one found by scoring each ending as lm-eval defines it (summed
     log-probability of " " + ending after the context, both encoded without special tokens)."""
     pytest.importorskip("lm_eval")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from helpers import REPO
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     report_file = tmp_path / "report.json"
     proc = subprocess.run(

@@ -3,10 +3,10 @@ every objective, teacher form, odd sizes and vocabulary blocks; its memory bound
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_loss_inputs, student_inputs, teacher_logits_of, teacher_of
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from helpers import make_loss_inputs, student_inputs, teacher_logits_of, teacher_of
 from tsld_ds.losses import (
     Objective,
     default_chunk_size,

@@ -4,9 +4,15 @@ teacher in a plain PyTorch loop."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    REPO,
+    make_loss_inputs,
+    student_inputs,
+    teacher_logits_of,
+    teacher_of,
+    tiny_llama_config,
+)
 
-from helpers import (REPO, make_loss_inputs, student_inputs, teacher_logits_of, teacher_of,
-                     tiny_llama_config)
 from tsld_ds.losses import (
     FusedLinearCrossEntropyLoss,
     FusedLinearLogitKDLoss,

@@ -3,8 +3,8 @@ gradients, float64), with the layer term and the token-scale ablations; bad comb
 refused when the objective is built."""
 import pytest
 import torch
-
 from helpers import make_loss_inputs, student_inputs, teacher_of
+
 from tsld_ds.losses import KD_CHOICES, TOKEN_SCALES, Objective, TeacherOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")

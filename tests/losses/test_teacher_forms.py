@@ -4,8 +4,8 @@ added as a class (a uniform teacher, here) gives the reference loss and gradient
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import make_loss_inputs, teacher_logits_of, teacher_of
+
 from tsld_ds.losses import TeacherOutput, TopKTeacher, gt_loss, logit_kd_loss, next_token_targets
 from tsld_ds.losses.fused import RowLoss, fused_row_loss
 from tsld_ds.losses.teacher_forms import (

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from torch import nn
 
-from helpers import REPO
 from tsld_ds.ops import backend, fused_quantize, kernels_info, kernels_summary, packed_matmul
 from tsld_ds.packed.format import pack_weight
 from tsld_ds.packed.linear import PackedInt4Linear

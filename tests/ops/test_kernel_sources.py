@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 KERNEL_MODULES = {p.name for p in (REPO / "kernels").glob("*.py")}

@@ -8,7 +8,6 @@ serves a rerun."""
 import json
 
 import pytest
-
 from helpers import Background
 
 pytest.importorskip("triton")

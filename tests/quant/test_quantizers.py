@@ -14,7 +14,6 @@ from transformers.pytorch_utils import Conv1D
 from tsld_ds.quant import QuantConfig, QuantLinear, quantize_weight
 
 
-
 @pytest.fixture(autouse=True)
 def float64_by_default():
     """Tight comparisons; restored afterwards so that other test modules are unaffected."""

@@ -17,7 +17,13 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from tsld_ds.quant import QuantConfig, QuantLinear, quantize_model, quantize_weight, quantized_modules
+from tsld_ds.quant import (
+    QuantConfig,
+    QuantLinear,
+    quantize_model,
+    quantize_weight,
+    quantized_modules,
+)
 
 VOCAB = 97
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: helpers
 
-from helpers import (save_tiny_model, tiny_llama_config, write_ds_config,  # noqa: E402
-                     write_small_corpus)
+from helpers import save_tiny_model, tiny_llama_config, write_ds_config, write_small_corpus  # noqa: E402
 
 
 def main(root: Path) -> None:

@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
 from helpers import interrupted_cache, step_losses, write_small_corpus
+
+from tsld_ds.cache.cli import main as cache_main
 from tsld_ds.errors import EXIT_USAGE
 from tsld_ds.teacher import CacheIdentity
-from tsld_ds.cache.cli import main as cache_main
 from tsld_ds.train.cli import main as train_main
 
 

@@ -2,6 +2,7 @@
 import json
 
 from helpers import REPO
+
 from tsld_ds.run.ds_config import teacher_ds_config
 
 STUDENT = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8,

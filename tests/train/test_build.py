@@ -4,8 +4,8 @@ import sys
 
 import pytest
 from deepspeed.runtime.config import DeepSpeedConfig
-
 from helpers import REPO
+
 from tsld_ds.errors import UsageError
 from tsld_ds.run.ds_config import AUTO_SIZES, ZERO_SIZE_FLOOR, resolve_zero_sizes
 

@@ -13,13 +13,21 @@ import subprocess
 import time
 
 import pytest
+from helpers import (
+    REPO,
+    gt_args,
+    read_metrics,
+    run_train,
+    small_filesystem,
+    step_losses,
+    train_command,
+    tree_digest,
+    write_ds_config,
+)
 
-from helpers import (REPO, gt_args, read_metrics, run_train, small_filesystem, step_losses,
-                     train_command, tree_digest, write_ds_config)
 from tsld_ds.convert.cli import main as convert_main
 from tsld_ds.errors import EXIT_ABORTED, EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE
-from tsld_ds.run.checkpoint import (MANIFEST_FILE, OPTIONS_FILE, format_bytes,
-                                     latest_checkpoint)
+from tsld_ds.run.checkpoint import MANIFEST_FILE, OPTIONS_FILE, format_bytes, latest_checkpoint
 from tsld_ds.train.cli import main as train_main
 
 

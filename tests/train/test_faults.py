@@ -3,6 +3,7 @@ tests/drivers/train_with_faults.py): nothing saved before the fault is lost, and
 what happened in one line. The runs are conftest.py's `killed_run`, continued_runs' `after_kill`
 and sweep_runs' `nonfinite`."""
 from helpers import read_metrics, step_losses
+
 from tsld_ds.run.checkpoint import latest_checkpoint
 
 

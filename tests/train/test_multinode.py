@@ -13,8 +13,8 @@ import psutil
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
 from helpers import REPO, assert_e2e, free_port, step_losses
+
 from tsld_ds.run.checkpoint import latest_checkpoint
 
 NODE_SCRIPT = REPO / "launch" / "slurm" / "node.sh"

@@ -1,7 +1,6 @@
 """The LLaMA-7B-class recipes in ds_configs/ run, at 2 gloo ranks on the tiny model: each file as
 shipped, with only what names the hardware changed (conftest.py's sweep_runs `recipe/NAME`)."""
 import pytest
-
 from helpers import read_metrics
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, free_port, write_ds_config
 
 RUN_SH = REPO / "tests" / "slurm" / "run.sh"

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from helpers import tiny_llama_config
+
 from tsld_ds.losses import Objective, TeacherOutput
 from tsld_ds.models import model_body
 from tsld_ds.quant import QuantConfig, quantize_model

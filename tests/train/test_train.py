@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
 from helpers import GRADIENT_CASES, INSTRUCTIONS, LOSS_IMPLS, read_metrics, step_losses
 
 OBJECTIVE_TERMS = {"gt": {"gt"}, "logit": {"logit"}, "logit_gt": {"logit", "gt"},

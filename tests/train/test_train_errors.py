@@ -7,9 +7,8 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
+from helpers import run_train, save_tiny_model, small_filesystem, tiny_llama_config, write_ds_config
 
-from helpers import (run_train, save_tiny_model, small_filesystem, tiny_llama_config,
-                     write_ds_config)
 from tsld_ds.errors import EXIT_CODES, EXIT_USAGE
 from tsld_ds.models import check_block_size
 from tsld_ds.train.cli import main as train_main

@@ -2,8 +2,8 @@
 from pathlib import Path
 
 import pytest
-
 from helpers import step_losses
+
 from tsld_ds.run.universal import saved_world_size, translate_sampler, universal_path
 
 

@@ -27,13 +27,26 @@ from tsld_ds.errors import RunFailed, UsageError
 from tsld_ds.evaluation.perplexity import summed_nll
 from tsld_ds.files import check_writable, write_atomically
 from tsld_ds.losses import default_chunk_size, next_token_targets, topk_with_sampled_tail
-from tsld_ds.models import (check_block_size, check_model_source, load_causal_lm, load_tokenizer,
-                            torch_dtype_of, vocab_size_of)
+from tsld_ds.models import (
+    check_block_size,
+    check_model_source,
+    load_causal_lm,
+    load_tokenizer,
+    torch_dtype_of,
+    vocab_size_of,
+)
 from tsld_ds.run.distributed import init_distributed, on_rank_zero, seed_everything
 from tsld_ds.run.ds_config import read_ds_config, resolve_zero_sizes, teacher_ds_config
 from tsld_ds.run.rows import load_rows
-from tsld_ds.teacher.cache import (VALIDATION, CacheIdentity, read_manifest, shard_name,
-                                   write_manifest, write_shard, written_shard)
+from tsld_ds.teacher.cache import (
+    VALIDATION,
+    CacheIdentity,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+    written_shard,
+)
 from tsld_ds.teacher.engine import TeacherEngine
 
 SHARD_BYTES = 256 << 20  # a shard's target size: the rows a rank holds in memory before writing

@@ -20,8 +20,12 @@ from tsld_ds.capacity.placement import choose_teacher_config
 from tsld_ds.errors import EXIT_COMPLETED, UsageError
 from tsld_ds.models import ASSETS, BUILTIN_MODEL, check_gradient_checkpointing, torch_dtype_of
 from tsld_ds.run.cli import entry_point, run_command
-from tsld_ds.run.ds_config import (checkpoints_on_host, read_ds_config, resolve_zero_sizes,
-                                   teacher_ds_config)
+from tsld_ds.run.ds_config import (
+    checkpoints_on_host,
+    read_ds_config,
+    resolve_zero_sizes,
+    teacher_ds_config,
+)
 
 SHIPPED_CONFIGS = ASSETS / "model_configs"
 DEFAULT_DS_CONFIG = "ds_configs/zero3.json"   # as launch/train.py's, from the repository

@@ -30,8 +30,8 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from tsld_ds.errors import UsageError
-from tsld_ds.models import read_config
 from tsld_ds.losses.fused import default_chunk_size
+from tsld_ds.models import read_config
 
 GiB = 1 << 30
 # DeepSpeed's ZeRO-3 defaults, used where a config leaves a key out.

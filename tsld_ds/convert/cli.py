@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tsld_ds.convert.report import Report
 from tsld_ds.errors import EXIT_COMPLETED, RunFailed, UsageError
-from tsld_ds.quant.fake_quant import DTYPES, fake_quant_tensors
 from tsld_ds.quant import quantized_modules
+from tsld_ds.quant.fake_quant import DTYPES, fake_quant_tensors
 from tsld_ds.run.cli import entry_point, run_command
 
 FORMATS = ("hf", "packed", "gguf")
@@ -119,8 +119,13 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     """The conversion itself; returns the summary."""
     # Heavy imports here, after --help and option errors.
     from tsld_ds.convert import gguf_file
-    from tsld_ds.convert.source import (STUDENT_PREFIX, consolidated_weights, find_checkpoint,
-                                        run_tokenizer, student_skeleton)
+    from tsld_ds.convert.source import (
+        STUDENT_PREFIX,
+        consolidated_weights,
+        find_checkpoint,
+        run_tokenizer,
+        student_skeleton,
+    )
     from tsld_ds.convert.writers import write_hf, write_packed
     from tsld_ds.run.checkpoint import verify
 

@@ -12,8 +12,8 @@ anything else is refused before a weight is read:
   -zero * scale).
 """
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import gguf
 import torch
@@ -34,7 +34,7 @@ TYPES = {2: (TQ2_0, TQ2_0_BLOCK, gguf.LlamaFileType.MOSTLY_TQ2_0),
          4: (Q4_1, Q4_1_BLOCK, gguf.LlamaFileType.MOSTLY_Q4_1)}
 
 
-def check_supported(model, cfg: Optional[QuantConfig], tokenizer,
+def check_supported(model, cfg: QuantConfig | None, tokenizer,
                     compute_dtype: torch.dtype = torch.float32) -> None:
     """Refuse, before any weight is read, what TQ2_0, Q4_1 or llama.cpp cannot hold exactly.
     `compute_dtype`: the dtype the run's quantizers computed in."""

@@ -7,7 +7,6 @@ every quantizer's output is, per row or group, an integer grid `step * q` (terna
 1}; min-max: scale * (code - zero)), so the step is the segment's span divided by the number of
 grid intervals it covers, the largest such count that puts every value on the grid.
 """
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +24,7 @@ def symmetric(cfg: QuantConfig) -> bool:
     return cfg.method != "minmax"
 
 
-def packed_group_size(cfg: QuantConfig) -> Optional[int]:
+def packed_group_size(cfg: QuantConfig) -> int | None:
     """Per-tensor scales are stored per channel (repeated), so only groups have a group size."""
     return cfg.group_size if cfg.granularity == "group" else None
 

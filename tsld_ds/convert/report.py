@@ -2,7 +2,6 @@
 holds no more distinct values per row (per group, for grouped scales) than its bit width allows."""
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from torch import Tensor
 
@@ -16,7 +15,7 @@ def distinct_limit(cfg: QuantConfig) -> int:
     return 3 if cfg.bits == 2 else 2**cfg.bits
 
 
-def max_distinct(weight: Tensor, group_size: Optional[int] = None) -> int:
+def max_distinct(weight: Tensor, group_size: int | None = None) -> int:
     """Most distinct values in one row of `weight` [out, in] (or in one group of `group_size`
     consecutive columns of a row)."""
     segments = weight.split(group_size, dim=1) if group_size else [weight]
@@ -34,13 +33,13 @@ class Report:
     output: Path
     checkpoint: Path
     step: int
-    quantization: Optional[dict]
+    quantization: dict | None
     tensors: int = 0
     quantized_linears: int = 0
     quantized_weight_bytes: int = 0
     quantized_weight_bf16_bytes: int = 0
     max_distinct_values: int = 0
-    distinct_limit: Optional[int] = None
+    distinct_limit: int | None = None
     failures: list = field(default_factory=list)
 
     def add_tensor(self) -> None:

@@ -1,8 +1,8 @@
 """Writing the fake-quant tensors of a student (`tsld_ds.quant.fake_quant.fake_quant_tensors`)
 as a Hugging Face directory: dequantized (`hf`) or with packed quantized Linears (`packed`)."""
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 from safetensors import safe_open
@@ -19,7 +19,7 @@ def _rows(tensor: torch.Tensor, module) -> torch.Tensor:
 
 
 def write_hf(model, tensors: Iterable, tokenizer, out_dir: Path,
-             dtype: Optional[torch.dtype], report: Report) -> None:
+             dtype: torch.dtype | None, report: Report) -> None:
     weights = {}
     for name, tensor, module in tensors:
         weights[name] = cast(tensor, dtype)
@@ -32,7 +32,7 @@ def write_hf(model, tensors: Iterable, tokenizer, out_dir: Path,
 
 
 def write_packed(model, tensors: Iterable, tokenizer, out_dir: Path,
-                 dtype: Optional[torch.dtype], report: Report) -> None:
+                 dtype: torch.dtype | None, report: Report) -> None:
     weights, cfg = {}, None
     for name, tensor, module in tensors:
         if module is None:

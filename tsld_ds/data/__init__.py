@@ -2,14 +2,18 @@
 blocks or one example per row), resumable sharded loading."""
 
 from tsld_ds.data.builtin import BUILTIN_DATASET, builtin_corpus_dir, builtin_tokenizer_path
-from tsld_ds.data.loader import EpochBatches, collate_blocks, make_dataloader
 from tsld_ds.data.instructions import instruction_rows
+from tsld_ds.data.loader import EpochBatches, collate_blocks, make_dataloader
 from tsld_ds.data.packing import document_separator, tokenize_and_pack
 from tsld_ds.data.rows import dataset_rows, validation_rows
 from tsld_ds.data.sampler import ResumableDistributedSampler
 from tsld_ds.data.text import load_splits, load_text_splits
-from tsld_ds.data.tokenizers import (bos_eos_added, check_tokenizers_match, save_tokenizer,
-                                     special_tokens_added)
+from tsld_ds.data.tokenizers import (
+                                     bos_eos_added,
+                                     check_tokenizers_match,
+                                     save_tokenizer,
+                                     special_tokens_added,
+)
 
 __all__ = [
     "BUILTIN_DATASET",

@@ -3,7 +3,6 @@ own validation data by default), a packed directory (`tsld_ds.load_packed`), or 
 model directory or name (stock `AutoModelForCausalLM`)."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -21,7 +20,7 @@ class EvalModel:
     tokenizer: object
     kind: str                                # "run", "packed" or "hf"
     path: str
-    run_config: Optional[RunConfig]          # the training options, for a run directory
+    run_config: RunConfig | None          # the training options, for a run directory
 
 
 def load_eval_model(name_or_path: str, dtype: torch.dtype, device="cpu") -> EvalModel:

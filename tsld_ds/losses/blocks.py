@@ -2,7 +2,6 @@
 entries, [rows, block width] views of reused flat buffers, logits written into them, and the
 online log-sum-exp over vocabulary blocks. The chunk engine (`fused.py`) and the teacher forms
 (`teacher_forms.py`) both work with these."""
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,7 @@ def block_view(buffer: Tensor, rows: int, cols: slice) -> Tensor:
     return buffer[: rows * width].view(rows, width)
 
 
-def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """out = x @ weight.T (+ bias): the matmul runs in x's dtype, the result lands in out's dtype.
 
     Writing into a reused buffer matters on CPU, where a fresh [chunk, V] allocation costs more
@@ -63,7 +62,7 @@ def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
-def targets_in(cols: slice, targets: Tensor) -> Tuple[Tensor, Tensor]:
+def targets_in(cols: slice, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(whether each row's target lies in the vocabulary block, its column in the block or 0)."""
     inside = (targets >= cols.start) & (targets < cols.stop)
     return inside, torch.where(inside, targets - cols.start, 0)

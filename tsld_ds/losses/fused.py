@@ -29,7 +29,6 @@ terms. `tsld_ds.losses.objective.fused_linear_loss`, the one functional entry po
 from an `Objective`; `tsld_ds.losses.modules` wraps that as `nn.Module`s.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -63,16 +62,16 @@ class RowLoss:
 
     rows: Tensor                      # [n]
     targets: Tensor                   # [n]
-    soft_coef: Optional[Tensor]       # [n]
-    hard_coef: Optional[Tensor]       # [n]
-    form: Type[TeacherForm]
-    teacher: Optional[TeacherOutput]
+    soft_coef: Tensor | None       # [n]
+    hard_coef: Tensor | None       # [n]
+    form: type[TeacherForm]
+    teacher: TeacherOutput | None
     chunk_size: int
     vocab_chunk_size: int
 
 
-def fused_row_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                   spec: RowLoss) -> Tuple[Tensor, Tensor, Tensor]:
+def fused_row_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                   spec: RowLoss) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, soft total, hard total) of `spec` on hidden [N, H] through the lm_head (weight
     [V, H], bias): the loss differentiable w.r.t. those of them that require grad, the totals
     not. Without autograd (evaluation) only the values, one matmul per chunk."""
@@ -120,8 +119,8 @@ class _ChunkedLinearLoss:
     accumulators are float32 (float64 for float64 inputs); matmuls run in the input dtype.
     """
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], spec: RowLoss,
-                 needs_grad: Tuple[bool, bool, bool]):
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, spec: RowLoss,
+                 needs_grad: tuple[bool, bool, bool]):
         self.hidden, self.weight, self.bias, self.spec = hidden, weight, bias, spec
         self.acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
         need_hidden, need_weight, need_bias = needs_grad
@@ -142,7 +141,7 @@ class _ChunkedLinearLoss:
         self.teacher_buffer = hidden.new_empty(block, dtype=self.acc_dtype) \
             if spec.form.uses_buffer else None
 
-    def run(self) -> Tuple[Tensor, Tensor]:
+    def run(self) -> tuple[Tensor, Tensor]:
         """(soft total, hard total); the gradients are then in `grads()`."""
         soft_total = self.hidden.new_zeros((), dtype=self.acc_dtype)
         hard_total = self.hidden.new_zeros((), dtype=self.acc_dtype)
@@ -161,7 +160,7 @@ class _ChunkedLinearLoss:
                 self._push_gradients(rows, stats, teacher)
         return soft_total, hard_total
 
-    def grads(self) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    def grads(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; None where not asked."""
         return (
             self.grad_hidden,
@@ -214,7 +213,7 @@ class _ChunkedLinearLoss:
             self.grad_hidden.index_copy_(0, rows.index, grad_h.to(self.grad_hidden.dtype))
 
     def _gradient_sweep(self, rows: "_ChunkRows", stats: "_StudentStatistics",
-                        student_factor: Tensor, teacher: TeacherForm) -> Optional[Tensor]:
+                        student_factor: Tensor, teacher: TeacherForm) -> Tensor | None:
         """The second sweep: each block's logits recomputed and exponentiated with the first
         sweep's statistics; the blocks' grad_hidden add up in float32."""
         grad_h = None if self.grad_hidden is None else \
@@ -228,7 +227,7 @@ class _ChunkedLinearLoss:
         return grad_h
 
     def _block_gradient(self, rows: "_ChunkRows", cols: slice, student_exp: Tensor,
-                        student_factor: Tensor, teacher: TeacherForm) -> Optional[Tensor]:
+                        student_factor: Tensor, teacher: TeacherForm) -> Tensor | None:
         """One block's gradient w.r.t. the logits, built in place in `student_exp`, added into
         grad_W and grad_b; returns the block's part of grad_hidden (None when not asked)."""
         grad_logits = student_exp.mul_(student_factor)
@@ -262,5 +261,5 @@ class _StudentStatistics:
 
     student: RunningLogSumExp           # of the shifted student logits z' = z - shift
     target_logit: Tensor                # z'[y]
-    shift: Optional[Tensor] = None      # the first block's row max
-    student_exp: Optional[Tensor] = None  # the last block, as exp(z' - max)
+    shift: Tensor | None = None      # the first block's row max
+    student_exp: Tensor | None = None  # the last block, as exp(z' - max)

@@ -9,7 +9,6 @@ torchtune...): hidden states and lm_head in, a scalar loss out, never the [token
 Each is a short subclass of `FusedLinearLoss`, which owns the `Objective` and calls the one
 functional entry point, `tsld_ds.losses.fused_linear_loss`.
 """
-from typing import Optional
 
 from torch import Tensor, nn
 
@@ -22,13 +21,13 @@ class FusedLinearLoss(nn.Module):
     vocab_chunk_size (vocabulary entries per block; default the whole vocabulary, one sweep) and
     ignore_index (label of positions to skip, default -100)."""
 
-    def __init__(self, *, soft: Optional[str], hard: bool, **options):
+    def __init__(self, *, soft: str | None, hard: bool, **options):
         super().__init__()
         self.objective = Objective(soft=soft, hard=hard, impl="fused", **options)
 
     def forward(self, student_hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
-                teacher: Optional[TeacherOutput] = None, *,
-                lm_head_bias: Optional[Tensor] = None) -> Tensor:
+                teacher: TeacherOutput | None = None, *,
+                lm_head_bias: Tensor | None = None) -> Tensor:
         """student_hidden [B, L, H] (the final hidden states), the student's lm_head weight
         [V, H] (and bias), labels [B, L] unshifted; the teacher as a `TeacherOutput`."""
         return fused_linear_loss(student_hidden, lm_head_weight, labels, self.objective, teacher,
@@ -62,11 +61,11 @@ class FusedLinearTSLDLoss(FusedLinearLoss):
 
 
 def fused_linear_tsld_loss(student_hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *,
-                           teacher_logits: Optional[Tensor] = None,
-                           teacher_hidden: Optional[Tensor] = None,
-                           teacher_weight: Optional[Tensor] = None,
-                           lm_head_bias: Optional[Tensor] = None,
-                           teacher_bias: Optional[Tensor] = None, **options) -> Tensor:
+                           teacher_logits: Tensor | None = None,
+                           teacher_hidden: Tensor | None = None,
+                           teacher_weight: Tensor | None = None,
+                           lm_head_bias: Tensor | None = None,
+                           teacher_bias: Tensor | None = None, **options) -> Tensor:
     """The TSLD term of `tsld_loss(student_hidden @ lm_head_weight.T (+ lm_head_bias),
     teacher_logits, labels)` without building the student's (or the teacher's) logits: the
     functional form of `FusedLinearTSLDLoss` (`options`: its keyword arguments). The teacher comes

@@ -8,7 +8,6 @@ reference on full logits) and so what the teacher must hand over (a `TeacherOutp
 point: the objective's per-token coefficients, summed by the chunk engine of `fused.py`.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,15 +46,15 @@ class Objective:
     chunk_size, vocab_chunk_size          the fused loss's blocks (default: its own choice)
     """
 
-    soft: Optional[str] = "tsld"
+    soft: str | None = "tsld"
     hard: bool = True
     layers: bool = False
     temperature: float = 10.0
     token_scale: str = "confidence"
     reduction: str = "sum"
     impl: str = "fused"
-    chunk_size: Optional[int] = None
-    vocab_chunk_size: Optional[int] = None
+    chunk_size: int | None = None
+    vocab_chunk_size: int | None = None
     ignore_index: int = -100
 
     def __post_init__(self):
@@ -97,10 +96,10 @@ class Objective:
         return self.needs_teacher and (self.impl == "naive" or self.layers)
 
     def __call__(self, student_hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
-                 teacher: Optional[TeacherOutput] = None, *,
-                 lm_head_bias: Optional[Tensor] = None,
-                 student_hidden_states: Optional[tuple] = None,
-                 student_attentions: Optional[tuple] = None) -> Dict[str, Tensor]:
+                 teacher: TeacherOutput | None = None, *,
+                 lm_head_bias: Tensor | None = None,
+                 student_hidden_states: tuple | None = None,
+                 student_attentions: tuple | None = None) -> dict[str, Tensor]:
         """{"loss": the total to backpropagate, and each term, detached, for logging}.
 
         student_hidden [B, L, H] are the student's final hidden states (after the final norm) and
@@ -121,7 +120,7 @@ class Objective:
         return terms
 
     def _reference_terms(self, logits: Tensor, labels: Tensor,
-                         teacher: Optional[TeacherOutput]) -> Dict[str, Tensor]:
+                         teacher: TeacherOutput | None) -> dict[str, Tensor]:
         """The logit terms by the reference losses on full [B, L, V] logits (`impl="naive"`)."""
         if self.needs_teacher and teacher is None:
             raise ValueError(f"the {self.soft} term needs the teacher's output")
@@ -141,8 +140,8 @@ class Objective:
 
 
 def fused_linear_loss(student_hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
-                      objective: Objective, teacher: Optional[TeacherOutput] = None, *,
-                      lm_head_bias: Optional[Tensor] = None) -> Dict[str, Tensor]:
+                      objective: Objective, teacher: TeacherOutput | None = None, *,
+                      lm_head_bias: Tensor | None = None) -> dict[str, Tensor]:
     """The logit terms of `objective` (its soft term and ground-truth CE; docs/method.md §2) by
     the fused lm_head loss, as {"loss": differentiable total, term: detached value, ...}, equal
     to the reference losses on `student_hidden @ lm_head_weight.T (+ lm_head_bias)`. Its layer

@@ -5,7 +5,7 @@ position n is scored on token n + 1 and labels equal to ``ignore_index`` are ski
 logits are upcast to float32. The teacher is a fixed target: no gradient flows into it.
 These are the ``--loss_impl naive`` path and the ground truth the fused losses are tested against.
 """
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ def tsld_loss(
     temperature: float = 10.0,
     ignore_index: int = -100,
     reduction: str = "sum",
-    vocab_chunk: Optional[int] = None,
+    vocab_chunk: int | None = None,
     token_scale: str = "confidence",
 ) -> Tensor:
     """Token-scaled logit distillation (the TSLD term only, no ground-truth CE).
@@ -145,9 +145,9 @@ def _soft_and_teacher_ce_by_vocab_slices(student_logits, teacher_logits, targets
 def l2l_loss(
     student_hidden_states: Sequence[Tensor],
     teacher_hidden_states: Sequence[Tensor],
-    student_attentions: Optional[Sequence[Tensor]] = None,
-    teacher_attentions: Optional[Sequence[Tensor]] = None,
-    attention_mask: Optional[Tensor] = None,
+    student_attentions: Sequence[Tensor] | None = None,
+    teacher_attentions: Sequence[Tensor] | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor:
     """Layer-to-layer distillation (TernaryBERT style): Σ over layers of the MSE between student
     and teacher hidden states [B, L, H], plus Σ over layers of the MSE of attention maps
@@ -182,7 +182,7 @@ def l2l_loss(
     return total
 
 
-def _masked_mse(student: Tensor, teacher: Tensor, mask: Optional[Tensor]) -> Tensor:
+def _masked_mse(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
     squared_error = (_upcast(student) - _upcast(teacher.detach())) ** 2
     if mask is None:
         return squared_error.mean()

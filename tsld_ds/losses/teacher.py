@@ -2,7 +2,7 @@
 of the frozen teacher as its engine or its cache gives it, and `TopKTeacher`, the rows of a top-k
 cache. The reference losses and the fused loss both read these; no gradient flows into them."""
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,13 @@ class TeacherOutput:
     every block's `hidden_states` and `attentions` for the layer term. It is a fixed target: no
     gradient flows into it."""
 
-    logits: Optional[Tensor] = None
-    hidden: Optional[Tensor] = None
-    weight: Optional[Tensor] = None
-    bias: Optional[Tensor] = None
-    topk: Optional[TopKTeacher] = None
-    hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
+    logits: Tensor | None = None
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    topk: TopKTeacher | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
     def __post_init__(self):
         if sum(t is not None for t in (self.logits, self.hidden, self.topk)) != 1:
@@ -59,7 +59,7 @@ class TeacherOutput:
             raise ValueError("the teacher's hidden states need its lm_head weight")
 
     @property
-    def vocab_size(self) -> Optional[int]:
+    def vocab_size(self) -> int | None:
         """V, or None for top-k rows (they name token ids, not a vocabulary)."""
         if self.topk is not None:
             return None

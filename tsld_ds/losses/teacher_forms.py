@@ -18,7 +18,6 @@ rest of the mass: `tsld-cache --tail_samples 0`) and `SparseTopKForm` (K entries
 whole mass: the top k and a sampled tail, `topk_with_sampled_tail`, or every token). `form_of`
 says which form a teacher comes in; adding a form is adding a class and its line there.
 """
-from typing import Optional, Type
 
 import torch
 from torch import Tensor
@@ -37,7 +36,7 @@ class TeacherForm:
 
     uses_buffer = False
 
-    def __init__(self, teacher: Optional[TeacherOutput], index: Tensor, buffer: Optional[Tensor],
+    def __init__(self, teacher: TeacherOutput | None, index: Tensor, buffer: Tensor | None,
                  dtype, device):
         self.index, self.n, self.buffer = index, len(index), buffer
 
@@ -248,7 +247,7 @@ class TopKBucketForm(SparseTopKForm):
         return logits.sub_(self.tail.max[:, None]).exp_()
 
 
-def form_of(teacher: TeacherOutput, vocab_size: int) -> Type[TeacherForm]:
+def form_of(teacher: TeacherOutput, vocab_size: int) -> type[TeacherForm]:
     """The form `teacher` comes in, for a student of `vocab_size` tokens."""
     if teacher.topk is None:
         return FullForm

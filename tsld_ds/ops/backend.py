@@ -9,7 +9,6 @@ here imports Triton: the default (CPU) install has none.
 import functools
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 
@@ -29,7 +28,7 @@ def interpreted() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def triton_version() -> Optional[str]:
+def triton_version() -> str | None:
     """The installed Triton's version, or None; found without importing it."""
     if importlib.util.find_spec("triton") is None:
         return None
@@ -41,7 +40,7 @@ def triton_version() -> Optional[str]:
         return "unknown"
 
 
-def kernel_sources() -> Optional[str]:
+def kernel_sources() -> str | None:
     """The directory the kernel modules are imported from."""
     spec = importlib.util.find_spec("tsld_ds.kernels")
     return None if spec is None else list(spec.submodule_search_locations)[0]
@@ -52,7 +51,7 @@ def _capability(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
 
 
-def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
+def unavailable_reason(device: torch.device | None = None) -> str | None:
     """Why the kernels cannot run on `device` (default: the current CUDA device), or None."""
     if disabled_by_env():
         return f"disabled by {DISABLE_ENV}"

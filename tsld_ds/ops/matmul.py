@@ -8,7 +8,6 @@ kernels run on x's device and take its dtype, else None (the caller then runs th
 
 import functools
 import threading
-from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,7 +34,7 @@ def _kernels():
     return packed_matmul
 
 
-def gemm_block_k(group_size: Optional[int]) -> int:
+def gemm_block_k(group_size: int | None) -> int:
     return next(b for b in GEMM_BLOCK_K if group_size is None or group_size % b == 0)
 
 
@@ -57,7 +56,7 @@ def gemv_splits(device: torch.device, n: int, k: int) -> int:
 
 # The GEMV's per-n-block counters, kept at zero between launches by the kernel itself, one set per
 # stream (launches on one stream never overlap).
-_counters: Dict[Tuple[torch.device, int], Tensor] = {}
+_counters: dict[tuple[torch.device, int], Tensor] = {}
 _counters_lock = threading.Lock()
 
 
@@ -72,8 +71,8 @@ def _split_counters(device: torch.device, n_blocks: int) -> Tensor:
 
 
 def packed_matmul_kernel(x: Tensor, weight_packed: Tensor, weight_scale: Tensor,
-                         weight_zero_point: Optional[Tensor], bias: Optional[Tensor], bits: int,
-                         group_size: Optional[int], *, split_k: Optional[int] = None) -> Tensor:
+                         weight_zero_point: Tensor | None, bias: Tensor | None, bits: int,
+                         group_size: int | None, *, split_k: int | None = None) -> Tensor:
     """x [M, K] (float16/bfloat16, contiguous) @ W^T (+ bias) -> [M, N] in x's dtype, with W given
     by the packed tensors (weight_scale float32; group_size a multiple of 16, or None per channel).
     M = 1 runs the split-K GEMV (`split_k` splits, default: enough to fill the GPU), M > 1 the
@@ -118,8 +117,8 @@ def _triton_dtype(dtype: torch.dtype):
 
 
 def packed_matmul(x: Tensor, weight_packed: Tensor, weight_scale: Tensor,
-                  weight_zero_point: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
-                  bits: int, group_size: Optional[int] = None) -> Optional[Tensor]:
+                  weight_zero_point: Tensor | None = None, bias: Tensor | None = None, *,
+                  bits: int, group_size: int | None = None) -> Tensor | None:
     """x [..., K] @ W^T (+ bias) -> [..., N] by the kernels where they run on x's device and take
     its dtype (float16/bfloat16; 2 or 4 bits; per channel or groups of a multiple of 16; no
     gradient wanted for x); else None, and the caller runs the reference."""

@@ -8,7 +8,6 @@ calls: the same where the kernels run on the weight's device, else None (the cal
 reference).
 """
 
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -40,7 +39,7 @@ def _levels(method: str, bits: int) -> float:
     return float(2**bits - 1 if method == "minmax" else 2 ** (bits - 1) - 1)
 
 
-def _segments(weight: Tensor, cfg) -> Tuple[int, int, int]:
+def _segments(weight: Tensor, cfg) -> tuple[int, int, int]:
     """(row length, segment length, segments per row) of the weight's segments, row-major; per
     tensor the weight is one row."""
     if cfg.granularity == "tensor":
@@ -50,8 +49,8 @@ def _segments(weight: Tensor, cfg) -> Tuple[int, int, int]:
     return cols, length, -(-cols // length)
 
 
-def quantize_kernel(weight: Tensor, cfg, gamma: Optional[Tensor] = None
-                    ) -> Tuple[Tensor, Optional[Tensor]]:
+def quantize_kernel(weight: Tensor, cfg, gamma: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
     """Q(weight) for a contiguous 2-D weight, in its dtype; with PACT's γ (float32, one per
     segment) also each segment's mean |w| (float32), which the backward takes."""
     kernels = _kernels()
@@ -89,7 +88,7 @@ def quantize_kernel(weight: Tensor, cfg, gamma: Optional[Tensor] = None
 
 
 def pact_backward_kernel(grad: Tensor, weight: Tensor, gamma: Tensor, mean: Tensor, cfg
-                         ) -> Tuple[Tensor, Tensor]:
+                         ) -> tuple[Tensor, Tensor]:
     """PACT's (dL/dW in weight's dtype, dL/dγ float32 [segments]) for the upstream gradient
     `grad` of Q(weight); `gamma` and `mean` as quantize_kernel takes and returns them."""
     kernels = _kernels()
@@ -140,7 +139,7 @@ class _Pact(torch.autograd.Function):
                 grad_gamma if ctx.needs_input_grad[1] else None, None)
 
 
-def fake_quantize(weight: Tensor, cfg, scale: Optional[Tensor] = None) -> Tensor:
+def fake_quantize(weight: Tensor, cfg, scale: Tensor | None = None) -> Tensor:
     """`quantize_weight(weight, cfg, scale)` (`cfg` a QuantConfig) by the kernels, with the same
     gradients; `scale` is PACT's γ of shape `cfg.scale_shape(*weight.shape)`."""
     if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES or weight.numel() == 0:
@@ -157,7 +156,7 @@ def fake_quantize(weight: Tensor, cfg, scale: Optional[Tensor] = None) -> Tensor
     return _Pact.apply(weight, scale, cfg)
 
 
-def fused_quantize(weight: Tensor, cfg, scale: Optional[Tensor] = None) -> Optional[Tensor]:
+def fused_quantize(weight: Tensor, cfg, scale: Tensor | None = None) -> Tensor | None:
     """`fake_quantize` where the kernels run on the weight's device and take its dtype; else None,
     and the caller runs the reference (`tsld_ds.quant.quantize_weight`)."""
     if (not runs_on(weight) or weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES

@@ -30,7 +30,6 @@ scale is written as a per-channel scale repeated over the rows.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ def packed_words(num_values: int, bits: int) -> int:
     return -(-num_values // values_per_word(bits))
 
 
-def num_groups(in_features: int, group_size: Optional[int]) -> int:
+def num_groups(in_features: int, group_size: int | None) -> int:
     """Scale columns: 1 per channel (`group_size` None), else ceil(K / group_size)."""
     return 1 if group_size is None else -(-in_features // group_size)
 
@@ -98,9 +97,9 @@ def unpack_zero_point(packed: Tensor, bits: int, out_features: int) -> Tensor:
 def dequantize_packed(
     weight_packed: Tensor,
     weight_scale: Tensor,
-    weight_zero_point: Optional[Tensor],
+    weight_zero_point: Tensor | None,
     bits: int,
-    group_size: Optional[int],
+    group_size: int | None,
     in_features: int,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
@@ -118,10 +117,10 @@ def packed_linear_reference(
     x: Tensor,
     weight_packed: Tensor,
     weight_scale: Tensor,
-    weight_zero_point: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight_zero_point: Tensor | None,
+    bias: Tensor | None,
     bits: int,
-    group_size: Optional[int],
+    group_size: int | None,
 ) -> Tensor:
     """x [..., K] @ W^T + bias with W dequantized from the packed tensors: the reference of the
     W2A16 / W4A16 kernels, and what runs where they do not. Like them it accumulates in float32
@@ -140,10 +139,10 @@ class PackedWeight:
 
     weight_packed: Tensor
     weight_scale: Tensor
-    weight_shape: Tuple[int, int]
+    weight_shape: tuple[int, int]
     bits: int
-    group_size: Optional[int] = None  # None: one scale per output channel
-    weight_zero_point: Optional[Tensor] = None  # None: symmetric
+    group_size: int | None = None  # None: one scale per output channel
+    weight_zero_point: Tensor | None = None  # None: symmetric
 
     def __post_init__(self):
         n, k = self.weight_shape
@@ -181,7 +180,7 @@ class PackedWeight:
         tensors = [self.weight_packed, self.weight_scale, self.weight_zero_point]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def state_dict(self) -> Dict[str, Tensor]:
+    def state_dict(self) -> dict[str, Tensor]:
         sd = {
             "weight_packed": self.weight_packed,
             "weight_scale": self.weight_scale,
@@ -194,7 +193,7 @@ class PackedWeight:
 
     @classmethod
     def from_state_dict(
-        cls, sd: Dict[str, Tensor], bits: int, group_size: Optional[int] = None
+        cls, sd: dict[str, Tensor], bits: int, group_size: int | None = None
     ) -> "PackedWeight":
         return cls(
             weight_packed=sd["weight_packed"],
@@ -210,8 +209,8 @@ def pack_weight(
     codes: Tensor,
     scale: Tensor,
     bits: int,
-    zero_point: Optional[Tensor] = None,
-    group_size: Optional[int] = None,
+    zero_point: Tensor | None = None,
+    group_size: int | None = None,
 ) -> PackedWeight:
     """Pack signed codes [N, K] with scale [N, G] (and signed zero points [N, G] if asymmetric)."""
     n, k = codes.shape

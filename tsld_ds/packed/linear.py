@@ -2,25 +2,29 @@
 Triton kernels multiply the packed codes directly on a GPU; elsewhere the PyTorch reference
 dequantizes."""
 
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from tsld_ds.ops import packed_matmul
-from tsld_ds.packed.format import (PackedWeight, dequantize_packed, num_groups,
-                                   packed_linear_reference, packed_words)
+from tsld_ds.packed.format import (
+    PackedWeight,
+    dequantize_packed,
+    num_groups,
+    packed_linear_reference,
+    packed_words,
+)
 
 
 def packed_linear(
     x: Tensor,
     weight_packed: Tensor,
     weight_scale: Tensor,
-    weight_zero_point: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    weight_zero_point: Tensor | None = None,
+    bias: Tensor | None = None,
     *,
     bits: int,
-    group_size: Optional[int] = None,
+    group_size: int | None = None,
 ) -> Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N] with W given by its packed tensors: the kernels where
     they run (`tsld_ds.ops.packed_matmul`), else the reference."""
@@ -42,7 +46,7 @@ class PackedLinear(nn.Module):
         in_features: int,
         out_features: int,
         bits: int,
-        group_size: Optional[int] = None,
+        group_size: int | None = None,
         *,
         symmetric: bool = True,
         bias: bool = False,
@@ -68,7 +72,7 @@ class PackedLinear(nn.Module):
             self.bias = nn.Parameter(zeros, requires_grad=False)
 
     @classmethod
-    def from_packed(cls, weight: PackedWeight, bias: Optional[Tensor] = None, **kwargs):
+    def from_packed(cls, weight: PackedWeight, bias: Tensor | None = None, **kwargs):
         """A module holding `weight` (and `bias`); kwargs go to the constructor (e.g. `bits` for
         PackedLinear itself)."""
         out_features, in_features = weight.weight_shape
@@ -107,7 +111,7 @@ class PackedLinear(nn.Module):
 class PackedTernaryLinear(PackedLinear):
     """W2A16: ternary codes -1/0/+1 times one scale per row (or per group)."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: Optional[int] = None, *,
+    def __init__(self, in_features: int, out_features: int, group_size: int | None = None, *,
                  symmetric: bool = True, **kwargs):
         if not symmetric:
             raise ValueError("ternary weights are symmetric: they have no zero point")
@@ -117,6 +121,6 @@ class PackedTernaryLinear(PackedLinear):
 class PackedInt4Linear(PackedLinear):
     """W4A16: 4-bit codes, by default asymmetric per group of 128 with packed zero points."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: Optional[int] = 128, *,
+    def __init__(self, in_features: int, out_features: int, group_size: int | None = 128, *,
                  symmetric: bool = False, **kwargs):
         super().__init__(in_features, out_features, 4, group_size, symmetric=symmetric, **kwargs)

@@ -4,7 +4,6 @@ kernels on a GPU and the PyTorch reference elsewhere; everything else is a stock
 model."""
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -18,7 +17,7 @@ from tsld_ds.packed.linear import PackedInt4Linear, PackedLinear, PackedTernaryL
 PACKED_CLASSES = {2: PackedTernaryLinear, 4: PackedInt4Linear}
 
 
-def read_quantization_config(path) -> Optional[dict]:
+def read_quantization_config(path) -> dict | None:
     """The directory's compressed-tensors pack-quantized `quantization_config`, else None."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
@@ -37,7 +36,7 @@ def _weights(path: Path) -> dict:
     return tensors
 
 
-def load_packed(path, device=None, dtype: Optional[torch.dtype] = None):
+def load_packed(path, device=None, dtype: torch.dtype | None = None):
     """A packed directory as a ready causal LM: its quantized Linears are `PackedTernaryLinear` /
     `PackedInt4Linear` (Triton kernels on a GPU, the PyTorch reference elsewhere), the rest a stock
     Hugging Face model. `dtype` defaults to the dtype it was written in."""

@@ -1,7 +1,6 @@
 """QuantConfig: which weight quantizer to use, validated once at construction."""
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 VALID_BITS = (2, 4, 8)
 GRANULARITIES = ("channel", "tensor", "group")
@@ -31,7 +30,7 @@ class QuantConfig:
     """
 
     bits: int = 2
-    method: Optional[str] = None
+    method: str | None = None
     granularity: str = "channel"
     group_size: int = -1
     init_scale: float = 0.7

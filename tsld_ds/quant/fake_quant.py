@@ -7,8 +7,8 @@ without importing tsld_ds. The live run's final export (`tsld_ds.train.export`) 
 converter both take their weights from `fake_quant_tensors`.
 """
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 
@@ -31,8 +31,8 @@ def _quantizer_parameter_names(model) -> tuple[dict, set]:
 
 
 def fake_quant_tensors(model, state_dict: dict, prefix: str = "", *,
-                       compute_dtype: Optional[torch.dtype] = None
-                       ) -> Iterator[tuple[str, torch.Tensor, Optional[QuantLinear]]]:
+                       compute_dtype: torch.dtype | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor, QuantLinear | None]]:
     """(name without `prefix`, full tensor, its QuantLinear or None) for every entry of
     `state_dict` under `prefix`: quantized Linears' weights are replaced by their fake-quant
     values (laid out as stored) and learned quantizer parameters are left out.
@@ -66,8 +66,8 @@ def fake_quant_tensors(model, state_dict: dict, prefix: str = "", *,
         yield name, tensor, module
 
 
-def fake_quantize(weight: torch.Tensor, module: QuantLinear, scale: Optional[torch.Tensor],
-                  compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, module: QuantLinear, scale: torch.Tensor | None,
+                  compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`module`'s quantizer applied to a full `weight` laid out as the module stores it."""
     if compute_dtype is not None:
         weight = weight.to(compute_dtype)
@@ -78,13 +78,13 @@ def fake_quantize(weight: torch.Tensor, module: QuantLinear, scale: Optional[tor
     return (quantized.t() if module.transposed else quantized).contiguous()
 
 
-def fake_quant_state_dict(model, state_dict: dict, *, dtype: Optional[torch.dtype] = None) -> dict:
+def fake_quant_state_dict(model, state_dict: dict, *, dtype: torch.dtype | None = None) -> dict:
     """`fake_quant_tensors` of a live model's full state dict, floating tensors cast to `dtype`
     (quantize first, then cast: the written values are the ones training evaluated)."""
     return {name: cast(tensor, dtype) for name, tensor, _ in fake_quant_tensors(model, state_dict)}
 
 
-def cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is None or not tensor.is_floating_point():
         return tensor
     return tensor.to(dtype)

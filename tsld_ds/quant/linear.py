@@ -1,6 +1,5 @@
 """QuantLinear: a Linear (or GPT-2 Conv1D) whose weight is fake-quantized on the fly."""
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,7 @@ from .config import QuantConfig
 from .quantizers import quantize_weight
 
 
-def _fake_quant(weight: Tensor, scale: Optional[Tensor], cfg: QuantConfig, transposed: bool) -> Tensor:
+def _fake_quant(weight: Tensor, scale: Tensor | None, cfg: QuantConfig, transposed: bool) -> Tensor:
     """The quantized weight in nn.Linear layout [out_features, in_features]: the Triton kernels
     where they run (a GPU), else the PyTorch quantizer; the same values and gradients."""
     w = weight.t() if transposed else weight

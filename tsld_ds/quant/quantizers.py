@@ -12,7 +12,6 @@ costs one weight-sized buffer and a mask, not three or four; at LLaMA-7B width a
 """
 
 from functools import partial
-from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -82,7 +81,7 @@ def _pact(w: Tensor, gamma: Tensor, bits: int) -> Tensor:
     return clip * levels / n
 
 
-def _blocks(w: Tensor, cfg: QuantConfig) -> List[Tensor]:
+def _blocks(w: Tensor, cfg: QuantConfig) -> list[Tensor]:
     """Views of w [rows, cols] as blocks [rows', n_blocks, block_len] over which statistics are
     taken. A ragged last group becomes a second, narrower part so that its statistics cover the
     real elements only."""
@@ -98,7 +97,7 @@ def _blocks(w: Tensor, cfg: QuantConfig) -> List[Tensor]:
     return parts
 
 
-def quantize_weight(w: Tensor, cfg: QuantConfig, scale: Optional[Tensor] = None) -> Tensor:
+def quantize_weight(w: Tensor, cfg: QuantConfig, scale: Tensor | None = None) -> Tensor:
     """Fake-quantized copy of a weight laid out [out_features, in_features], in w's dtype.
 
     `scale` is PACT's γ, of shape `cfg.scale_shape(out_features, in_features)`; other methods take

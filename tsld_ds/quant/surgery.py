@@ -1,6 +1,6 @@
 """Model surgery: swap the Linear layers of the transformer blocks for QuantLinear, in place."""
 
-from typing import Iterator, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -46,6 +46,6 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, skip: Sequence[str] = ("l
     return model
 
 
-def quantized_modules(model: nn.Module) -> Iterator[Tuple[str, QuantLinear]]:
+def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
     """(qualified name, module) for every QuantLinear in the model."""
     return ((name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear))

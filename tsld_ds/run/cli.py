@@ -9,7 +9,8 @@ that notices says so.
 import os
 import re
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 import torch.distributed as dist
 

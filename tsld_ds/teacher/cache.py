@@ -31,8 +31,8 @@ import tsld_ds
 from tsld_ds.devices import to_device
 from tsld_ds.errors import UsageError
 from tsld_ds.files import sha256_file, write_atomically
-from tsld_ds.models import model_identity
 from tsld_ds.losses import TeacherOutput, TopKTeacher
+from tsld_ds.models import model_identity
 
 MANIFEST = "manifest.json"
 VALIDATION = "validation.safetensors"

@@ -14,6 +14,7 @@ from torch import nn
 from tsld_ds.losses import TeacherOutput
 from tsld_ds.models import model_body
 
+
 class _TeacherForward(nn.Module):
     """What the engine runs: the body, and the lm_head only when logits are asked for. Returns
     (hidden states or logits, every block's hidden states, attention maps)."""

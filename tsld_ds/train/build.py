@@ -4,9 +4,9 @@ inference engine (or cache) and the quantized student's training engine."""
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import deepspeed
 import torch
@@ -22,17 +22,32 @@ from tsld_ds.devices import local_world_size, memory_per_rank, pins_memory
 from tsld_ds.errors import UsageError
 from tsld_ds.files import check_writable
 from tsld_ds.losses import Objective
-from tsld_ds.models import (check_block_size, check_gradient_checkpointing, check_model_source,
-                            check_same_vocabulary, load_causal_lm, load_tokenizer, torch_dtype_of,
-                            vocab_size_of)
+from tsld_ds.models import (
+    check_block_size,
+    check_gradient_checkpointing,
+    check_model_source,
+    check_same_vocabulary,
+    load_causal_lm,
+    load_tokenizer,
+    torch_dtype_of,
+    vocab_size_of,
+)
 from tsld_ds.quant import QuantConfig, quantize_model
 from tsld_ds.run import checkpoint as ckpt
 from tsld_ds.run import universal
 from tsld_ds.run.config import ARGS_FILE, RunConfig, defining_options, differing_options
-from tsld_ds.run.distributed import (init_distributed, launched_world_size, on_rank_zero,
-                                     seed_everything)
-from tsld_ds.run.ds_config import (checkpoints_on_host, read_ds_config, resolve_zero_sizes,
-                                   teacher_ds_config)
+from tsld_ds.run.distributed import (
+    init_distributed,
+    launched_world_size,
+    on_rank_zero,
+    seed_everything,
+)
+from tsld_ds.run.ds_config import (
+    checkpoints_on_host,
+    read_ds_config,
+    resolve_zero_sizes,
+    teacher_ds_config,
+)
 from tsld_ds.run.rows import load_rows
 from tsld_ds.teacher import CacheIdentity, TeacherCache, TeacherEngine
 from tsld_ds.teacher.cache import read_manifest

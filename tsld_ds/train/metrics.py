@@ -2,9 +2,9 @@
 terms and timing between two such lines; and the run's summary."""
 import json
 import time
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -134,19 +134,19 @@ class RunSummary:
     world_size: int
     kd: str
     bits: int
-    quantization: Optional[dict]
-    teacher_numel: Optional[int] = None
-    teacher_numel_this_rank: Optional[int] = None
-    teacher_ppl: Optional[float] = None
-    student_ppl_before: Optional[float] = None
-    student_ppl_after: Optional[float] = None
-    checkpoint: Optional[str] = None
-    hf_model: Optional[str] = None
+    quantization: dict | None
+    teacher_numel: int | None = None
+    teacher_numel_this_rank: int | None = None
+    teacher_ppl: float | None = None
+    student_ppl_before: float | None = None
+    student_ppl_after: float | None = None
+    checkpoint: str | None = None
+    hf_model: str | None = None
     steps: int = 0
-    tokens_per_s: Optional[float] = None
-    wall_time_s: Optional[float] = None
-    metrics: Optional[str] = None
-    stopped_by: Optional[str] = None   # the stop signal's name
+    tokens_per_s: float | None = None
+    wall_time_s: float | None = None
+    metrics: str | None = None
+    stopped_by: str | None = None   # the stop signal's name
 
     def as_json(self) -> dict:
         """Every field that is set, and the four that always are (`quantization` is null for a

@@ -27,21 +27,20 @@ from tsld_ds.models import (
     check_gradient_checkpointing,
     check_model_source,
     check_same_vocabulary,
+    check_weights_match_config,
+    has_tokenizer,
     load_causal_lm,
     load_tokenizer,
+    meta_model,
+    read_config,
     torch_dtype_of,
     vocab_size_of,
 )
-from tsld_ds.quant import QuantConfig, quantize_model
+from tsld_ds.quant import QuantConfig, in_features, quantization_targets, quantize_model
 from tsld_ds.run import checkpoint as ckpt
 from tsld_ds.run import universal
 from tsld_ds.run.config import ARGS_FILE, RunConfig, defining_options, differing_options
-from tsld_ds.run.distributed import (
-    init_distributed,
-    launched_world_size,
-    on_rank_zero,
-    seed_everything,
-)
+from tsld_ds.run.distributed import on_rank_zero, seed_everything
 from tsld_ds.run.ds_config import (
     checkpoints_on_host,
     read_ds_config,
@@ -52,6 +51,7 @@ from tsld_ds.run.rows import load_rows
 from tsld_ds.teacher import CacheIdentity, TeacherCache, TeacherEngine
 from tsld_ds.teacher.cache import read_manifest
 from tsld_ds.train.schedule import lr_lambda
+from tsld_ds.train.signals import StopSignals
 from tsld_ds.train.student import DistillationStudent
 
 # What a run writes into its --output_dir; --overwrite_output_dir removes a previous run's.
@@ -78,9 +78,25 @@ class Run:
     defining_options: dict                           # what its checkpoints are bound to
 
 
-def check_inputs(config: RunConfig) -> Path | None:
+@dataclass
+class Inputs:
+    """What `check_inputs` read and checked, for `build_run`."""
+    ds_config: dict
+    teacher_ds_config: dict | None
+    host_checkpoints: bool       # checkpointed blocks' inputs wait in host memory
+    resume_from: Path | None     # the checkpoint that --resume names
+
+
+def check_inputs(config: RunConfig) -> Inputs:
     """Everything that can be checked before processes start talking to each other and before
-    any model loads; returns the checkpoint that --resume names."""
+    any model loads: the DeepSpeed configs against the options, the models' files and configs,
+    the output directory and what --resume names."""
+    ds_config = read_ds_config(config.ds_config)
+    teacher_config = read_ds_config(config.teacher_ds_config) if config.teacher_ds_config \
+        else None
+    host_checkpoints = checkpoints_on_host(ds_config, config.ds_config,
+                                           config.gradient_checkpointing)
+    _check_ds_config_against_options(config, ds_config)
     gpu_extras.check_options(config.attn_implementation, config.optimizer)
     check_model_source(config.model, "--model")
     if config.teacher:
@@ -91,22 +107,66 @@ def check_inputs(config: RunConfig) -> Path | None:
         check_block_size(name, config.block_size, warn=os.environ.get("RANK", "0") == "0")
     if config.gradient_checkpointing:
         check_gradient_checkpointing(config.model, "--model")
-    if config.teacher and config.teacher_cache is None and config.objective.needs_teacher:
-        check_same_vocabulary(config.model, config.teacher)
+    _check_models(config)
     check_writable(config.output_dir, "--output_dir")
     if config.teacher_cache is not None:
-        manifest = read_manifest(config.teacher_cache)
-        if manifest is None or not manifest["complete"]:
-            raise UsageError(f"--teacher_cache {config.teacher_cache} holds no complete teacher "
-                             "cache; build it (or finish building it) with tsld-cache")
+        _check_teacher_cache(config)
+    resume_from = None
     if config.resume is not None:
-        return ckpt.resolve_resume(config.resume, config.output_dir)
-    if config.overwrite_output_dir:
+        resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
+    elif config.overwrite_output_dir:
         _check_inputs_outside_previous_run(config)
     elif ckpt.latest_checkpoint(config.output_dir) is not None:
         raise UsageError(f"--output_dir {config.output_dir} already holds a run; pass --resume "
                          "latest to continue it or --overwrite_output_dir to start over")
-    return None
+    return Inputs(ds_config=ds_config, teacher_ds_config=teacher_config,
+                  host_checkpoints=host_checkpoints, resume_from=resume_from)
+
+
+def _check_ds_config_against_options(config: RunConfig, ds_config: dict) -> None:
+    """The config's keys that options also set must agree with them; fp16 needs a GPU."""
+    lr = ds_config.get("optimizer", {}).get("params", {}).get("lr")
+    if lr is not None and lr != config.lr:
+        raise UsageError(f"DeepSpeed config '{config.ds_config}' sets optimizer.params.lr {lr} "
+                         f"but --lr is {config.lr:g}: the run's peak rate is --lr (its schedule "
+                         "scales it); drop lr from the config or pass --lr " + f"{lr}")
+    if ds_config.get("fp16", {}).get("enabled") and \
+            get_accelerator().device_name() == "cpu":
+        raise UsageError(f"DeepSpeed config '{config.ds_config}' enables fp16, which DeepSpeed's "
+                         "CPU accelerator cannot train in; use bf16 (ds_configs/zero3_bf16.json) "
+                         "or fp32 on this machine")
+
+
+def _check_models(config: RunConfig) -> None:
+    """From the models' configs and their weight files' headers, before either loads: weights of
+    the shapes each config gives, one vocabulary for student and teacher, a --group_size that
+    fits the quantized layers."""
+    if not config.from_scratch:
+        check_weights_match_config(config.model, "--model")
+    if config.objective.needs_teacher and config.teacher_cache is None:
+        if config.teacher_name != config.model or config.from_scratch:
+            check_weights_match_config(config.teacher_name, "--teacher")
+        check_same_vocabulary(config.model, config.teacher_name)
+    quant = config.quant_config
+    if quant is not None and quant.granularity == "group":
+        narrowest = min(in_features(module) for _, module in
+                        quantization_targets(meta_model(config.model, "--model")))
+        if quant.group_size > narrowest:
+            raise UsageError(f"--group_size {quant.group_size} is wider than the narrowest "
+                             f"quantized layer of '{config.model}' ({narrowest} input columns); "
+                             f"use at most {narrowest}, or --granularity channel")
+
+
+def _check_teacher_cache(config: RunConfig) -> None:
+    manifest = read_manifest(config.teacher_cache)
+    if manifest is None or not manifest["complete"]:
+        raise UsageError(f"--teacher_cache {config.teacher_cache} holds no complete teacher "
+                         "cache; build it (or finish building it) with tsld-cache")
+    student_vocab = read_config(config.model, "--model").vocab_size
+    if manifest["vocab_size"] != student_vocab:
+        raise UsageError(f"--teacher_cache {config.teacher_cache} holds a teacher of "
+                         f"{manifest['vocab_size']} tokens but student '{config.model}' predicts "
+                         f"{student_vocab}: their vocabularies differ")
 
 
 def _check_inputs_outside_previous_run(config: RunConfig) -> None:
@@ -202,54 +262,112 @@ def _resumed_checkpoint(path: Path, options: dict, ds_config: dict) -> None:
     universal.prepare_resume(path, ds_config)
 
 
-def build_run(config: RunConfig) -> Run:
-    """Checks the inputs, starts the process group and builds both engines."""
-    ds_config = read_ds_config(config.ds_config)
-    teacher_config = read_ds_config(config.teacher_ds_config) if config.teacher_ds_config \
-        else None
-    host_checkpoints = checkpoints_on_host(ds_config, config.ds_config,
-                                           config.gradient_checkpointing)
-    resume_from = check_inputs(config)
-    ds_config = resolve_zero_sizes(ds_config, config.model, launched_world_size())
-    init_distributed(config.dist_timeout)
+def build_run(config: RunConfig, inputs: Inputs, stop: StopSignals) -> Run:
+    """Both engines, built in the process group `init_distributed` started, with OUTPUT_DIR
+    locked by this run. A stop signal during set-up ends it at the next phase (SetupStopped)."""
+    ds_config = resolve_zero_sizes(inputs.ds_config, config.model, dist.get_world_size())
     seed_everything(config.seed)
     # Each model's identity is its files' contents: rank 0 hashes them, once.
     options = on_rank_zero(lambda: defining_options(config))
-    if resume_from is not None:
-        _resumed_checkpoint(resume_from, options, ds_config)
-
+    if inputs.resume_from is not None:
+        _resumed_checkpoint(inputs.resume_from, options, ds_config)
     tokenizer = _tokenizer(config)
     train_blocks, val_blocks = load_rows(
         config.dataset, tokenizer, config.block_size, dataset_config=config.dataset_config,
         text_column=config.text_column, seed=config.seed)
+    steps = _steps(config, ds_config, len(train_blocks))
+    _prepare_output_dir(config, resumed=inputs.resume_from is not None)
+    stop.check_during_setup("the data is ready")
     # The teacher loads first: with `--teacher` defaulting to `--model` it must see the weights
     # before the student's surgery. The layer term needs attention maps: eager attention.
     attn = "eager" if config.objective.layers else config.attn_implementation
-    teacher = _teacher(config, tokenizer, train_blocks, ds_config, teacher_config, attn)
+    teacher = _teacher(config, tokenizer, train_blocks, ds_config, inputs.teacher_ds_config,
+                       attn)
+    stop.check_during_setup("the teacher is ready")
     student_model = load_causal_lm(config.model, ds_config, from_scratch=config.from_scratch,
                                    attn_implementation=attn, what="--model")
     teacher = _engine_of_teacher(config, teacher, student_model)
     if config.gradient_checkpointing:
-        enable_gradient_checkpointing(student_model, on_host=host_checkpoints)
+        enable_gradient_checkpointing(student_model, on_host=inputs.host_checkpoints)
     if config.quant_config is not None:
         quantize_model(student_model, config.quant_config)
-    return _training_engine(config, DistillationStudent(student_model, config.objective),
-                            ds_config, teacher=teacher, tokenizer=tokenizer,
-                            train_blocks=train_blocks, val_blocks=val_blocks,
-                            resume_from=resume_from, options=options)
+    run = _training_engine(config, DistillationStudent(student_model, config.objective),
+                           ds_config, steps, teacher=teacher, tokenizer=tokenizer,
+                           train_blocks=train_blocks, val_blocks=val_blocks,
+                           resume_from=inputs.resume_from, options=options)
+    stop.check_during_setup("the student is ready")
+    return run
+
+
+@dataclass
+class _Steps:
+    micro_batch: int
+    accumulation: int
+    total: int
+
+
+def _steps(config: RunConfig, ds_config: dict, train_blocks: int) -> _Steps:
+    """The run's optimizer steps from its batch sizes and training blocks, checked against
+    --warmup_steps."""
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    accumulation = ds_config.get("gradient_accumulation_steps", 1)
+    world = dist.get_world_size()
+    steps_per_epoch = train_blocks // world // (micro_batch * accumulation)
+    if steps_per_epoch == 0:
+        raise UsageError(f"{train_blocks} training blocks of {config.block_size} tokens are "
+                         f"fewer than one optimizer step needs ({micro_batch} x {accumulation} "
+                         f"x {world} ranks); use a smaller --block_size or batch")
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    if config.warmup_steps >= total:
+        raise UsageError(f"--warmup_steps {config.warmup_steps} is not shorter than the run's "
+                         f"{total} steps: the rate would never reach --lr; use fewer")
+    return _Steps(micro_batch=micro_batch, accumulation=accumulation, total=total)
+
+
+def _prepare_output_dir(config: RunConfig, *, resumed: bool) -> None:
+    """Rank 0 makes --output_dir ready before any model loads: a previous run's outputs gone
+    (--overwrite_output_dir), the options saved (the directory holds this run now), and no
+    summary.json until the run completes (launch/slurm/train.sbatch requeues the job until
+    then)."""
+    if dist.get_rank() == 0:
+        output_dir = Path(config.output_dir)
+        if not resumed and config.overwrite_output_dir:
+            clear_previous_run(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir)
+        (output_dir / "summary.json").unlink(missing_ok=True)
+    dist.barrier()
 
 
 def _tokenizer(config: RunConfig):
-    """The student's tokenizer, which must be the teacher's when a teacher is used."""
+    """The student's tokenizer: a --tokenizer must be the one the model (and the teacher, when one
+    is used) was trained with where they have one, and must fit the model's vocabulary."""
     tokenizer = load_tokenizer(config.tokenizer_name)
+    if config.tokenizer is not None:
+        _check_tokenizer_fits(config, tokenizer)
     if config.objective.needs_teacher:
-        try:
-            check_tokenizers_match(tokenizer,
-                                   load_tokenizer(config.tokenizer or config.teacher_name))
-        except ValueError as e:
-            raise UsageError(f"teacher '{config.teacher_name}' and student '{config.model}' do "
-                             f"not share a tokenizer: {e}") from None
+        _check_same_tokenizer(tokenizer, config.tokenizer or config.teacher_name,
+                              f"teacher '{config.teacher_name}' and student '{config.model}' do "
+                              "not share a tokenizer")
     return tokenizer
+
+
+def _check_tokenizer_fits(config: RunConfig, tokenizer) -> None:
+    vocab = read_config(config.model, "--model").vocab_size
+    if len(tokenizer) > vocab:
+        raise UsageError(f"--tokenizer {config.tokenizer} has {len(tokenizer)} tokens but "
+                         f"'{config.model}' embeds {vocab}: it is not the model's tokenizer")
+    if has_tokenizer(config.model):
+        _check_same_tokenizer(tokenizer, config.model,
+                              f"--tokenizer {config.tokenizer} is not the tokenizer of "
+                              f"'{config.model}'")
+
+
+def _check_same_tokenizer(tokenizer, other: str, refusal: str) -> None:
+    try:
+        check_tokenizers_match(tokenizer, load_tokenizer(other))
+    except ValueError as e:
+        raise UsageError(f"{refusal}: {e}") from None
 
 
 def _teacher(config: RunConfig, tokenizer, train_blocks, ds_config: dict,
@@ -285,8 +403,8 @@ class _LoadedTeacher:
 
 
 def _engine_of_teacher(config: RunConfig, teacher, student_model):
-    """The teacher's engine (or cache), once its vocabulary is the student's (the configs said so
-    before any loading; the loaded lm_heads are the truth)."""
+    """The teacher's engine (or cache), once its vocabulary is the student's (the configs and the
+    cache's manifest said so before any loading; the loaded lm_heads are the truth)."""
     student_vocab = vocab_size_of(student_model)
     if isinstance(teacher, _LoadedTeacher):
         if vocab_size_of(teacher.model) != student_vocab:
@@ -294,28 +412,16 @@ def _engine_of_teacher(config: RunConfig, teacher, student_model):
                              f"{vocab_size_of(teacher.model)} tokens but student "
                              f"'{config.model}' {student_vocab}: their vocabularies differ")
         return TeacherEngine(teacher.model, teacher.config)
-    if teacher is not None and teacher.vocab_size != student_vocab:
-        raise UsageError(f"--teacher_cache {config.teacher_cache} holds a teacher of "
-                         f"{teacher.vocab_size} tokens but student '{config.model}' predicts "
-                         f"{student_vocab}: their vocabularies differ")
     return teacher
 
 
-def _training_engine(config: RunConfig, student: DistillationStudent, ds_config: dict, *,
-                     teacher, tokenizer, train_blocks, val_blocks, resume_from: Path | None,
-                     options: dict) -> Run:
+def _training_engine(config: RunConfig, student: DistillationStudent, ds_config: dict,
+                     steps: _Steps, *, teacher, tokenizer, train_blocks, val_blocks,
+                     resume_from: Path | None, options: dict) -> Run:
     """The student's DeepSpeed engine with its optimizer and schedule, and the data order."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
-    accumulation = ds_config.get("gradient_accumulation_steps", 1)
     sampler = ResumableDistributedSampler(len(train_blocks), num_replicas=world, rank=rank,
                                           seed=config.seed)
-    steps_per_epoch = len(sampler) // (micro_batch * accumulation)
-    if steps_per_epoch == 0:
-        raise UsageError(f"{len(train_blocks)} training blocks of {config.block_size} tokens are "
-                         f"fewer than one optimizer step needs ({micro_batch} x {accumulation} "
-                         f"x {world} ranks); use a smaller --block_size or batch")
-    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
 
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = None
@@ -326,7 +432,7 @@ def _training_engine(config: RunConfig, student: DistillationStudent, ds_config:
     else:
         ds_config.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"]["lr"] = \
             config.lr
-    lr_multiplier = lr_lambda(config.lr_schedule, config.warmup_steps, total_steps)
+    lr_multiplier = lr_lambda(config.lr_schedule, config.warmup_steps, steps.total)
     engine, _, _, scheduler = deepspeed.initialize(
         model=student, model_parameters=trainable, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier))
@@ -336,5 +442,6 @@ def _training_engine(config: RunConfig, student: DistillationStudent, ds_config:
                student_model=student.model, teacher=teacher, tokenizer=tokenizer,
                objective=config.objective, quant_config=config.quant_config,
                train_blocks=train_blocks, val_blocks=val_blocks, sampler=sampler,
-               micro_batch=micro_batch, accumulation=accumulation, total_steps=total_steps,
+               micro_batch=steps.micro_batch, accumulation=steps.accumulation,
+               total_steps=steps.total,
                resume_from=resume_from, defining_options=options)

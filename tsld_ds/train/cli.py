@@ -1,6 +1,7 @@
 """`launch/train.py` / `tsld-train`: parse the options into a RunConfig and train, through the
 commands' shell (tsld_ds.run.cli: one clear line and an exit code of tsld_ds.errors' table, also
 in `--help`)."""
+import sys
 import warnings
 
 import torch.distributed as dist
@@ -12,7 +13,7 @@ from tsld_ds.run.config import RunConfig
 from tsld_ds.run.options import parse_args
 from tsld_ds.train.hooks import TrainHooks
 from tsld_ds.train.nonfinite import NonFiniteLoss
-from tsld_ds.train.signals import StopSignals
+from tsld_ds.train.signals import SetupStopped, StopSignals
 
 
 def main(argv=None, hooks: TrainHooks | None = None) -> int:
@@ -25,7 +26,12 @@ def main(argv=None, hooks: TrainHooks | None = None) -> int:
     from tsld_ds.train.loop import train  # heavy imports after --help and option errors
 
     def work() -> int:
-        summary = train(config, stop, hooks)
+        try:
+            summary = train(config, stop, hooks)
+        except SetupStopped as e:
+            if dist.get_rank() == 0:
+                print(f"{e}; start the run again", file=sys.stderr, flush=True)
+            return EXIT_STOPPED
         dist.barrier()  # rank 0 may still be writing the export: nobody tears down before it
         return EXIT_STOPPED if summary.stopped_by else EXIT_COMPLETED
 

@@ -1,6 +1,7 @@
 """One QAT run, top to bottom.
 
-build both engines (`build.py`) -> perplexity before -> optimizer steps (each: per micro-batch,
+check the inputs, start the process group and lock the output directory -> build both engines
+(`build.py`) -> perplexity before -> optimizer steps (each: per micro-batch,
 `micro_step`: teacher outputs -> student forward with the loss -> backward -> engine step) ->
 perplexity after, final checkpoint, Hugging Face export, summary.
 
@@ -21,12 +22,16 @@ from tqdm import tqdm
 
 from tsld_ds.data import EpochBatches
 from tsld_ds.devices import pins_memory, to_device
+from tsld_ds.errors import RunFailed
 from tsld_ds.evaluation.perplexity import perplexity, summed_nll
+from tsld_ds.models import vocab_size_of
 from tsld_ds.run import checkpoint as ckpt
 from tsld_ds.run import universal
 from tsld_ds.run.config import RunConfig
+from tsld_ds.run.distributed import init_distributed
+from tsld_ds.run.lock import output_dir_lock
 from tsld_ds.teacher import TeacherCache
-from tsld_ds.train.build import Run, build_run, clear_previous_run
+from tsld_ds.train.build import Inputs, Run, build_run, check_inputs
 from tsld_ds.train.export import export_hf
 from tsld_ds.train.hooks import TrainHooks
 from tsld_ds.train.metrics import MetricsLog, RunSummary, StepWindow
@@ -120,21 +125,6 @@ class Evaluator:
         return ppl
 
 
-def _prepare_output_dir(config: RunConfig, run: Run) -> Path:
-    """Rank 0 makes --output_dir ready: a previous run's outputs gone (--overwrite_output_dir),
-    the options saved, and no summary.json until the run completes (launch/slurm/train.sbatch
-    requeues the job until then)."""
-    output_dir = Path(config.output_dir)
-    if dist.get_rank() == 0:
-        if run.resume_from is None and config.overwrite_output_dir:
-            clear_previous_run(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir)
-        (output_dir / "summary.json").unlink(missing_ok=True)
-    dist.barrier()
-    return output_dir
-
-
 @dataclass
 class _Session:
     """A run's engines and the objects that own what happens between its steps."""
@@ -148,9 +138,18 @@ class _Session:
 
 
 def train(config: RunConfig, stop: StopSignals, hooks: TrainHooks | None = None) -> RunSummary:
-    hooks = hooks or TrainHooks()
+    """The run `config` describes, from its checked inputs to its summary, with --output_dir
+    locked against a second run from before anything is written or loaded there."""
     wall_start = time.time()
-    session = _start(config, hooks)
+    inputs = check_inputs(config)
+    init_distributed(config.dist_timeout)
+    with output_dir_lock(config.output_dir):
+        return _train(config, inputs, stop, hooks or TrainHooks(), wall_start)
+
+
+def _train(config: RunConfig, inputs: Inputs, stop: StopSignals, hooks: TrainHooks,
+           wall_start: float) -> RunSummary:
+    session = _start(config, inputs, stop, hooks)
     run, step = session.run, session.step
     engine, sampler = run.engine, run.sampler
     batches = EpochBatches(run.train_blocks, run.micro_batch, sampler,
@@ -170,8 +169,8 @@ def train(config: RunConfig, stop: StopSignals, hooks: TrainHooks | None = None)
                 try:
                     terms, stopping = micro_step(run, next(batches), nonfinite, stop, step + 1,
                                                  hooks)
-                except NonFiniteLoss:  # stop, with the weights of the last good step saved
-                    session.saver.save(step, _client_state(step, sampler))
+                except NonFiniteLoss:  # stop, with the weights of the last step saved if good
+                    session.saver.save_if_finite(step, _client_state(step, sampler))
                     raise
             window.add(terms)
         step += 1
@@ -199,10 +198,10 @@ def train(config: RunConfig, stop: StopSignals, hooks: TrainHooks | None = None)
     return _finish(session, config, stopping, wall_start)
 
 
-def _start(config: RunConfig, hooks: TrainHooks) -> _Session:
-    """Both engines built, a resume's state loaded, the output directory ready, the teacher's and
-    the student's perplexity before the first step (a resumed run's log kept the latter)."""
-    run = build_run(config)
+def _start(config: RunConfig, inputs: Inputs, stop: StopSignals, hooks: TrainHooks) -> _Session:
+    """Both engines built, a resume's state loaded, the teacher's and the student's perplexity
+    before the first step (a resumed run's log kept the latter)."""
+    run = build_run(config, inputs, stop)
     hooks.run_built(run)
     needed_bytes = ckpt.checkpoint_bytes(run.engine)
     ckpt.check_room(config.output_dir, needed_bytes)
@@ -212,7 +211,7 @@ def _start(config: RunConfig, hooks: TrainHooks) -> _Session:
         step = state["step"]
         run.sampler.load_state_dict(state["sampler"])
         _follow_schedule(run, config.lr)
-    output_dir = _prepare_output_dir(config, run)
+    output_dir = Path(config.output_dir)
     resumed_step = step if run.resume_from is not None else None
     session = _Session(
         run=run, output_dir=output_dir, step=step,
@@ -243,7 +242,8 @@ def _start(config: RunConfig, hooks: TrainHooks) -> _Session:
 def _finish(session: _Session, config: RunConfig, stopping: str | None,
             wall_start: float) -> RunSummary:
     """A stopped run: its checkpoint, and no summary.json (a requeue resumes it). A completed one:
-    the perplexity after, the final checkpoint, the Hugging Face export and summary.json."""
+    the perplexity after, the final checkpoint, the Hugging Face export and summary.json; unless
+    it learned nothing (RunFailed, after the checkpoint)."""
     run, summary, step = session.run, session.summary, session.step
     summary.steps = step
     client_state = _client_state(step, run.sampler)
@@ -259,6 +259,8 @@ def _finish(session: _Session, config: RunConfig, stopping: str | None,
     summary.student_ppl_after = ppls["eval_ppl"]
     session.log.log(step, **ppls)
     summary.checkpoint = str(session.saver.save(step, client_state))
+    _check_learned(summary.student_ppl_after, vocab_size_of(run.student_model),
+                   summary.checkpoint)
     if not config.no_export:
         summary.hf_model = str(export_hf(run.student_model, run.tokenizer,
                                          session.output_dir / "hf", dtype=config.export_dtype))
@@ -270,6 +272,16 @@ def _finish(session: _Session, config: RunConfig, stopping: str | None,
         print(summary.format())
     session.log.close()
     return summary
+
+
+def _check_learned(ppl: float, vocab_size: int, checkpoint: str) -> None:
+    """A student no better than a uniform guess over its vocabulary (perplexity = its size) has
+    learned nothing: not a result to export (a diverged run, e.g. too high an --lr)."""
+    if not ppl < vocab_size:
+        raise RunFailed(f"the student's validation perplexity after training is {ppl:.4g}, no "
+                        f"better than a uniform guess over its {vocab_size} tokens: it learned "
+                        f"nothing (too high --lr?); no export written, checkpoint {checkpoint} "
+                        "kept for inspection")
 
 
 def _follow_schedule(run: Run, peak_lr: float) -> None:

@@ -16,6 +16,11 @@ from tsld_ds.errors import EXIT_ABORTED
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
+class SetupStopped(Exception):
+    """A stop signal came while the run was being set up: it ends before training, having
+    saved nothing (there is nothing to save)."""
+
+
 class StopSignals:
     def __init__(self):
         self.received = 0  # the first stop signal's number; 0 while none has come
@@ -40,3 +45,17 @@ class StopSignals:
     def name(signum: int) -> str | None:
         """The name of the signal `signum` ('SIGTERM'); None for 0, no signal."""
         return signal.Signals(signum).name if signum else None
+
+    def check_during_setup(self, done: str) -> None:
+        """Collective, between the phases of a run's set-up (each may take minutes at 7B): a stop
+        signal any rank has received ends the run now (SetupStopped), not after the rest."""
+        # Imported here: StopSignals is installed before the command's heavy imports.
+        import torch
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        received = torch.tensor([self.received], device=get_accelerator().current_device_name())
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        if received.item():
+            raise SetupStopped(f"stopped on {self.name(int(received.item()))} during set-up, "
+                               f"once {done}; nothing was trained or saved")

@@ -353,6 +353,11 @@ def sweep_runs(tmp_path_factory, tiny_teacher_dir, small_corpus_dir, exact_ds_co
     instruction    the shipped prompt/response examples, --kd tsld, 3 steps
     nonfinite      --kd gt for 8 steps whose rank 1 sees NaN in its micro-batches 3, 5 and 6
                    (train_with_faults.py) with --max_nonfinite_batches 2: it stops, exit 1
+    nan_weights    --kd gt, a checkpoint every step, whose weights turn NaN in step 3's update
+                   (rank 1's optimizer copy): step 3 is not saved, the run stops, exit 1
+    setup_stopped  --kd tsld, a SIGTERM on rank 1 once the data is loaded: exit 75 before the
+                   models load
+    diverged       --kd gt at --lr 1e30: exit 1, no summary.json, no export
     sgd/CASE/IMPL  1 step of plain SGD at lr 1 without clipping, each GRADIENT_CASES' loss
                    implementation
     adamw/IMPL     3 steps of --kd tsld with AdamW and clipping, each of LOSS_IMPLS
@@ -379,6 +384,16 @@ def sweep_runs(tmp_path_factory, tiny_teacher_dir, small_corpus_dir, exact_ds_co
         "nonfinite": train_command_entry(gt_args(teacher, corpus, root / "nonfinite", ds_config,
                                                  max_steps=8, max_nonfinite_batches=2),
                                          fault="nan:gt:3,5,6", expect=1),
+        "nan_weights": train_command_entry(gt_args(teacher, corpus, root / "nan_weights",
+                                                   ds_config, max_steps=6, save_every=1,
+                                                   max_nonfinite_batches=2),
+                                           fault="nan_weights:3", expect=1),
+        "setup_stopped": train_command_entry(train_args(teacher, corpus,
+                                                        root / "setup_stopped", ds_config,
+                                                        max_steps=6),
+                                             fault="term_in_setup", expect=75),
+        "diverged": train_command_entry(gt_args(teacher, corpus, root / "diverged", ds_config,
+                                                max_steps=3, lr=1e30), expect=1),
     }
     sgd = write_ds_config(root / "sgd.json", gradient_clipping=0.0,
                           zero_allow_untested_optimizer=True,

@@ -33,8 +33,11 @@ GROUP_TIMEOUT_S = 600
 def run_command(entry: dict) -> int:
     if entry["command"] == "cache":
         return cache_cli.main(entry["argv"])
-    hooks = FaultHooks(entry["fault"]) if entry.get("fault") else None
-    return train_cli.main(entry["argv"], hooks)
+    if not entry.get("fault"):
+        return train_cli.main(entry["argv"])
+    hooks = FaultHooks(entry["fault"])
+    with hooks.installed():
+        return train_cli.main(entry["argv"], hooks)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Faults injected at exact points of real 2-rank runs (the hooks of
 tests/drivers/train_with_faults.py): nothing saved before the fault is lost, and the run tells
 what happened in one line. The runs are conftest.py's `killed_run`, continued_runs' `after_kill`
-and sweep_runs' `nonfinite`."""
+and sweep_runs' `nonfinite`, `nan_weights`, `setup_stopped` and `diverged`."""
 from helpers import read_metrics, step_losses
 
 from tsld_ds.run.checkpoint import latest_checkpoint
@@ -43,3 +43,35 @@ def test_nonfinite_loss_skips_the_batch_then_stops_with_a_checkpoint(sweep_runs)
     assert latest_checkpoint(run.path) == checkpoint
     losses = step_losses(run.path)
     assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())  # no NaN logged
+
+
+def test_nonfinite_weights_are_never_called_good(sweep_runs):
+    """Step 3's update made the weights NaN while its loss was finite: its checkpoint is not
+    written, the run stops on the NaN losses that follow, and names step 2, the newest good one."""
+    run = sweep_runs["nan_weights"]
+    stderr = run.finished.stderr
+    checkpoints = run.path / "checkpoints"
+    assert run.finished.returncode == 1 and "Traceback" not in stderr
+    assert ("warning: the weights after step 3 are not finite (" in stderr
+            and "so no checkpoint of them was written; `latest` still names step_0000002"
+            in stderr), stderr[-3000:]
+    assert f"Last good checkpoint: {checkpoints / 'step_0000002'}; continue with --resume " \
+        "latest." in stderr
+    assert latest_checkpoint(run.path) == checkpoints / "step_0000002"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000001", "step_0000002"]
+
+
+def test_a_stop_signal_during_set_up_ends_the_run_before_the_models_load(sweep_runs):
+    run = sweep_runs["setup_stopped"]
+    assert run.finished.returncode == 75
+    assert "stopped on SIGTERM during set-up, once the data is ready; nothing was trained or " \
+        "saved; start the run again" in run.finished.stderr
+    assert "teacher weights" not in run.finished.stdout  # the teacher was never placed
+    assert sorted(p.name for p in run.path.iterdir()) == ["args.json"]  # the lock released
+
+
+def test_a_diverged_run_is_not_called_a_success(sweep_runs):
+    run = sweep_runs["diverged"]
+    assert run.finished.returncode == 1 and "Traceback" not in run.finished.stderr
+    assert "error: " in run.finished.stderr
+    assert not (run.path / "summary.json").exists() and not (run.path / "hf").exists()

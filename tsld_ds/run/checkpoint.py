@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
 
 from tsld_ds.errors import RunFailed, UsageError
 from tsld_ds.files import nearest_existing_parent, sha256_file, sync_directory, write_atomically
@@ -283,10 +285,26 @@ def saved_options(path: Path) -> dict | None:
         raise UsageError(f"checkpoint {path}: {OPTIONS_FILE} is damaged (not JSON)") from None
 
 
+class NonFiniteWeights(RunFailed):
+    """The weights to be saved hold NaN/inf: no checkpoint to go on from; none was written."""
+
+
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """The names of `module`'s parameters that hold NaN/inf on any rank; under ZeRO-3 each rank
+    checks its own shard (`ds_tensor`). Collective."""
+    named = list(module.named_parameters())
+    local = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all().logical_not()
+                         for _, p in named]).to(torch.int32)  # one device sync, not one a tensor
+    dist.all_reduce(local)
+    return [name for (name, _), bad in zip(named, local.tolist()) if bad]
+
+
 class CheckpointSaver:
     """Saves one run's checkpoints: every `every` steps (0: only when the run ends or stops), and
     each step at most once: a stop right after a periodic save, or a finished run resumed, keeps
-    the checkpoint already on disk instead of writing it again."""
+    the checkpoint already on disk instead of writing it again. Only finite weights are saved: a
+    checkpoint is called good (`latest`) only when every rank's shard of every weight is finite.
+"""
 
     def __init__(self, engine, output_dir, saved_step: int | None, *, every: int, options: dict,
                  needed_bytes: int, keep: int | None,
@@ -298,13 +316,30 @@ class CheckpointSaver:
 
     def maybe_save(self, step: int, client_state: dict) -> None:
         if self.every and step % self.every == 0:
-            self.save(step, client_state)
+            self.save_if_finite(step, client_state)
 
     def save(self, step: int, client_state: dict) -> Path:
+        """Checkpoint `step`'s path; NonFiniteWeights (nothing written) for NaN/inf weights."""
         if step != self.saved_step:
+            bad = nonfinite_parameters(self.engine.module)
+            if bad:
+                raise NonFiniteWeights(
+                    f"the weights after step {step} are not finite ({len(bad)} tensors, e.g. "
+                    f"{bad[0]}), so no checkpoint of them was written; `latest` still names "
+                    f"{_latest_name(checkpoint_dir(self.output_dir))}")
             save_checkpoint(self.engine, self.output_dir, step, client_state, **self.settings)
             self.saved_step = step
         return checkpoint_dir(self.output_dir) / tag_for_step(step)
+
+    def save_if_finite(self, step: int, client_state: dict) -> Path | None:
+        """`save`, or a warning and None where the weights are not finite (the run goes on: the
+        NaN/inf guard stops it once its losses are)."""
+        try:
+            return self.save(step, client_state)
+        except NonFiniteWeights as e:
+            if dist.get_rank() == 0:
+                tqdm.write(f"warning: {e}", file=sys.stderr)  # below the progress bar
+            return None
 
 
 def latest_checkpoint(output_dir) -> Path | None:
@@ -322,6 +357,12 @@ def resolve_resume(resume: str, output_dir) -> Path:
         if path is None:
             raise UsageError(f"--resume latest: no complete checkpoint in "
                              f"{checkpoint_dir(output_dir)}")
+        if not path.is_dir():  # removed by hand, or lost with a disk
+            intact = committed_checkpoints(checkpoint_dir(output_dir))
+            offer = f"; the newest checkpoint there is {intact[-1]}: pass --resume " \
+                f"{intact[-1]}" if intact else "; no other checkpoint is there"
+            raise UsageError(f"--resume latest: `latest` names {path.name}, which is missing"
+                             + offer)
     else:
         path = Path(resume)
     if not path.is_dir() or not _TAG.match(path.name):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
     AutoConfig,
@@ -111,6 +112,33 @@ def check_same_vocabulary(student: str, teacher: str) -> None:
                          f"'{student}' {sizes[0]}: their vocabularies differ")
 
 
+def meta_model(name_or_path: str, what: str) -> torch.nn.Module:
+    """The model `name_or_path`'s config describes, on the meta device: its modules and shapes
+    without memory or weights, in about a second at 7B."""
+    config = read_config(name_or_path, what)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_weights_match_config(name_or_path: str, what: str) -> None:
+    """Refuse a local model whose weight files hold other shapes than its config gives (a config
+    edited or copied from another model), from the safetensors headers, before it loads."""
+    files = sorted(Path(name_or_path).expanduser().glob("*.safetensors"))
+    if not files:
+        return  # a hub name, or .bin weights: left to the loading
+    stored = {}
+    for file in files:
+        with safe_open(file, "pt") as f:  # reads the header only
+            stored.update((name, list(f.get_slice(name).get_shape())) for name in f.keys())
+    expected = {name: list(p.shape) for name, p in
+                meta_model(name_or_path, what).state_dict().items()}
+    for name in sorted(stored.keys() & expected.keys()):
+        if stored[name] != expected[name]:
+            raise UsageError(f"{what} '{name_or_path}': its weights do not match its config.json "
+                             f"({name} is {stored[name]} in the weight files, "
+                             f"{expected[name]} by the config)")
+
+
 def check_block_size(name_or_path: str, block_size: int, *, warn: bool = True) -> None:
     """Refuse a --block_size beyond a model's learned position embeddings (they have no row for
     it: an IndexError deep in the forward); with rotary positions, warn (they extend, but the
@@ -183,6 +211,12 @@ def check_plain_lm_head(model, what: str) -> None:
                              f"{getattr(model.config, attr)}), which tsld-ds does not support")
     if model.get_output_embeddings() is None:
         raise UsageError(f"{what} has no output embedding (lm_head)")
+
+
+def has_tokenizer(name_or_path: str) -> bool:
+    """Whether a local model directory holds a tokenizer (a hub name is taken to)."""
+    path = Path(name_or_path).expanduser()
+    return not path.is_dir() or (path / "tokenizer_config.json").is_file()
 
 
 def load_tokenizer(name_or_path: str):

@@ -226,3 +226,23 @@ def test_bad_cache_options_are_refused_in_one_line(options, message, capsys):
     with pytest.raises(SystemExit) as stopped:
         parse_args(["--output_dir", "out", *options])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_mismatch_names_what_differs_not_two_equal_sides():
+    from dataclasses import replace
+
+    from tsld_ds.teacher import CacheIdentity
+
+    cache = CacheIdentity(teacher="t", teacher_sha256="a", tokenizer_sha256="k", dataset="d",
+                          rows_sha256="r", rows=100, block_size=32)
+    assert cache.mismatch(cache) is None
+    assert cache.mismatch(replace(cache, rows_sha256="s")) == (
+        "other training rows: 100 rows of d as this run's, with other tokens (the data changed "
+        "since, or another --seed split it)")
+    assert cache.mismatch(replace(cache, rows_sha256="s", rows=90)) == (
+        "other training rows (dataset d, 100 rows; this run: d, 90 rows)")
+    assert cache.mismatch(replace(cache, teacher_sha256="b")) == (
+        "another teacher: t holds other weights than it did then")
+    assert cache.mismatch(replace(cache, teacher="u", teacher_sha256="b")) == (
+        "another teacher (t; this run's is u)")
+    assert cache.mismatch(replace(cache, block_size=64)) == "--block_size 32, this run 64"

@@ -7,7 +7,14 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
-from helpers import run_train, save_tiny_model, small_filesystem, tiny_llama_config, write_ds_config
+from helpers import (
+    run_train,
+    save_tiny_model,
+    small_filesystem,
+    tiny_llama_config,
+    tree_digest,
+    write_ds_config,
+)
 
 from tsld_ds.errors import EXIT_CODES, EXIT_USAGE
 from tsld_ds.models import check_block_size
@@ -236,3 +243,208 @@ def test_busy_master_port_is_named(tiny_llama_dir, small_corpus_dir, tmp_path, r
                         "--output_dir", tmp_path / "out"])
     assert proc.returncode == EXIT_USAGE
     assert_refused(proc, f"the master port {port} is in use by another process")
+
+
+# --- every input that could only fail late, refused before any model loads (issue: nothing
+# lost, nothing silent) --------------------------------------------------------------------------
+
+def assert_one_line_refusal(proc, message):
+    """Exit 2, one error line on stderr (`error: ...` holding `message`), no traceback."""
+    assert_refused(proc, message)
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith(("error:", "launch/train.py: error:")) \
+        and message in lines[0], lines
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--lr", "inf", "--lr must be a finite number, got inf"),
+    ("--epochs", "inf", "--epochs must be a finite number, got inf"),
+    ("--kd_temperature", "inf", "--kd_temperature must be a finite number, got inf"),
+    ("--dist_timeout", "nan", "--dist_timeout must be a finite number, got nan"),
+    ("--seed", "-1", "--seed must be in 0..4294967295, got -1"),
+    ("--seed", str(2**32), f"--seed must be in 0..4294967295, got {2**32}"),
+    ("--init_scale", "0.5", "--init_scale is the initial clip scale of --quant_method pact; the "
+                            "default quantizer has none"),
+    ("--granularity", "group", "--granularity group needs --group_size"),
+])
+def test_options_that_used_to_pass_silently_or_fail_late(option, value, message, tmp_path,
+                                                         run_main):
+    before = tree_digest(tmp_path)
+    proc = run_main([option, value, "--output_dir", tmp_path / "out"])
+    assert_one_line_refusal(proc, message)
+    assert tree_digest(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_init_scale_with_pact_is_taken(tmp_path):
+    from tsld_ds.run.options import parse_args
+
+    assert parse_args(["--quant_method", "pact", "--init_scale", "0.5"]) \
+        .quant_config.init_scale == 0.5
+    assert parse_args(["--quant_method", "pact"]).quant_config.init_scale == 0.7
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"scheduler": {"type": "WarmupLR", "params": {}}},
+     "a \"scheduler\" block is not used; tsld-ds runs its own schedule"),
+    ({"gradient_clipping": float("nan")}, "gradient_clipping must be a finite number >= 0 (0: off), "
+                                          "got nan"),
+    ({"gradient_clipping": -1.0}, "gradient_clipping must be a finite number >= 0"),
+    ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 5"),
+    ({"zero_optimization": {"stage": "three"}},
+     "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}},
+     "fp16 and bf16 are both enabled; enable one"),
+    ({"fp16": {"enabled": True}}, "enables fp16, which DeepSpeed's CPU accelerator cannot train "
+                                  "in"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 5e-3}}},
+     "sets optimizer.params.lr 0.005 but --lr is 0.0001"),
+])
+def test_deepspeed_config_keys_are_used_or_refused(config, message, tiny_llama_dir,
+                                                   small_corpus_dir, tmp_path, run_main):
+    """A key training would ignore or misread (the optimizer's lr, a scheduler, NaN clipping)
+    or fail on after the models load (a stage DeepSpeed lacks, two half precisions)."""
+    ds = write_ds_config(tmp_path / "ds.json", **config)
+    before = tree_digest(tmp_path)
+    proc = run_main(["--model", tiny_llama_dir, "--dataset", small_corpus_dir, "--ds_config", ds,
+                     "--output_dir", tmp_path / "out"])
+    assert_one_line_refusal(proc, message)
+    assert tree_digest(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_the_estimator_refuses_what_training_refuses(tmp_path):
+    from tsld_ds.errors import UsageError
+    from tsld_ds.run.ds_config import read_ds_config
+
+    for config in ({"zero_optimization": {"stage": 5}},
+                   {"fp16": {"enabled": True}, "bf16": {"enabled": True}}):
+        with pytest.raises(UsageError):  # the one check both read their configs through
+            read_ds_config(str(write_ds_config(tmp_path / "ds.json", **config)), world=1)
+
+
+def test_model_whose_config_does_not_match_its_weights(tiny_llama_dir, small_corpus_dir,
+                                                       tmp_path, run_main):
+    import json
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_llama_dir, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    ds = write_ds_config(tmp_path / "ds.json")
+    before = tree_digest(tmp_path)
+    proc = run_main(["--model", tiny_llama_dir, "--teacher", teacher, "--dataset",
+                     small_corpus_dir, "--ds_config", ds, "--output_dir", tmp_path / "out"])
+    assert_one_line_refusal(proc, f"--teacher '{teacher}': its weights do not match its "
+                                  "config.json (model.layers.0.mlp.down_proj.weight is [32, 64] "
+                                  "in the weight files, [32, 96] by the config)")
+    assert tree_digest(tmp_path) == before
+
+
+def test_group_size_wider_than_the_layers(tiny_llama_dir, small_corpus_dir, tmp_path, run_main):
+    proc = run_main(["--model", tiny_llama_dir, "--dataset", small_corpus_dir, "--granularity",
+                     "group", "--group_size", "48", "--ds_config",
+                     write_ds_config(tmp_path / "ds.json"), "--output_dir", tmp_path / "out"])
+    assert_one_line_refusal(proc, "--group_size 48 is wider than the narrowest quantized layer "
+                                  f"of '{tiny_llama_dir}' (32 input columns)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_that_is_not_the_models(tiny_llama_dir, small_corpus_dir, tmp_path, run_main):
+    """Refused after the process group starts, before any model loads: nothing is left behind."""
+    from helpers import save_opt_style_tokenizer
+
+    other = save_opt_style_tokenizer(tmp_path / "other-tokenizer", small_corpus_dir)
+    ds = write_ds_config(tmp_path / "ds.json")
+    before = tree_digest(tmp_path)
+    proc = run_main(["--model", tiny_llama_dir, "--tokenizer", other, "--kd", "gt",
+                     "--dataset", small_corpus_dir, "--ds_config", ds,
+                     "--output_dir", tmp_path / "out"])
+    assert_one_line_refusal(proc, f"--tokenizer {other} is not the tokenizer of "
+                                  f"'{tiny_llama_dir}'")
+    assert tree_digest(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_warmup_beyond_the_run(tiny_llama_dir, small_corpus_dir, tmp_path, run_main):
+    proc = run_main(["--model", tiny_llama_dir, "--dataset", small_corpus_dir, "--kd", "gt",
+                     "--max_steps", "10", "--warmup_steps", "10", "--block_size", "32",
+                     "--ds_config", write_ds_config(tmp_path / "ds.json"),
+                     "--output_dir", tmp_path / "out"])
+    assert_one_line_refusal(proc, "--warmup_steps 10 is not shorter than the run's 10 steps")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_run_holds_its_directory_before_any_model_loads(tiny_llama_dir, small_corpus_dir,
+                                                            tmp_path, run_main, monkeypatch):
+    """args.json (the directory holds a run) and the lock are in place when the first model
+    starts loading, and the lock is gone once the run ends, however it ends."""
+    from tsld_ds.errors import UsageError
+    from tsld_ds.train import build
+
+    out = tmp_path / "out"
+    seen = {}
+
+    def load_causal_lm(*args, **kwargs):
+        seen.update(files=sorted(p.name for p in out.iterdir()))
+        raise UsageError("stopped where the teacher would load")
+
+    monkeypatch.setattr(build, "load_causal_lm", load_causal_lm)
+    proc = run_main(["--model", tiny_llama_dir, "--dataset", small_corpus_dir, "--kd", "gt",
+                     "--ds_config", write_ds_config(tmp_path / "ds.json"), "--output_dir", out])
+    assert_one_line_refusal(proc, "stopped where the teacher would load")
+    assert seen["files"] == ["args.json", "run.lock"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json"]
+
+
+def test_a_second_run_in_a_locked_directory_is_refused(tiny_llama_dir, small_corpus_dir,
+                                                       tmp_path, run_main):
+    """Another process holds OUTPUT_DIR/run.lock (a run started a moment ago): refused in one
+    line naming it, and nothing in the directory changes."""
+    import sys
+
+    from tsld_ds.run.lock import LOCK_FILE
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tsld_ds.run.lock import RunLock; "
+         f"RunLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "args.json").write_text("{}")
+        before = tree_digest(out)
+        proc = run_main(["--model", tiny_llama_dir, "--dataset", small_corpus_dir,
+                         "--ds_config", write_ds_config(tmp_path / "ds.json"),
+                         "--output_dir", out])
+        assert_one_line_refusal(proc, f"--output_dir {out} is in use by another run (process "
+                                      f"{holder.pid} on {socket.gethostname()}, started ")
+        assert tree_digest(out) == before and (out / LOCK_FILE).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_no_better_than_uniform_fails():
+    import re
+
+    from tsld_ds.errors import RunFailed
+    from tsld_ds.train.loop import _check_learned
+
+    _check_learned(4095.9, 4096, "ckpt")
+    for ppl in (4096.0, 1e9, float("nan"), float("inf")):
+        with pytest.raises(RunFailed, match=re.escape(f"is {ppl:.4g}, no better than a uniform "
+                                                      "guess over its 4096 tokens")):
+            _check_learned(ppl, 4096, "ckpt")
+
+
+def test_resume_from_a_dangling_latest_offers_the_newest_checkpoint(tiny_llama_dir, tmp_path,
+                                                                     run_main):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_0000004\n")  # removed by hand
+    before = tree_digest(out)
+    proc = run_main(["--model", tiny_llama_dir, "--output_dir", out, "--resume", "latest"])
+    assert_one_line_refusal(proc, "--resume latest: `latest` names step_0000004, which is "
+                                  "missing; the newest checkpoint there is "
+                                  f"{out / 'checkpoints' / 'step_0000002'}: pass --resume "
+                                  f"{out / 'checkpoints' / 'step_0000002'}")
+    assert tree_digest(out) == before

@@ -30,11 +30,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, skip: Sequence[str] = ("l
     recorded as `model.config.tsld_quantization` (a dict) when the model has a config, so it ends
     up in config.json.
     """
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Conv1D)) and _in_block(name) and not _skipped(name, skip)
-    ]
+    targets = [name for name, _ in quantization_targets(model, skip)]
     if not targets:
         raise ValueError("quantize_model found no nn.Linear or Conv1D inside transformer blocks")
     for name in targets:
@@ -44,6 +40,19 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, skip: Sequence[str] = ("l
     if getattr(model, "config", None) is not None:
         model.config.tsld_quantization = cfg.to_dict()
     return model
+
+
+def quantization_targets(model: nn.Module, skip: Sequence[str] = ("lm_head",)
+                         ) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each nn.Linear / Conv1D that `quantize_model` replaces."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and _in_block(name)
+            and not _skipped(name, skip)]
+
+
+def in_features(module: nn.Module) -> int:
+    """Input columns of an nn.Linear or a Conv1D (GPT-2's, whose weight is [in, out])."""
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.in_features
 
 
 def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:

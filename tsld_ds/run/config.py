@@ -38,7 +38,7 @@ class RunConfig:
     quant_method: str | None
     granularity: str
     group_size: int | None
-    init_scale: float
+    init_scale: float | None   # None: QuantConfig's default
     # distillation
     kd: str
     kd_temperature: float
@@ -96,9 +96,10 @@ class RunConfig:
             return None
         try:
             group_size = -1 if self.group_size is None else self.group_size  # QuantConfig's none
+            init_scale = {} if self.init_scale is None else {"init_scale": self.init_scale}
             return QuantConfig(bits=self.bits, method=self.quant_method,
                                granularity=self.granularity, group_size=group_size,
-                               init_scale=self.init_scale)
+                               **init_scale)
         except ValueError as e:
             raise UsageError(str(e)) from None
 

@@ -4,6 +4,7 @@ the teacher's inference engine config derived from the student's. Training and t
 a config through the same checks, so that each refuses what the other refuses."""
 import copy
 import json
+import math
 import sys
 
 import torch
@@ -28,6 +29,7 @@ def read_ds_config(path: str, world: int | None = None) -> dict:
     if not isinstance(config, dict) or "train_micro_batch_size_per_gpu" not in config:
         raise UsageError(f"DeepSpeed config '{path}' must set train_micro_batch_size_per_gpu")
     _check_batch_sizes(config, path, world or launched_world_size())
+    _check_honoured(config, path)
     optimizer = config.get("optimizer", {}).get("type")
     if optimizer is not None and optimizer.lower() not in DEEPSPEED_OPTIMIZERS and \
             getattr(torch.optim, optimizer, None) is None:
@@ -38,6 +40,26 @@ def read_ds_config(path: str, world: int | None = None) -> dict:
         print(f"warning: {path} is not ZeRO stage 3; parameters will not be partitioned",
               file=sys.stderr)
     return config
+
+
+def _check_honoured(config: dict, path: str) -> None:
+    """Refuses what DeepSpeed would take otherwise than written (or fail on after the models
+    load): the run's schedule is its own (--lr_schedule, --warmup_steps), clipping is a finite
+    norm, one ZeRO stage of 0-3, one half precision."""
+    if "scheduler" in config:
+        raise UsageError(f"DeepSpeed config '{path}': a \"scheduler\" block is not used; tsld-ds "
+                         "runs its own schedule (--lr, --lr_schedule, --warmup_steps): drop it")
+    clipping = config.get("gradient_clipping", 0.0)
+    if isinstance(clipping, bool) or not isinstance(clipping, (int, float)) \
+            or not math.isfinite(clipping) or clipping < 0:
+        raise UsageError(f"DeepSpeed config '{path}': gradient_clipping must be a finite number "
+                         f">= 0 (0: off), got {clipping!r}")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise UsageError(f"DeepSpeed config '{path}': zero_optimization.stage must be 0, 1, 2 "
+                         f"or 3, got {stage!r}")
+    if all(config.get(half, {}).get("enabled") for half in ("fp16", "bf16")):
+        raise UsageError(f"DeepSpeed config '{path}': fp16 and bf16 are both enabled; enable one")
 
 
 # ZeRO-3 sizes a config may leave to the model, as Hugging Face's Trainer fills them ("auto").

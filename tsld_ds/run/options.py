@@ -8,12 +8,14 @@ checked without the models is checked in `parse_args`.
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from tsld_ds.data import BUILTIN_DATASET
 from tsld_ds.errors import UsageError, exit_code_table
 from tsld_ds.losses import KD_CHOICES, LOSS_IMPLS, TOKEN_SCALES, Objective
 from tsld_ds.models import BUILTIN_MODEL
+from tsld_ds.quant import QuantConfig
 from tsld_ds.run.config import ARGS_FILE, RunConfig
 
 BITS_CHOICES = (2, 4, 8, 16)
@@ -79,9 +81,9 @@ def _add_quantization_options(p: argparse.ArgumentParser) -> None:
     quant.add_argument("--group_size", type=int, default=None,
                        help="input columns per scale group; needed by --granularity group and "
                        "used by it only")
-    quant.add_argument("--init_scale", type=float, default=0.7,
-                       help="initial learned clip scale of --quant_method pact (default: "
-                       "%(default)s)")
+    quant.add_argument("--init_scale", type=float, default=None,
+                       help="initial learned clip scale of --quant_method pact, and used by it "
+                       f"only (default: {QuantConfig.init_scale})")
 
 
 def _add_distillation_options(p: argparse.ArgumentParser) -> None:
@@ -168,7 +170,8 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
                      "(default: %(default)s)")
     out.add_argument("--overwrite_output_dir", action="store_true",
                      help="start a new run in an --output_dir that holds one: its checkpoints, "
-                     "metrics, summary and hf/ are deleted when the new run starts training")
+                     "metrics, summary and hf/ are deleted when the new run starts, before "
+                     "any model loads (nothing else in the directory is touched)")
     out.add_argument("--resume", default=None,
                      help="checkpoint to resume from: a checkpoint directory, or 'latest' (the "
                      "newest complete checkpoint in --output_dir). The options that define the "
@@ -247,11 +250,16 @@ _POSITIVE = ("block_size", "max_steps", "epochs", "lr", "kd_temperature", "init_
              "loss_chunk_size", "loss_vocab_chunk_size", "dist_timeout", "max_nonfinite_batches",
              "eval_max_blocks", "log_every", "keep_checkpoints", "group_size")
 _NOT_NEGATIVE = ("warmup_steps", "eval_every", "save_every", "eval_train_blocks")
+# torch.manual_seed and NumPy's generator take seeds in 0..2^32-1.
+MAX_SEED = 2**32 - 1
 
 
 def parse_args(argv=None) -> RunConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():  # argparse's float() takes "inf" and "nan"
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"--{name} must be a finite number, got {value}")
     for name in _POSITIVE:
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -259,6 +267,8 @@ def parse_args(argv=None) -> RunConfig:
     for name in _NOT_NEGATIVE:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if args.block_size < 2:
         parser.error("--block_size must be at least 2 (one input and one next token)")
     if args.max_steps is None and args.epochs is None:
@@ -268,6 +278,13 @@ def parse_args(argv=None) -> RunConfig:
                      "pass one of them")
     if args.bits == 16 and args.quant_method is not None:
         parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full precision")
+    if args.init_scale is not None and args.quant_method != "pact":
+        method = f"--quant_method {args.quant_method}" if args.quant_method else "the default " \
+            "quantizer"
+        parser.error(f"--init_scale is the initial clip scale of --quant_method pact; {method} "
+                     "has none")
+    if args.granularity == "group" and args.group_size is None and args.bits != 16:
+        parser.error("--granularity group needs --group_size (input columns per scale)")
     if args.token_scale is not None and Objective.from_kd(args.kd).soft != "tsld":
         parser.error(f"--token_scale weighs the TSLD term; it needs --kd tsld or tsld_nogt, "
                      f"not --kd {args.kd}")

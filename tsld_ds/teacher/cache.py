@@ -58,16 +58,22 @@ class CacheIdentity:
                    rows_sha256=rows_sha256(rows), rows=len(rows), block_size=block_size)
 
     def mismatch(self, run: "CacheIdentity") -> str | None:
-        """What differs between this cache's identity and a run's, as the user would fix it."""
-        checks = (("block_size", f"--block_size {self.block_size}, this run {run.block_size}"),
-                  ("tokenizer_sha256", "another tokenizer"),
-                  ("rows_sha256", f"other training rows (dataset {self.dataset}, {self.rows} "
-                                  f"rows; this run: {run.dataset}, {run.rows} rows)"),
-                  ("teacher_sha256", f"another teacher ({self.teacher}; this run's is "
-                                     f"{run.teacher}, other weights)"))
-        for field, what in checks:
-            if getattr(self, field) != getattr(run, field):
-                return what
+        """What differs between this cache's identity and a run's, as the user would fix it (the
+        two sides where they differ as given, the contents where only they do)."""
+        if self.block_size != run.block_size:
+            return f"--block_size {self.block_size}, this run {run.block_size}"
+        if self.tokenizer_sha256 != run.tokenizer_sha256:
+            return "another tokenizer"
+        if self.rows_sha256 != run.rows_sha256:
+            if (self.dataset, self.rows) != (run.dataset, run.rows):
+                return (f"other training rows (dataset {self.dataset}, {self.rows} rows; this "
+                        f"run: {run.dataset}, {run.rows} rows)")
+            return (f"other training rows: {self.rows} rows of {self.dataset} as this run's, "
+                    "with other tokens (the data changed since, or another --seed split it)")
+        if self.teacher_sha256 != run.teacher_sha256:
+            if self.teacher != run.teacher:
+                return f"another teacher ({self.teacher}; this run's is {run.teacher})"
+            return f"another teacher: {self.teacher} holds other weights than it did then"
         return None
 
 

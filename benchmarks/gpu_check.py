@@ -31,23 +31,7 @@ It writes OUT/report.json (each stage's status, seconds, commands and figures) a
 at tiny sizes on the CPU (default in fp32 only), skipping what needs CUDA and saying so; the test
 suite runs it but for the stages that run pytest themselves.
 
-The GPU machine is assumed to have PyTorch, Triton, transformers, accelerate, sentencepiece and
-safetensors but neither DeepSpeed nor a network. Beforehand, on a machine with one, from the
-repository root, build or fetch the missing wheels (DeepSpeed publishes only a source archive, so
-its wheel is built here; the rest are the versions this project's venv resolves):
-
-    echo /.whl/ >> .git/info/exclude
-    pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
-    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \\
-        --platform manylinux2014_x86_64 -d .whl hjson==3.1.0 pydantic==2.14.4 \\
-        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \\
-        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-
-bring .whl along with the checkout, and there run:
-
-    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site python3 benchmarks/gpu_check.py --out gpu_check
+Setting up a GPU machine without a network: docs/gpu-machine.md
 """
 import argparse
 import json

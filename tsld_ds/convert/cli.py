@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tsld_ds.convert.report import Report
 from tsld_ds.errors import EXIT_COMPLETED, RunFailed, UsageError
+from tsld_ds.files import nearest_existing_parent
 from tsld_ds.quant import quantized_modules
 from tsld_ds.quant.fake_quant import DTYPES, fake_quant_tensors
 from tsld_ds.run.cli import entry_point, run_command
@@ -47,12 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_path(output: str, fmt: str, overwrite: bool, run_dir: Path) -> Path:
-    """The path to write, checked: not the run being read nor anything inside it or around it,
-    and not an existing output unless `overwrite`."""
+def output_path(output: str, fmt: str) -> Path:
+    """The path to write: --output, or model.gguf in it for a gguf directory. Refused at once,
+    before the checkpoint is looked for, where it cannot be created (a file on its way)."""
     path = Path(output).expanduser()
     if fmt == "gguf" and path.suffix != ".gguf":
         path = path / "model.gguf"
+    existing = nearest_existing_parent(path.parent)
+    if not existing.is_dir():
+        raise UsageError(f"--output '{path}' cannot be written: '{existing}' is a file, not a "
+                         "directory")
+    return path
+
+
+def check_target(path: Path, fmt: str, overwrite: bool, run_dir: Path) -> None:
+    """`path` is not the run being read nor anything inside it or around it, and not an existing
+    output unless `overwrite`."""
     target, run = path.resolve(), run_dir.resolve()
     if target == run or run in target.parents or target in run.parents:
         raise UsageError(f"--output '{path}' is, holds or lies inside the run being converted "
@@ -63,7 +74,6 @@ def output_path(output: str, fmt: str, overwrite: bool, run_dir: Path) -> Path:
         if path.is_dir() and not (path / "config.json").is_file():
             raise UsageError(f"--output '{path}' is a directory that is not a model (no "
                              "config.json): --overwrite replaces only an earlier output")
-    return path
 
 
 @contextlib.contextmanager
@@ -129,8 +139,9 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     from tsld_ds.convert.writers import write_hf, write_packed
     from tsld_ds.run.checkpoint import verify
 
+    out = output_path(output, fmt)
     source = find_checkpoint(checkpoint)
-    out = output_path(output, fmt, overwrite, source.path.parent.parent)
+    check_target(out, fmt, overwrite, source.path.parent.parent)
     model = student_skeleton(source.config)
     tokenizer = run_tokenizer(source.config)
     cfg = next((m.cfg for _, m in quantized_modules(model)), None)

@@ -1,10 +1,14 @@
 """launch/convert.py's refusals, in this process, on run directories written without training
 (helpers.written_run): each is exit 2 with one line, and leaves the run and every output as they
 were."""
+import json
+import shutil
+
 import pytest
 from helpers import tree_digest, written_run
 
 from tsld_ds.convert.cli import main as convert_main
+from tsld_ds.convert.outputs import GGUF_MARK, MANIFEST
 
 
 @pytest.fixture
@@ -35,3 +39,94 @@ def test_an_output_under_a_file_is_refused_before_the_checkpoint_is_read(fmt, ou
     assert convert_main(["--checkpoint", str(tmp_path / "nowhere"), *argv]) == 2
     assert "is a file, not a directory" in refusal(capsys)
     assert tree_digest(tmp_path) == before
+
+
+@pytest.fixture
+def run256(tmp_path, llama256_dir):
+    """A ternary run of the LLaMA whose rows are 256 long (GGUF's TQ2_0 blocks)."""
+    return written_run(tmp_path / "run256", llama256_dir)
+
+
+def test_overwrite_replaces_only_a_directory_convert_wrote_and_only_its_files(run, tmp_path,
+                                                                              capsys):
+    out = tmp_path / "hf"
+    assert convert_main(["--checkpoint", str(run), "--output", str(out)]) == 0
+    written = json.loads((out / MANIFEST).read_text())
+    assert written["files"] == sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    assert "config.json" in written["files"] and written["format"] == "hf"
+
+    # A model directory convert did not write (config.json and all) is never replaced...
+    theirs = tmp_path / "theirs"
+    shutil.copytree(out, theirs)
+    (theirs / MANIFEST).unlink()
+    (theirs / "NOTES.txt").write_text("notes\n")
+    (theirs / "sub").mkdir()
+    (theirs / "sub" / "data.bin").write_bytes(b"\0")
+    # ...nor an earlier output that holds files convert did not write beside its own.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    (mixed / "NOTES.txt").write_text("notes\n")
+    (mixed / "sub").mkdir()
+    (mixed / "sub" / "data.bin").write_bytes(b"\0")
+    capsys.readouterr()
+    before = tree_digest(tmp_path)
+    for target, message in ((theirs, "was not written by convert; --overwrite replaces only an "
+                             "earlier conversion's output"),
+                            (mixed, "holds an earlier conversion's output and also NOTES.txt, "
+                             "sub/, which convert did not write")):
+        for overwrite in ([], ["--overwrite"]):
+            assert convert_main(["--checkpoint", str(run), "--output", str(target),
+                                 *overwrite]) == 2
+            line = refusal(capsys)
+            assert line.startswith(f"error: --output '{target}'") and message in line, line
+    assert tree_digest(tmp_path) == before
+
+    # An earlier output alone is replaced, with --overwrite only.
+    assert convert_main(["--checkpoint", str(run), "--output", str(out)]) == 2
+    assert "already exists; pass --overwrite to replace it" in refusal(capsys)
+    assert convert_main(["--checkpoint", str(run), "--output", str(out), "--format", "packed",
+                         "--overwrite"]) == 0
+    assert json.loads((out / MANIFEST).read_text())["format"] == "packed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mixed", "run", "theirs"]
+
+    def besides_hf(digest):
+        return {name: sha for name, sha in digest.items() if not name.startswith("hf/")}
+    assert besides_hf(tree_digest(tmp_path)) == besides_hf(before)
+
+
+def test_overwrite_replaces_only_a_gguf_file_convert_wrote(run256, tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "NOTES.txt").write_text("notes\n")
+    # --output a directory: its model.gguf, beside what else it holds.
+    assert convert_main(["--checkpoint", str(run256), "--output", str(folder), "--format",
+                         "gguf"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["NOTES.txt", "model.gguf"]
+    assert GGUF_MARK in gguf.GGUFReader(folder / "model.gguf").fields
+
+    (folder / "notes.gguf").write_text("not a gguf\n")
+    writer = gguf.GGUFWriter(folder / "other.gguf", "llama")  # another tool's GGUF
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    capsys.readouterr()
+    before = tree_digest(tmp_path)
+    for name in ("notes.gguf", "other.gguf"):
+        assert convert_main(["--checkpoint", str(run256), "--output", str(folder / name),
+                             "--format", "gguf", "--overwrite"]) == 2
+        assert f"'{folder / name}' already exists and was not written by convert" \
+            in refusal(capsys)
+    assert tree_digest(tmp_path) == before
+
+    assert convert_main(["--checkpoint", str(run256), "--output", str(folder / "model.gguf"),
+                         "--format", "gguf"]) == 2
+    assert "pass --overwrite to replace it" in refusal(capsys)
+    assert convert_main(["--checkpoint", str(run256), "--output", str(folder / "model.gguf"),
+                         "--format", "gguf", "--overwrite"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["NOTES.txt", "model.gguf", "notes.gguf",
+                                                         "other.gguf"]

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from tsld_ds.convert.outputs import check_target, output_path, written_beside
+from tsld_ds.convert.outputs import check_target, output_path, record_output, written_beside
 from tsld_ds.convert.report import Report
 from tsld_ds.errors import EXIT_COMPLETED, RunFailed, UsageError
 from tsld_ds.quant import quantized_modules
@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written floating tensors (hf, packed); default: the "
                    "training dtype. gguf always writes F16 matrices and F32 norms")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --output: the new output is written beside it and "
-                   "swapped in only once complete, so a failed conversion leaves the old one")
+                   help="replace an earlier conversion's --output (a directory it wrote, with "
+                   "nothing else in it, or a GGUF file it wrote; anything else is refused): the "
+                   "new output is written beside it and swapped in only once complete, so a "
+                   "failed conversion leaves the old one")
     return p
 
 
@@ -86,6 +88,8 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
                 write_packed(model, tensors, tokenizer, tmp, torch_dtype, report)
             else:
                 gguf_file.write_gguf(model, tensors, tokenizer, cfg, tmp, report)
+            if fmt != "gguf":  # a GGUF carries its mark in its metadata
+                record_output(tmp, fmt, source.step)
     except ValueError as e:  # weights the format cannot hold (e.g. off a bf16 run's grid)
         raise UsageError(f"--format {fmt}: {e} (nothing written; use --format hf)") from None
     return report.as_dict()

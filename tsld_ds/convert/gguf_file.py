@@ -18,6 +18,7 @@ from pathlib import Path
 import gguf
 import torch
 
+from tsld_ds.convert.outputs import GGUF_MARK
 from tsld_ds.convert.packed import grid_levels
 from tsld_ds.convert.report import Report
 from tsld_ds.data import bos_eos_added, special_tokens_added
@@ -194,6 +195,7 @@ def write_gguf(model, tensors: Iterable, tokenizer, cfg: QuantConfig, out_file: 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(Path(getattr(config, "_name_or_path", "") or out_file.stem).name)
+    writer.add_uint64(GGUF_MARK, report.step)  # what --overwrite may replace
     _add_hyperparameters(writer, config)
     writer.add_file_type(TYPES[cfg.bits][2])
     _add_vocabulary(writer, tokenizer, config.vocab_size)

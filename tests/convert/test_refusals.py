@@ -130,3 +130,23 @@ def test_overwrite_replaces_only_a_gguf_file_convert_wrote(run256, tmp_path, cap
                          "--format", "gguf", "--overwrite"]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["NOTES.txt", "model.gguf", "notes.gguf",
                                                          "other.gguf"]
+
+
+def poisoned(weights):
+    """A NaN and an inf in the master weights, as a diverged run may save them."""
+    weights["model.model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    weights["model.lm_head.weight"][3, 1] = float("inf")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "packed", "gguf"])
+def test_a_checkpoint_with_nan_or_inf_weights_is_refused_and_nothing_written(fmt, llama256_dir,
+                                                                             tmp_path, capsys):
+    run = written_run(tmp_path / "run", llama256_dir, edit=poisoned)
+    before, paths = tree_digest(tmp_path), sorted(tmp_path.rglob("*"))
+    assert convert_main(["--checkpoint", str(run), "--output", str(tmp_path / "new" / "out"),
+                         "--format", fmt]) == 2
+    step = run / "checkpoints" / "step_0000001"
+    assert refusal(capsys) == (f"error: checkpoint '{step}' holds NaN or inf in 2 of its 21 "
+                               "tensors (first: model.layers.1.mlp.down_proj.weight); nothing "
+                               "written: convert an earlier checkpoint")
+    assert tree_digest(tmp_path) == before and sorted(tmp_path.rglob("*")) == paths

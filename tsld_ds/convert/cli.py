@@ -53,8 +53,11 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     from tsld_ds.convert import gguf_file
     from tsld_ds.convert.source import (
         STUDENT_PREFIX,
+        NonFiniteWeights,
         consolidated_weights,
         find_checkpoint,
+        finite_checked,
+        nonfinite_tensors,
         run_tokenizer,
         student_skeleton,
     )
@@ -75,7 +78,7 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     verify(source.path)
     weights = consolidated_weights(source)
     check_names(model, weights, STUDENT_PREFIX, source.path)
-    tensors = fake_quant_tensors(model, weights, STUDENT_PREFIX,
+    tensors = fake_quant_tensors(model, finite_checked(weights), STUDENT_PREFIX,
                                  compute_dtype=source.training_dtype)
     report = Report(format=fmt, output=out, checkpoint=source.path, step=source.step,
                     quantization=cfg.to_dict() if cfg else None)
@@ -92,6 +95,11 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
                 record_output(tmp, fmt, source.step)
     except ValueError as e:  # weights the format cannot hold (e.g. off a bf16 run's grid)
         raise UsageError(f"--format {fmt}: {e} (nothing written; use --format hf)") from None
+    except NonFiniteWeights:
+        found, total = nonfinite_tensors(weights)
+        raise UsageError(f"checkpoint '{source.path}' holds NaN or inf in {len(found)} of its "
+                         f"{total} tensors (first: {found[0][len(STUDENT_PREFIX):]}); nothing "
+                         "written: convert an earlier checkpoint") from None
     return report.as_dict()
 
 

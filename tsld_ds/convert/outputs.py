@@ -125,7 +125,8 @@ def _unlisted(directory: Path) -> list[str]:
 def written_beside(path: Path):
     """Yields a temporary sibling of `path` to write; when the block completes, the sibling
     takes `path`'s place (an existing `path` is removed only then). If the block fails, the
-    sibling is removed and `path` is as it was."""
+    sibling and the folders made for it are removed, and `path` is as it was."""
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*-*"):  # left by a conversion killed midway
         pid = stale.name.rsplit("-", 1)[1]
@@ -142,6 +143,9 @@ def written_beside(path: Path):
         yield tmp
     except BaseException:
         _remove(tmp)
+        for folder in made:  # deepest first; one something else was put in stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     if path.exists():
         os.replace(path, old)

@@ -2,6 +2,7 @@
 (helpers.written_run): each is exit 2 with one line, and leaves the run and every output as they
 were."""
 import json
+import re
 import shutil
 
 import pytest
@@ -150,3 +151,35 @@ def test_a_checkpoint_with_nan_or_inf_weights_is_refused_and_nothing_written(fmt
                                "tensors (first: model.layers.1.mlp.down_proj.weight); nothing "
                                "written: convert an earlier checkpoint")
     assert tree_digest(tmp_path) == before and sorted(tmp_path.rglob("*")) == paths
+
+
+# Runs that --format gguf refuses: their options, the DeepSpeed config entries they record, and
+# the formats that take them.
+REFUSED_BY_GGUF = {
+    # Q4_1 holds min-max groups of 32; packed no grid that bf16 rounded values off.
+    "4-bit-minmax-channel-bf16": (dict(bits=4, quant_method="minmax"),
+                                  {"bf16": {"enabled": True}}, {"hf"}),
+    "full-precision": (dict(bits=16), None, {"hf"}),  # nothing quantized: nothing to pack
+    "ternary-rows-of-32": ({}, None, {"hf", "packed"}),  # TQ2_0 rows are multiples of 256
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_BY_GGUF)
+def test_a_refusal_suggests_only_formats_that_take_the_run(case, tiny_llama_dir, tmp_path,
+                                                           capsys):
+    options, ds_config, taking = REFUSED_BY_GGUF[case]
+    run = written_run(tmp_path / "run", tiny_llama_dir, ds_config=ds_config, **options)
+    suggested = {}
+    for fmt in ("gguf", "packed", "hf"):
+        before, paths = tree_digest(tmp_path), sorted(tmp_path.rglob("*"))
+        code = convert_main(["--checkpoint", str(run), "--output", str(tmp_path / fmt),
+                             "--format", fmt])
+        if fmt in taking:
+            assert code == 0, capsys.readouterr().err
+            continue
+        assert code == 2
+        line = refusal(capsys)
+        suggested[fmt] = set(re.search(r"use --format (\w+)(?: or (\w+))?", line).groups()) \
+            - {None}
+        assert tree_digest(tmp_path) == before and sorted(tmp_path.rglob("*")) == paths
+    assert "gguf" not in taking and all(s == taking for s in suggested.values()), suggested

@@ -94,6 +94,8 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
             if fmt != "gguf":  # a GGUF carries its mark in its metadata
                 record_output(tmp, fmt, source.step)
     except ValueError as e:  # weights the format cannot hold (e.g. off a bf16 run's grid)
+        if fmt == "hf":  # which holds any: a bug, whose traceback shows
+            raise
         raise UsageError(f"--format {fmt}: {e} (nothing written; use --format hf)") from None
     except NonFiniteWeights:
         found, total = nonfinite_tensors(weights)

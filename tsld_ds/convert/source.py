@@ -97,8 +97,8 @@ class _Finite:
 
 
 def finite_checked(weights: dict) -> dict:
-    """`weights` (`consolidated_weights`) whose tensors raise NonFiniteWeights as they are read,
-    so that a conversion stops before it writes such a weight without reading any tensor twice.
+    """`weights` (`consolidated_weights`) whose tensors raise NonFiniteWeights as they are read:
+    a conversion stops before it writes such a weight, and reads a sound checkpoint only once.
     Tied entries stay one object."""
     checked = {}
     return {name: checked.setdefault(id(value), _Finite(value)) for name, value in weights.items()}

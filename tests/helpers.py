@@ -246,6 +246,64 @@ def copied_run(source: Path, target: Path) -> Path:
     return target
 
 
+def written_run(run_dir: Path, model_dir: Path, *, edit=None, ds_config: dict | None = None,
+                **options) -> Path:
+    """A run directory as launch/train.py leaves one, without training (no launcher, no engine):
+    its args.json (`train_args` over `model_dir`, `options` added) and one checkpoint written
+    here in the layout of a one-rank ZeRO-3 save (DeepSpeed's model-states and optimizer-states
+    files, which `deepspeed.utils.zero_to_fp32` consolidates, with our run_options.json and
+    manifest.json). Its master weights are the student's as training starts: `model_dir`'s,
+    quantized as `options` say; `edit({engine name: fp32 tensor})` may change them first.
+    `ds_config`: entries of the DeepSpeed config it records (`{"bf16": {"enabled": True}}`: a run
+    that computed in bf16)."""
+    from collections import OrderedDict
+
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tsld_ds.quant import quantize_model
+    from tsld_ds.run import checkpoint as ckpt
+    from tsld_ds.run.config import defining_options
+    from tsld_ds.run.options import parse_args
+    from tsld_ds.train.student import DistillationStudent
+
+    run_dir.mkdir(parents=True)
+    config = parse_args(map(str, train_args(model_dir, run_dir / "unused-dataset", run_dir,
+                                            run_dir / "unused-ds-config.json", **options)))
+    config.save(run_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if config.quant_config is not None:
+        quantize_model(model, config.quant_config)
+    student = DistillationStudent(model, config.objective)
+    weights = {name: p.detach().clone() for name, p in student.named_parameters()}
+    if edit is not None:
+        edit(weights)
+    # ZeRO-3 saves a tied parameter once, under its first name; the others name it.
+    shared, first = {}, {}
+    for name, parameter in student.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(parameter), name) != name:
+            shared[name] = first[id(parameter)]
+    step = run_dir / "checkpoints" / ckpt.tag_for_step(1)
+    step.mkdir(parents=True)
+    ds_config = {"zero_optimization": {"stage": 3}, **(ds_config or {})}
+    torch.save({"module": {}, "buffer_names": [], "dp_world_size": 1, "mp_world_size": 1,
+                "param_shapes": [OrderedDict((n, t.shape) for n, t in weights.items())],
+                "frozen_param_shapes": OrderedDict(), "frozen_param_fragments": OrderedDict(),
+                "shared_params": shared, "ds_config": ds_config,
+                "ds_version": deepspeed.__version__, "global_steps": 1, "step": 1},
+               step / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    flat = torch.cat([t.flatten() for t in weights.values()])
+    torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": 1,
+                                         "fp32_flat_groups": [flat]},
+                "ds_config": ds_config, "ds_version": deepspeed.__version__},
+               step / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (step / ckpt.OPTIONS_FILE).write_text(json.dumps(defining_options(config)))
+    (step / ckpt.MANIFEST_FILE).write_text(json.dumps(ckpt._manifest(step)))
+    (step.parent / ckpt.LATEST).write_text(step.name + "\n")
+    return run_dir
+
+
 def moved(argv: list, run: Path, copy: Path) -> list:
     """`argv` with the output directory `run` replaced by `copy`."""
     return [str(copy) if str(a) == str(run) else str(a) for a in argv]

@@ -386,7 +386,7 @@ def test_refusals_are_one_clear_line(tmp_path, capsys, gpt2_run, llama256_dir):
     assert "--overwrite" in capsys.readouterr().err
     assert convert_main(["--checkpoint", str(gpt2_run), "--output", str(tmp_path / "taken"),
                          "--overwrite"]) == 2  # not an earlier output: never replaced
-    assert "is a directory that is not a model" in capsys.readouterr().err
+    assert "was not written by convert" in capsys.readouterr().err
     assert (tmp_path / "taken" / "file").read_text() == "x"
 
 

@@ -1,12 +1,9 @@
 """`launch/convert.py` / `tsld-convert`: a training run's checkpoint -> a Hugging Face directory
 (fake-quant `hf` or `packed`) or a GGUF file, with a JSON summary on stdout."""
 import argparse
-import contextlib
 import json
-import os
-import shutil
-from pathlib import Path
 
+from tsld_ds.convert.outputs import check_target, output_path, record_output, written_beside
 from tsld_ds.convert.report import Report
 from tsld_ds.errors import EXIT_COMPLETED, RunFailed, UsageError
 from tsld_ds.quant import quantized_modules
@@ -42,76 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written floating tensors (hf, packed); default: the "
                    "training dtype. gguf always writes F16 matrices and F32 norms")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --output: the new output is written beside it and "
-                   "swapped in only once complete, so a failed conversion leaves the old one")
+                   help="replace an earlier conversion's --output (a directory it wrote, with "
+                   "nothing else in it, or a GGUF file it wrote; anything else is refused): the "
+                   "new output is written beside it and swapped in only once complete, so a "
+                   "failed conversion leaves the old one")
     return p
-
-
-def output_path(output: str, fmt: str, overwrite: bool, run_dir: Path) -> Path:
-    """The path to write, checked: not the run being read nor anything inside it or around it,
-    and not an existing output unless `overwrite`."""
-    path = Path(output).expanduser()
-    if fmt == "gguf" and path.suffix != ".gguf":
-        path = path / "model.gguf"
-    target, run = path.resolve(), run_dir.resolve()
-    if target == run or run in target.parents or target in run.parents:
-        raise UsageError(f"--output '{path}' is, holds or lies inside the run being converted "
-                         f"({run_dir}); write it beside the run, e.g. --output {run_dir}-{fmt}")
-    if path.exists() and (path.is_file() or any(path.iterdir())):
-        if not overwrite:
-            raise UsageError(f"--output '{path}' already exists; pass --overwrite to replace it")
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise UsageError(f"--output '{path}' is a directory that is not a model (no "
-                             "config.json): --overwrite replaces only an earlier output")
-    return path
-
-
-@contextlib.contextmanager
-def written_beside(path: Path):
-    """Yields a temporary sibling of `path` to write; when the block completes, the sibling
-    takes `path`'s place (an existing `path` is removed only then). If the block fails, the
-    sibling is removed and `path` is as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*-*"):  # left by a conversion killed midway
-        pid = stale.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            if ".old-" in stale.name and not path.exists():  # killed between the two renames
-                os.replace(stale, path)
-            else:
-                _remove(stale)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if path.exists():
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        if old.exists():
-            os.replace(old, path)
-        raise
-    _remove(old)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
@@ -121,16 +53,20 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     from tsld_ds.convert import gguf_file
     from tsld_ds.convert.source import (
         STUDENT_PREFIX,
+        NonFiniteWeights,
         consolidated_weights,
         find_checkpoint,
+        finite_checked,
+        nonfinite_tensors,
         run_tokenizer,
         student_skeleton,
     )
     from tsld_ds.convert.writers import write_hf, write_packed
     from tsld_ds.run.checkpoint import verify
 
+    out = output_path(output, fmt)
     source = find_checkpoint(checkpoint)
-    out = output_path(output, fmt, overwrite, source.path.parent.parent)
+    check_target(out, fmt, overwrite, source.path.parent.parent)
     model = student_skeleton(source.config)
     tokenizer = run_tokenizer(source.config)
     cfg = next((m.cfg for _, m in quantized_modules(model)), None)
@@ -142,7 +78,7 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
     verify(source.path)
     weights = consolidated_weights(source)
     check_names(model, weights, STUDENT_PREFIX, source.path)
-    tensors = fake_quant_tensors(model, weights, STUDENT_PREFIX,
+    tensors = fake_quant_tensors(model, finite_checked(weights), STUDENT_PREFIX,
                                  compute_dtype=source.training_dtype)
     report = Report(format=fmt, output=out, checkpoint=source.path, step=source.step,
                     quantization=cfg.to_dict() if cfg else None)
@@ -155,8 +91,17 @@ def convert(checkpoint, output, fmt: str = "hf", dtype: str | None = None,
                 write_packed(model, tensors, tokenizer, tmp, torch_dtype, report)
             else:
                 gguf_file.write_gguf(model, tensors, tokenizer, cfg, tmp, report)
+            if fmt != "gguf":  # a GGUF carries its mark in its metadata
+                record_output(tmp, fmt, source.step)
     except ValueError as e:  # weights the format cannot hold (e.g. off a bf16 run's grid)
+        if fmt == "hf":  # which holds any: a bug, whose traceback shows
+            raise
         raise UsageError(f"--format {fmt}: {e} (nothing written; use --format hf)") from None
+    except NonFiniteWeights:
+        found, total = nonfinite_tensors(weights)
+        raise UsageError(f"checkpoint '{source.path}' holds NaN or inf in {len(found)} of its "
+                         f"{total} tensors (first: {found[0][len(STUDENT_PREFIX):]}); nothing "
+                         "written: convert an earlier checkpoint") from None
     return report.as_dict()
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import gguf
 import torch
 
+from tsld_ds.convert import packed
+from tsld_ds.convert.outputs import GGUF_MARK
 from tsld_ds.convert.packed import grid_levels
 from tsld_ds.convert.report import Report
 from tsld_ds.data import bos_eos_added, special_tokens_added
@@ -37,19 +39,22 @@ TYPES = {2: (TQ2_0, TQ2_0_BLOCK, gguf.LlamaFileType.MOSTLY_TQ2_0),
 def check_supported(model, cfg: QuantConfig | None, tokenizer,
                     compute_dtype: torch.dtype = torch.float32) -> None:
     """Refuse, before any weight is read, what TQ2_0, Q4_1 or llama.cpp cannot hold exactly.
-    `compute_dtype`: the dtype the run's quantizers computed in."""
+    `compute_dtype`: the dtype the run's quantizers computed in. Each refusal names the formats
+    that take the run instead: hf always, packed where it holds the run."""
+    instead = "use --format packed or hf" if packed.holds(cfg, compute_dtype) \
+        else "use --format hf"
     model_type = model.config.model_type
     if model_type not in ARCHITECTURES:
         raise UsageError(f"--format gguf supports LLaMA-architecture models; this run's model is "
-                         f"'{model_type}' (use --format hf or packed)")
+                         f"'{model_type}' ({instead})")
     if cfg is None or cfg.bits not in TYPES:
         raise UsageError("--format gguf writes ternary (--bits 2) weights as TQ2_0 and 4-bit "
                          "min-max weights in groups of 32 as Q4_1; this run has "
                          f"{'no quantized weights' if cfg is None else f'{cfg.bits}-bit weights'} "
-                         "(use --format packed)")
+                         f"({instead})")
     if cfg.bits == 2 and cfg.granularity == "group" and cfg.group_size % TQ2_0_BLOCK:
         raise UsageError(f"TQ2_0 has one scale per {TQ2_0_BLOCK} weights of a row; per-group "
-                         f"scales of {cfg.group_size} columns do not fit (use --format packed)")
+                         f"scales of {cfg.group_size} columns do not fit ({instead})")
     if cfg.bits == 4 and (cfg.method != "minmax" or cfg.granularity != "group"
                           or cfg.group_size != Q4_1_BLOCK):
         raise UsageError(f"Q4_1 has one step and one minimum per {Q4_1_BLOCK} weights of a row: "
@@ -57,7 +62,7 @@ def check_supported(model, cfg: QuantConfig | None, tokenizer,
                          f"{Q4_1_BLOCK} exactly; this run has --quant_method {cfg.method} "
                          f"--granularity {cfg.granularity}"
                          + (f" --group_size {cfg.group_size}" if cfg.granularity == "group" else "")
-                         + " (use --format packed)")
+                         + f" ({instead})")
     if cfg.bits == 4 and compute_dtype != torch.float32:
         raise UsageError(f"Q4_1 holds min-max weights on an exact grid; this run computed them in "
                          f"{str(compute_dtype).removeprefix('torch.')}, which rounds them off it "
@@ -68,11 +73,11 @@ def check_supported(model, cfg: QuantConfig | None, tokenizer,
     if short:
         raise UsageError(f"{type_name} stores rows in blocks of {block} weights; {len(short)} "
                          f"quantized Linears have rows of another length (e.g. {short[0][0]}: "
-                         f"{short[0][1]}) (use --format packed)")
+                         f"{short[0][1]}) ({instead})")
     rope = getattr(model.config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UsageError(f"--format gguf writes plain RoPE; this model uses "
-                         f"'{rope['rope_type']}' rope scaling")
+                         f"'{rope['rope_type']}' rope scaling ({instead})")
     backend = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     if backend["type"] != "BPE" or not backend.get("byte_fallback"):
         raise UsageError("--format gguf writes SentencePiece-style vocabularies (BPE with byte "
@@ -194,6 +199,7 @@ def write_gguf(model, tensors: Iterable, tokenizer, cfg: QuantConfig, out_file: 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(Path(getattr(config, "_name_or_path", "") or out_file.stem).name)
+    writer.add_uint64(GGUF_MARK, report.step)  # what --overwrite may replace
     _add_hyperparameters(writer, config)
     writer.add_file_type(TYPES[cfg.bits][2])
     _add_vocabulary(writer, tokenizer, config.vocab_size)

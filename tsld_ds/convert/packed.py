@@ -20,6 +20,14 @@ from tsld_ds.quant import QuantConfig, quantized_modules
 _GRID_TOLERANCE = 1e-5
 
 
+def holds(cfg: QuantConfig | None, compute_dtype: torch.dtype) -> bool:
+    """Whether --format packed stores a run's quantized weights: they must lie on their grids.
+    Ternary values do in any dtype; 4- and 8-bit ones only as computed in fp32 (bf16 and fp16
+    round them off it). A run in full precision (`cfg` None) has no codes to pack. Told by the
+    options alone: a min-max segment whose values share one sign is found only as it is written."""
+    return cfg is not None and (cfg.bits == 2 or compute_dtype == torch.float32)
+
+
 def symmetric(cfg: QuantConfig) -> bool:
     return cfg.method != "minmax"
 

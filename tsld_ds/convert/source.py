@@ -79,6 +79,43 @@ def consolidated_weights(checkpoint: TrainedCheckpoint) -> dict:
         raise UsageError(f"cannot consolidate checkpoint '{checkpoint.path}': {e}") from None
 
 
+class NonFiniteWeights(Exception):
+    """A weight read from the checkpoint holds NaN or inf."""
+
+
+class _Finite:
+    """A lazy checkpoint tensor that refuses, when materialized, values that are not finite."""
+
+    def __init__(self, lazy):
+        self.lazy = lazy
+
+    def contiguous(self) -> torch.Tensor:
+        tensor = self.lazy.contiguous()
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteWeights
+        return tensor
+
+
+def finite_checked(weights: dict) -> dict:
+    """`weights` (`consolidated_weights`) whose tensors raise NonFiniteWeights as they are read:
+    a conversion stops before it writes such a weight, and reads a sound checkpoint only once.
+    Tied entries stay one object."""
+    checked = {}
+    return {name: checked.setdefault(id(value), _Finite(value)) for name, value in weights.items()}
+
+
+def nonfinite_tensors(weights: dict) -> tuple[list[str], int]:
+    """(names of `weights`' tensors that hold NaN or inf, number of tensors), a tied tensor
+    counted once, under its first name."""
+    seen, found = set(), []
+    for name, value in weights.items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            if not torch.isfinite(value.contiguous()).all():
+                found.append(name)
+    return found, len(seen)
+
+
 def student_skeleton(config: RunConfig):
     """The student's Hugging Face model on the meta device (no memory), with the QuantLinears
     the run trained: the module names and quantizer settings that the weights belong to."""

@@ -1,5 +1,5 @@
 """How a command ends: errors a user can fix (one clear line, no traceback) and the exit codes of
-`launch/train.py`, which `--help`, the README and launch/slurm/ follow."""
+`launch/train.py`, which `--help`, docs/operations.md and launch/slurm/ follow."""
 import textwrap
 
 
@@ -19,11 +19,14 @@ EXIT_ABORTED = 130   # the shell's code for a death by SIGINT
 
 EXIT_CODES = {
     EXIT_COMPLETED: "the run completed (OUTPUT_DIR/summary.json written)",
-    EXIT_FAILED: "it failed: a rank was lost, too many NaN/inf losses in a row, or a checkpoint "
-                 "could not be written; the message names the last good checkpoint",
+    EXIT_FAILED: "it failed: a rank was lost, too many NaN/inf losses in a row, weights that are "
+                 "not finite at its end, a checkpoint that could not be written, or a student no "
+                 "better than a uniform guess over its vocabulary; the message names the last "
+                 "good checkpoint",
     EXIT_USAGE: "bad options or input, found before training started",
     EXIT_STOPPED: "stopped by SIGUSR1, SIGTERM or Ctrl-C after saving a checkpoint: continue "
-                  "with --resume latest",
+                  "with --resume latest (during set-up: stopped before training, nothing saved; "
+                  "start it again)",
     EXIT_ABORTED: "aborted by a second Ctrl-C, without a checkpoint of the current step",
 }
 

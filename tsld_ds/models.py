@@ -217,7 +217,8 @@ def load_tokenizer(name_or_path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the tokenizer of '{name_or_path}': {e}") from e
+        raise UsageError(f"cannot load the tokenizer of '{name_or_path}': "
+                         f"{' '.join(str(e).split())}") from e  # one line: some span several
     if tokenizer.eos_token_id is None:
         raise UsageError(f"tokenizer of '{name_or_path}' has no EOS token to separate documents")
     return tokenizer

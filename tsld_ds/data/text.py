@@ -203,7 +203,8 @@ def _load_files(data_files: dict[str, list[str]]) -> DatasetDict:
 
 def _check_utf8(file: Path) -> None:
     """A file that is not UTF-8 (a binary file named .txt or .jsonl) is named with the offset of
-    its first bad byte. Read only when the datasets library failed, so a good corpus is read once."""
+    its first bad byte. Read only when the datasets library failed, so a good corpus is read
+    once."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(file, "rb") as f:

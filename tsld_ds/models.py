@@ -21,6 +21,10 @@ from transformers import (
     AutoTokenizer,
 )
 from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 from tsld_ds.errors import UsageError
 from tsld_ds.files import sha256_file
@@ -56,6 +60,30 @@ def read_config(name_or_path: str, what: str):
         raise UsageError(f"cannot read the config of {what} '{name_or_path}': {first}; pass a "
                          "local model directory, a shipped config name or a Hugging Face id "
                          "that this machine can reach") from None
+
+
+def check_causal_lm(config, what: str, name_or_path: str) -> None:
+    """Refuse, from its config alone, a model that is not a causal LM: a model type transformers
+    has no causal-LM class for (T5), `architectures` that name none (BertForMaskedLM), or an
+    encoder whose causal-LM class would attend both ways (a BERT-like without is_decoder)."""
+    model_type = config.model_type
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UsageError(f"{what} '{name_or_path}' is a {model_type} model, which transformers "
+                         "has no causal LM class for; tsld-ds takes causal LMs")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(_is_causal_lm_class(a) for a in architectures):
+        raise UsageError(f"{what} '{name_or_path}' is a {', '.join(architectures)}, not a causal "
+                         "LM (a *ForCausalLM or *LMHeadModel); tsld-ds takes causal LMs")
+    # Encoders pretrained as masked LMs have a causal-LM class that is causal only as a decoder.
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", True):
+        raise UsageError(f"{what} '{name_or_path}' is a {model_type} encoder (is_decoder is "
+                         "false: it attends both ways), not a causal LM; tsld-ds takes causal LMs")
+
+
+def _is_causal_lm_class(name: str) -> bool:
+    # The suffixes also take spellings older than the mapping's (LLaMAForCausalLM).
+    return name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or \
+        name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 # The files that make a model what it is: its config and its weights.
@@ -223,7 +251,8 @@ def load_tokenizer(name_or_path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the tokenizer of '{name_or_path}': {e}") from e
+        raise UsageError(f"cannot load the tokenizer of '{name_or_path}': "
+                         f"{' '.join(str(e).split())}") from e  # one line: some span several
     if tokenizer.eos_token_id is None:
         raise UsageError(f"tokenizer of '{name_or_path}' has no EOS token to separate documents")
     return tokenizer

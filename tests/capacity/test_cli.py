@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, tree_digest
+from transformers import BertConfig, MambaConfig, T5Config
 
 from tsld_ds.capacity.cli import main
 from tsld_ds.errors import EXIT_USAGE
@@ -116,3 +117,51 @@ def test_checkpointing_refused_for_a_model_that_cannot(capsys, no_checkpointing_
     assert main(["--model", str(no_checkpointing_dir), "--gradient_checkpointing"]) == EXIT_USAGE
     assert "does not support gradient checkpointing; drop --gradient_checkpointing" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    *[(["--gpu_memory_gb", value], f"--gpu_memory_gb must be a positive number of GiB, got "
+                                   f"{float(value):g}") for value in ("nan", "inf", "-1", "0")],
+    (["--block_size", "1"], "--block_size must be at least 2, got 1"),
+    (["--num_gpus", "0"], "--num_gpus must be at least 1, got 0"),
+    (["--loss_chunk_size", "0"], "--loss_chunk_size must be at least 1, got 0"),
+], ids=["nan", "inf", "negative", "zero", "block_size", "num_gpus", "loss_chunk_size"])
+def test_values_no_plan_can_be_made_with_are_one_line(capsys, argv, message):
+    assert main(argv) == EXIT_USAGE
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+BERT = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("config, refusal", [
+    (MambaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=4),
+     "the estimator models attention decoders; {what} '{path}' is a mamba"),
+    (BertConfig(**BERT, architectures=["BertForMaskedLM"]),
+     "{what} '{path}' is a BertForMaskedLM, not a causal LM (a *ForCausalLM or *LMHeadModel); "
+     "tsld-ds takes causal LMs"),
+    (BertConfig(**BERT), "{what} '{path}' is a bert encoder (is_decoder is false: it attends "
+                         "both ways), not a causal LM; tsld-ds takes causal LMs"),
+    (T5Config(vocab_size=97, d_model=32, d_ff=64, num_layers=2, num_heads=4),
+     "{what} '{path}' is a t5 model, which transformers has no causal LM class for; tsld-ds "
+     "takes causal LMs"),
+    (BertConfig(**BERT, is_decoder=True, architectures=["BertLMHeadModel"]), None),
+], ids=["mamba", "bert masked lm", "bert encoder", "t5", "bert decoder"])
+@pytest.mark.parametrize("what", ["--model", "--teacher"])
+def test_only_attention_causal_lms_are_estimated(capsys, tmp_path, config, refusal, what):
+    """A config that is not a causal LM, or one without attention, is refused in one line,
+    before any estimate (configs built here, never downloaded); a BERT made a decoder is a
+    causal LM and is estimated."""
+    path = tmp_path / "config"
+    config.save_pretrained(path)
+    before = tree_digest(tmp_path)
+    code = main([what, str(path), "--num_gpus", "1", "--block_size", "32",
+                 "--gpu_memory_gb", "80", "--json"])
+    out, err = capsys.readouterr()
+    if refusal is None:
+        assert code == 0 and json.loads(out)["fits"] is True
+    else:
+        assert (code, out) == (EXIT_USAGE, "")
+        assert err == f"error: {refusal.format(what=what, path=path)}\n"
+    assert tree_digest(tmp_path) == before

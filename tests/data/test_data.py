@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from helpers import tree_digest
 from transformers import AutoTokenizer
 
 import tsld_ds.data.text
@@ -17,6 +18,7 @@ from tsld_ds.data import (
     ResumableDistributedSampler,
     builtin_corpus_dir,
     builtin_tokenizer_path,
+    check_dataset_source,
     check_tokenizers_match,
     dataset_rows,
     document_separator,
@@ -26,6 +28,7 @@ from tsld_ds.data import (
     special_tokens_added,
     tokenize_and_pack,
 )
+from tsld_ds.errors import EXIT_USAGE
 from tsld_ds.models import BUILTIN_MODEL
 
 GENESIS_1_1 = "In the beginning God created the heaven and the earth."
@@ -207,6 +210,80 @@ def test_empty_data_are_errors(tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(FileNotFoundError, match="has no .txt, .json or .jsonl data files"):
         load_text_splits(str(tmp_path / "notes"))
+
+
+@pytest.mark.parametrize("case", ["malformed line", "binary file"])
+def test_an_unreadable_json_lines_file_is_named_with_its_line(case, tmp_path, training_loads_rows):
+    """Refused in one line by the training command's loading, naming the file and, for a line
+    that is not JSON, its 1-based line (the datasets library counts rows from the start of the
+    block it read, blank lines left out); nothing is written beside the data."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "train.jsonl"
+    if case == "malformed line":
+        lines = [json.dumps({"text": f"verse {i}"}) for i in range(200)]
+        lines[1] = ""
+        lines[150] = '{"text": "verse 150", "n": }'
+        path.write_text("\n".join(lines) + "\n")
+        message = f"{path} line 151 is not valid JSON: Expecting value at column 28"
+    else:
+        path.write_bytes(bytes(range(256)) * 4)
+        message = f"{path} is not UTF-8 text: byte 128 (0x80) cannot be decoded"
+    before = tree_digest(data)
+    assert training_loads_rows(data) == (EXIT_USAGE, f"error: --dataset {data}: {message}\n")
+    assert tree_digest(data) == before
+
+
+@pytest.mark.parametrize("files, error, message", [
+    ({"data.csv": "a,b\n1,2\n"}, ValueError,
+     r"unsupported file type \.csv in \[.*data\.csv'\]: use \.txt \(documents separated by "
+     r"blank lines\), \.json or \.jsonl$"),
+    ({"a.csv": "a\n", "b.csv": "b\n"}, ValueError,
+     r"holds train files of a type not read \(a\.csv, b\.csv\): use \.txt"),
+    ({"train.jsonl": '{"text": "t"}\n', "validation.csv": "v\n"}, ValueError,
+     r"holds validation files of a type not read \(validation\.csv\): use \.txt"),
+    ({"validation.txt": "v\n"}, ValueError,
+     r"has no 'train' split; its splits are \['validation'\]"),
+    ({"train.txt": "t\n", "validation.jsonl": '{"text": "v"}\n'}, ValueError,
+     r"data files mix \.txt and \.json/\.jsonl"),
+    ({"train.txt": ""}, ValueError, r"train\.txt'\] are empty"),
+    ({}, FileNotFoundError, "has no .txt, .json or .jsonl data files"),
+], ids=["csv file", "csv directory", "csv validation", "no train", "mixed", "empty", "no files"])
+def test_check_dataset_source_refuses_what_the_loader_cannot_read(files, error, message, tmp_path,
+                                                                  monkeypatch):
+    """Before any data is read (training's pre-flight, before a process group starts): a
+    dataset of a format the loader does not read, or that it would refuse, with the loader's
+    message; nothing is written beside the data."""
+    monkeypatch.setattr(tsld_ds.data.text, "load_dataset", no_loading)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text)
+    source = data / "data.csv" if "data.csv" in files else data
+    before = tree_digest(data)
+    with pytest.raises(error, match=message):
+        check_dataset_source(source)
+    with pytest.raises(error, match=message):  # the loader's own refusal, also before reading
+        load_text_splits(source)
+    assert tree_digest(data) == before
+
+
+def test_check_dataset_source_accepts_what_the_loader_reads_without_reading_it(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(tsld_ds.data.text, "load_dataset", no_loading)
+    (tmp_path / "train.txt").write_text("first train doc\n")
+    (tmp_path / "validation.txt").write_text("the validation doc\n")
+    (tmp_path / "README.md").write_text("not data")  # beside split-named files: not data
+    for source in (tmp_path, tmp_path / "train.txt", BUILTIN_DATASET, "org/some-hub-dataset"):
+        check_dataset_source(source)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_dataset_source(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="unknown built-in dataset"):
+        check_dataset_source("builtin:shakespeare")
+
+
+def no_loading(*args, **kwargs):
+    raise AssertionError("check_dataset_source read data")
 
 
 # --- tokenize_and_pack ---------------------------------------------------------------------------

@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import pytest
-from datasets import Dataset
-from helpers import REPO
+from datasets import Dataset, DatasetDict
+from helpers import REPO, tree_digest
 from transformers import AutoTokenizer
 
+import tsld_ds.data.text
 from tsld_ds.data import builtin_tokenizer_path, dataset_rows, instruction_rows, load_splits
 from tsld_ds.data.instructions import IGNORE_INDEX
+from tsld_ds.errors import EXIT_USAGE
 
 # A ChatML-like template (as Qwen's): a system turn, then "<|im_start|>role\n...<|im_end|>\n".
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
@@ -137,6 +139,47 @@ def test_jsonl_columns_decide_the_kind(tmp_path):
     bad_chat = write_jsonl(tmp_path / "bad_chat.jsonl", [{"messages": ["hello"]}] * 4)
     with pytest.raises(ValueError, match="must be a list of"):
         load_splits(str(bad_chat))
+
+
+def chat(i):
+    return {"messages": [{"role": "user", "content": f"q{i}"},
+                         {"role": "assistant", "content": f"a{i}"}]}
+
+
+@pytest.mark.parametrize("example, lacking", [
+    ({"prompt": "p", "response": None}, "has a null 'response'"),
+    ({"prompt": None, "response": "r"}, "has a null 'prompt'"),
+    ({"prompt": "p"}, "has no 'response'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+     "has a null 'content' in message 2"),
+    ({"messages": None}, "has a null 'messages'"),
+], ids=["null response", "null prompt", "no response", "null content", "null messages"])
+def test_an_example_with_a_null_field_is_named_by_its_file_and_line(
+        example, lacking, tmp_path, training_loads_rows):
+    """Refused in one line by the training command's loading, before tokenizing, naming the
+    file and 1-based line of the first example lacking a field; nothing written beside it."""
+    good = chat if "messages" in example else lambda i: {"prompt": f"p{i}", "response": f"r{i}"}
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [good(i) for i in range(8)])
+    validation = write_jsonl(data / "validation.jsonl", [good(i) for i in range(4)])
+    lines = validation.read_text().splitlines()
+    lines.insert(2, json.dumps(example))
+    validation.write_text("\n".join(lines) + "\n")
+    before = tree_digest(data)
+    assert training_loads_rows(data) == (
+        EXIT_USAGE, f"error: --dataset {data}: {validation} line 3 {lacking}\n")
+    assert tree_digest(data) == before
+
+
+def test_an_example_with_a_null_field_not_from_a_file_is_named_by_its_row(monkeypatch):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(6)]
+    rows[4]["response"] = None
+    monkeypatch.setattr(tsld_ds.data.text, "load_dataset",
+                        lambda name, config: DatasetDict(train=Dataset.from_list(rows)))
+    with pytest.raises(ValueError) as refused:
+        load_splits("org/pairs")
+    assert str(refused.value) == "dataset 'org/pairs train' row 4 (from 0) has a null 'response'"
 
 
 def test_shipped_examples_are_what_their_generator_writes(tmp_path, tokenizer):

@@ -4,12 +4,14 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_llama_config, tree_digest
 
 from tsld_ds.evaluation.cli import main as eval_main
 from tsld_ds.evaluation.perplexity import perplexity
@@ -158,3 +160,110 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
     assert eval_main(["--model", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
+
+
+def refused_before_loading(monkeypatch):
+    """Loading any model fails the test: a refusal must come first."""
+    import tsld_ds.evaluation.models
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(tsld_ds.evaluation.models.AutoModelForCausalLM, "from_pretrained", load)
+
+
+def one_error_line(capsys) -> str:
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize("device, accelerator, message", [
+    ("cuda", None, "--device cuda: this machine has no cuda device (torch sees no accelerator); "
+                   "use --device cpu"),
+    ("mps", "cuda", "--device mps: this machine has no mps device (torch sees cuda); use "
+                    "--device cuda"),
+    ("cuda:3", "cuda", "--device cuda:3: this machine has 1 cuda device(s)"),
+    ("gpu", None, "--device gpu: Expected one of cpu, cuda"),
+], ids=["no gpu", "another accelerator", "no such index", "not a device"])
+def test_an_absent_device_is_refused_before_the_model_loads(tiny_llama_dir, tmp_path, capsys,
+                                                            monkeypatch, device, accelerator,
+                                                            message):
+    """As on a machine without a GPU (or with one other accelerator): torch's view is faked."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: accelerator is not None)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda *args, **kwargs: accelerator and torch.device(accelerator))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: int(accelerator is not None))
+    refused_before_loading(monkeypatch)
+    output = tmp_path / "report.json"
+    assert eval_main(["--model", str(tiny_llama_dir), "--device", device,
+                      "--output", str(output)]) == 2
+    assert one_error_line(capsys).startswith(message)
+    assert not output.exists()
+
+
+@pytest.fixture
+def model_without_tokenizer(tiny_llama_dir, tmp_path):
+    """tiny_llama_dir's config and weights alone."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for file in tiny_llama_dir.iterdir():
+        if file.name == "config.json" or file.suffix == ".safetensors":
+            shutil.copy(file, model / file.name)
+    return model
+
+
+@pytest.mark.parametrize("tokenizer, message", [
+    (None, "model '{model}' has no tokenizer (no tokenizer_config.json or tokenizer.json): pass "
+           "--tokenizer, the tokenizer it was trained with"),
+    ("{tmp}/nowhere", "--tokenizer path '{tmp}/nowhere' does not exist"),
+    ("{model}", "--tokenizer directory '{model}' has no tokenizer_config.json: it is not a "
+                "Hugging Face directory of that kind"),
+], ids=["model without one", "missing path", "no tokenizer there"])
+def test_a_missing_tokenizer_is_refused_before_the_model_loads(model_without_tokenizer, tmp_path,
+                                                              capsys, monkeypatch, tokenizer,
+                                                              message):
+    refused_before_loading(monkeypatch)
+    names = {"tmp": tmp_path, "model": model_without_tokenizer}
+    output = tmp_path / "report.json"
+    before = tree_digest(tmp_path)
+    tokenizer_option = [] if tokenizer is None else ["--tokenizer", tokenizer.format(**names)]
+    assert eval_main(["--model", str(model_without_tokenizer), *tokenizer_option,
+                      "--device", "cpu", "--output", str(output)]) == 2
+    assert one_error_line(capsys) == message.format(**names)
+    assert tree_digest(tmp_path) == before
+
+
+def test_tokenizer_option_tokenizes_the_data(model_without_tokenizer, tiny_llama_dir, capsys):
+    """--tokenizer scores a model saved without one as its own tokenizer would."""
+    from tsld_ds.data import builtin_tokenizer_path
+
+    def report(*argv):
+        assert eval_main([*argv, "--block_size", "32", "--max_blocks", "2",
+                          "--device", "cpu"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    given = report("--model", str(model_without_tokenizer),
+                   "--tokenizer", str(builtin_tokenizer_path()))
+    own = report("--model", str(tiny_llama_dir))
+    assert given["tokenizer"] == str(builtin_tokenizer_path()) and own["tokenizer"] is None
+    assert given["perplexity"] == own["perplexity"]
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    from tsld_ds.data import builtin_tokenizer_path
+
+    model = tmp_path / "model"
+    AutoModelForCausalLM.from_config(tiny_llama_config(97)).save_pretrained(model)
+    capsys.readouterr()
+    transformers_logging.disable_progress_bar()  # stderr: the refusal alone
+    try:
+        assert eval_main(["--model", str(model), "--tokenizer", str(builtin_tokenizer_path()),
+                          "--device", "cpu"]) == 2
+    finally:
+        transformers_logging.enable_progress_bar()
+    assert one_error_line(capsys) == (f"--tokenizer has 4096 tokens, more than the 97 that "
+                                      f"model '{model}' predicts")

@@ -5,6 +5,7 @@
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 
@@ -90,22 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    for name in ("num_gpus", "num_nodes", "block_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
-        p.error("--gpu_memory_gb must be positive")
-    return args
+def check_args(args) -> None:
+    """Values no plan can be made with, refused in one line (--block_size as training does:
+    one input and one next token at least)."""
+    for name, least in (("num_gpus", 1), ("num_nodes", 1), ("block_size", 2),
+                        ("loss_chunk_size", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UsageError(f"--{name} must be at least {least}, got {value}")
+    memory = args.gpu_memory_gb
+    if memory is not None and not (math.isfinite(memory) and memory > 0):
+        raise UsageError(f"--gpu_memory_gb must be a positive number of GiB, got {memory:g}")
 
 
 def plan(args) -> dict:
+    check_args(args)
     world = args.num_gpus * args.num_nodes
     model = resolve_model(args.model)
     teacher = resolve_model(args.teacher or args.model)
-    ds_config = resolve_zero_sizes(read_ds_config(args.ds_config, world=world), model, world)
+    ds_config = read_ds_config(args.ds_config, world=world)
     given_teacher_config = read_ds_config(args.teacher_ds_config, world=world) \
         if args.teacher_ds_config else None
     checkpoints_on_host(ds_config, args.ds_config, args.gradient_checkpointing)
@@ -115,6 +119,8 @@ def plan(args) -> dict:
     dtype = torch_dtype_of(ds_config)
     memory = args.gpu_memory_gb if args.gpu_memory_gb is not None else local_gpu_memory_gb()
     student = model_shape(model, dtype, micro_batch, args.block_size, args.attn_implementation)
+    # After the model's own checks: the "auto" sizes read the width of any config.
+    ds_config = resolve_zero_sizes(ds_config, model, world)
     setup = Setup(num_gpus=args.num_gpus, num_nodes=args.num_nodes, block_size=args.block_size,
                   micro_batch=micro_batch, gradient_checkpointing=args.gradient_checkpointing,
                   attn_implementation=args.attn_implementation)
@@ -210,7 +216,7 @@ def format_table(p: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     def work() -> int:
         result = plan(args)

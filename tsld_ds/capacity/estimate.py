@@ -31,7 +31,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 
 from tsld_ds.errors import UsageError
 from tsld_ds.losses.fused import default_chunk_size
-from tsld_ds.models import read_config
+from tsld_ds.models import check_causal_lm, read_config
 
 GiB = 1 << 30
 # DeepSpeed's ZeRO-3 defaults, used where a config leaves a key out.
@@ -110,9 +110,20 @@ class Estimate:
         return d
 
 
+def check_estimable(config, what: str, name_or_path: str) -> None:
+    """Refuse a model the estimator cannot size, from its config: one that is not a causal LM
+    (`tsld_ds.models.check_causal_lm`), or a decoder without attention heads (a state-space
+    model such as Mamba), whose blocks the activation count does not model."""
+    check_causal_lm(config, what, name_or_path)
+    if not getattr(config.get_text_config(), "num_attention_heads", None):
+        raise UsageError(f"the estimator models attention decoders; {what} '{name_or_path}' is a "
+                         f"{config.model_type}")
+
+
 def model_shape(name_or_path: str, dtype: torch.dtype, micro_batch: int, block_size: int,
                 attn_implementation: str, what: str = "--model") -> ModelShape:
     config = read_config(name_or_path, what)
+    check_estimable(config, what, name_or_path)
     # What eager attention saves for backward, or (sdpa, flash) what fused kernels save.
     traced = "eager" if attn_implementation == "eager" else _FLASH_SAVES
     try:

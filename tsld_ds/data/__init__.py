@@ -7,7 +7,7 @@ from tsld_ds.data.loader import EpochBatches, collate_blocks, make_dataloader
 from tsld_ds.data.packing import document_separator, tokenize_and_pack
 from tsld_ds.data.rows import dataset_rows, validation_rows
 from tsld_ds.data.sampler import ResumableDistributedSampler
-from tsld_ds.data.text import load_splits, load_text_splits
+from tsld_ds.data.text import check_dataset_source, load_splits, load_text_splits
 from tsld_ds.data.tokenizers import (
                                      bos_eos_added,
                                      check_tokenizers_match,
@@ -22,6 +22,7 @@ __all__ = [
     "bos_eos_added",
     "builtin_corpus_dir",
     "builtin_tokenizer_path",
+    "check_dataset_source",
     "check_tokenizers_match",
     "collate_blocks",
     "dataset_rows",

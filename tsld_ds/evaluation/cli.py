@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from tsld_ds.errors import EXIT_COMPLETED
+from tsld_ds.errors import EXIT_COMPLETED, UsageError
+from tsld_ds.models import check_model_source
 from tsld_ds.quant.fake_quant import DTYPES
 from tsld_ds.run.cli import entry_point, run_command
 from tsld_ds.run.options import defaults as training_defaults
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="device to run the model on (default: cuda when a GPU is visible, else "
                    "cpu)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer that tokenizes the data and the tasks: a directory or a "
+                   "Hugging Face id (default: the model's own)")
     p.add_argument("--no_perplexity", action="store_true", help="skip the perplexity")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks, e.g. piqa,arc_easy,arc_challenge,"
@@ -77,17 +81,40 @@ def data_options(args, run_config) -> dict:
     return options
 
 
+def check_device(name: str) -> str:
+    """`name` where it names the CPU or a present accelerator device; else one line, before any
+    model loads (moving one to an absent device fails deep in torch)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name}: {e}") from None
+    if device.type == "cpu":
+        return name
+    present = torch.accelerator.current_accelerator() if torch.accelerator.is_available() \
+        else None
+    if present is None or present.type != device.type:
+        raise UsageError(f"--device {name}: this machine has no {device.type} device (torch "
+                         f"sees {present.type if present else 'no accelerator'}); use --device "
+                         f"{present.type if present else 'cpu'}")
+    if device.index is not None and device.index >= torch.accelerator.device_count():
+        raise UsageError(f"--device {name}: this machine has "
+                         f"{torch.accelerator.device_count()} {device.type} device(s)")
+    return name
+
+
 def evaluate(args) -> dict:
     from tsld_ds.evaluation.harness import check_harness, run_tasks
     from tsld_ds.evaluation.models import load_eval_model
     from tsld_ds.evaluation.perplexity import model_perplexity, validation_blocks
 
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.tokenizer is not None:
+        check_model_source(args.tokenizer, "--tokenizer", marker="tokenizer_config.json")
     if args.tasks:
         check_harness()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_eval_model(args.model, DTYPES[args.dtype], device)
+    loaded = load_eval_model(args.model, DTYPES[args.dtype], device, tokenizer=args.tokenizer)
     report = {"model": args.model, "loaded_from": loaded.path, "kind": loaded.kind,
-              "dtype": args.dtype, "device": device}
+              "tokenizer": args.tokenizer, "dtype": args.dtype, "device": device}
     if loaded.run_config is not None:
         summary = Path(args.model) / "summary.json"
         if summary.is_file():

@@ -448,3 +448,29 @@ def test_resume_from_a_dangling_latest_offers_the_newest_checkpoint(tiny_llama_d
                                   f"{out / 'checkpoints' / 'step_0000002'}: pass --resume "
                                   f"{out / 'checkpoints' / 'step_0000002'}")
     assert tree_digest(out) == before
+
+
+def test_a_csv_dataset_is_refused_before_any_process_group_starts(tiny_llama_dir, tmp_path,
+                                                                  run_main):
+    import torch.distributed as dist
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("text\nIn the beginning.\n")
+    proc = run_main(["--model", tiny_llama_dir, "--dataset", data, "--output_dir",
+                     tmp_path / "out"])
+    assert_one_line_refusal(proc, f"--dataset {data}: ")
+    assert ".csv" in proc.stderr and not dist.is_initialized()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path, small_corpus_dir, run_main):
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64, architectures=["BertForMaskedLM"]).save_pretrained(bert)
+    proc = run_main(["--model", bert, "--kd", "gt", "--dataset", small_corpus_dir,
+                     "--output_dir", tmp_path / "out"])
+    assert_one_line_refusal(proc, "BertForMaskedLM, not a causal LM")
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ from tsld_ds.models import (
 )
 from tsld_ds.run.distributed import init_distributed, on_rank_zero, seed_everything
 from tsld_ds.run.ds_config import read_ds_config, resolve_zero_sizes, teacher_ds_config
-from tsld_ds.run.rows import load_rows
+from tsld_ds.run.rows import check_dataset, load_rows
 from tsld_ds.teacher.cache import (
     VALIDATION,
     CacheIdentity,
@@ -106,8 +106,9 @@ def build_cache(config: CacheConfig) -> Path:
 
 def _checked_inputs(config: CacheConfig) -> tuple[dict, dict | None]:
     """What can be checked before processes talk to each other: the DeepSpeed configs, the
-    teacher and tokenizer paths, the block size, the output directory."""
+    dataset's files, the teacher and tokenizer paths, the block size, the output directory."""
     ds_config = read_ds_config(config.ds_config)
+    check_dataset(config.dataset)
     check_model_source(config.teacher, "--teacher")
     teacher_config = read_ds_config(config.teacher_ds_config) if config.teacher_ds_config \
         else None

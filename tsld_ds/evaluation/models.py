@@ -8,7 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tsld_ds.errors import UsageError
-from tsld_ds.models import check_model_source, load_tokenizer, vocab_size_of
+from tsld_ds.models import (
+    check_causal_lm,
+    check_model_source,
+    load_tokenizer,
+    read_config,
+    vocab_size_of,
+)
 from tsld_ds.packed.load import load_packed, read_quantization_config
 from tsld_ds.run.config import ARGS_FILE, RunConfig
 from tsld_ds.run.options import read_run_config
@@ -39,6 +45,7 @@ def load_eval_model(name_or_path: str, dtype: torch.dtype, device="cpu", *,
                              f"{str(name_or_path).rstrip('/')}-hf, and evaluate that")
     source = str(path) if path.exists() else name_or_path
     check_model_source(source, "model")
+    check_causal_lm(read_config(source, "model"), "model", source)
     given = tokenizer is not None
     tokenizer = load_tokenizer(tokenizer) if given else _own_tokenizer(source)
     if read_quantization_config(path) is not None:

@@ -2,8 +2,17 @@
 first, and a dataset it cannot read stops every rank with its message."""
 import torch.distributed as dist
 
-from tsld_ds.data import dataset_rows
+from tsld_ds.data import check_dataset_source, dataset_rows
 from tsld_ds.errors import UsageError
+
+
+def check_dataset(dataset: str) -> None:
+    """What `load_rows` would refuse about the dataset's files, found before any process group
+    starts and without reading the data (`tsld_ds.data.check_dataset_source`)."""
+    try:
+        check_dataset_source(dataset)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"--dataset {dataset}: {e}") from None
 
 
 def load_rows(dataset: str, tokenizer, block_size: int, *, dataset_config: str | None,

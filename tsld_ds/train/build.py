@@ -24,6 +24,7 @@ from tsld_ds.files import check_writable
 from tsld_ds.losses import Objective
 from tsld_ds.models import (
     check_block_size,
+    check_causal_lm,
     check_gradient_checkpointing,
     check_model_source,
     check_same_vocabulary,
@@ -47,7 +48,7 @@ from tsld_ds.run.ds_config import (
     resolve_zero_sizes,
     teacher_ds_config,
 )
-from tsld_ds.run.rows import load_rows
+from tsld_ds.run.rows import check_dataset, load_rows
 from tsld_ds.teacher import CacheIdentity, TeacherCache, TeacherEngine
 from tsld_ds.teacher.cache import read_manifest
 from tsld_ds.train.schedule import lr_lambda
@@ -98,6 +99,7 @@ def check_inputs(config: RunConfig) -> Inputs:
                                            config.gradient_checkpointing)
     _check_ds_config_against_options(config, ds_config)
     gpu_extras.check_options(config.attn_implementation, config.optimizer)
+    check_dataset(config.dataset)
     check_model_source(config.model, "--model")
     if config.teacher:
         check_model_source(config.teacher, "--teacher")
@@ -139,8 +141,12 @@ def _check_ds_config_against_options(config: RunConfig, ds_config: dict) -> None
 
 def _check_models(config: RunConfig) -> None:
     """From the models' configs and their weight files' headers, before either loads: weights of
-    the shapes each config gives, one vocabulary for student and teacher, a --group_size that
-    fits the quantized layers."""
+    the shapes each config gives, causal LMs, one vocabulary for student and teacher, a
+    --group_size that fits the quantized layers."""
+    check_causal_lm(read_config(config.model, "--model"), "--model", config.model)
+    if config.objective.needs_teacher and config.teacher_cache is None:
+        check_causal_lm(read_config(config.teacher_name, "--teacher"), "--teacher",
+                        config.teacher_name)
     if not config.from_scratch:
         check_weights_match_config(config.model, "--model")
     if config.objective.needs_teacher and config.teacher_cache is None:

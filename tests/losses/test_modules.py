@@ -1,5 +1,5 @@
 """The fused losses as nn.Modules for other trainers: each equals its reference on full logits
-(values and gradients, float64), and the example of docs/fused-losses.md trains a Hugging Face
+(values and gradients, float64), and the example of the README trains a Hugging Face
 student against a teacher in a plain PyTorch loop."""
 import pytest
 import torch
@@ -63,13 +63,13 @@ def test_each_module_equals_its_reference(name, device):
 
 
 def documented_example() -> str:
-    """The code block of docs/fused-losses.md (the fused losses in another training loop)."""
-    page = (REPO / "docs" / "fused-losses.md").read_text()
-    return page.split("```python\n", 1)[1].split("```", 1)[0]
+    """The code block of the README's "The fused losses in your own loop"."""
+    section = (REPO / "README.md").read_text().split("## The fused losses in your own loop")[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_the_documented_example_trains_a_student_in_a_plain_loop(builtin_tokenizer):
-    """docs/fused-losses.md's code, as written there, run as the step of a plain loop: its loss
+    """The README's code, as written there, run as the step of a plain loop: its loss
     equals the reference on full logits, and five AdamW steps lower it."""
     from transformers import AutoModelForCausalLM
 
@@ -81,7 +81,7 @@ def test_the_documented_example_trains_a_student_in_a_plain_loop(builtin_tokeniz
     labels = ids.clone()
     labels[:, :4] = -100  # a prompt that is not scored
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    step = compile(documented_example(), "docs/fused-losses.md", "exec")
+    step = compile(documented_example(), "README.md", "exec")
     losses = []
     for _ in range(5):
         scope = {"torch": torch, "student": student, "teacher": teacher, "ids": ids,

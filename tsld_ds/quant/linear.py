@@ -41,7 +41,7 @@ class _QuantLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,), (weight, bias, scale) = ctx.saved_tensors, ctx.params
+        (x,), (weight, _, scale) = ctx.saved_tensors, ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])

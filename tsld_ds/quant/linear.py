@@ -87,14 +87,16 @@ class QuantLinear(nn.Module):
             self.in_features, self.out_features = module.in_features, module.out_features
             self.transposed = False
         else:
-            raise TypeError(f"QuantLinear replaces nn.Linear or Conv1D, got {type(module).__name__}")
+            raise TypeError("QuantLinear replaces nn.Linear or Conv1D, got "
+                            f"{type(module).__name__}")
         self.cfg = cfg
         self.weight = module.weight
         self.bias = module.bias
         if cfg.method == "pact":
             shape = cfg.scale_shape(self.out_features, self.in_features)
             self.scale = nn.Parameter(
-                torch.full(shape, cfg.init_scale, dtype=self.weight.dtype, device=self.weight.device)
+                torch.full(shape, cfg.init_scale, dtype=self.weight.dtype,
+                           device=self.weight.device)
             )
         else:
             self.register_parameter("scale", None)

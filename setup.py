@@ -32,9 +32,11 @@ setup(
         # (tests/ops/test_kernel_sources.py builds one); triton: the kernels' tests run them in
         # its CPU interpreter and compile them for sm_80/sm_90 (a GPU's torch brings its own);
         # cyllama: llama.cpp (b9190) as a prebuilt manylinux2014 wheel, which runs the GGUF
-        # output in the tests (llama-cpp-python builds llama.cpp from source, ~35 min here)
+        # output in the tests (llama-cpp-python builds llama.cpp from source, ~35 min here);
+        # ruff, import-linter: tests/test_code_style.py runs them (ruff.toml, .importlinter),
+        # pinned so that a new rule of either fails no unchanged tree
         "test": ["pytest", "compressed-tensors", "lm-eval", "matplotlib", "setuptools>=70.1",
-                 "triton==3.9.0", "cyllama==0.2.18"],
+                 "triton==3.9.0", "cyllama==0.2.18", "ruff==0.17.6", "import-linter==2.17"],
         "results": ["matplotlib"],  # benchmarks/reproduce.py's plots
         "gpu": ["flash-attn", "bitsandbytes"],
     },

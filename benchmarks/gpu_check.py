@@ -19,8 +19,8 @@ Stages, in order:
                 ds_configs/zero3.json (fp32) and ds_configs/zero3_bf16.json; both summaries
   loss_memory   benchmarks/loss_memory.py --device cuda at N=8192, V=128256, H=4096 in bf16: fused
                 vs naive added peak memory and time, one process per case
-  kernel_bench  benchmarks/kernel_speed.py: fused quantize vs the PyTorch quantizer; W2A16 and W4A16 vs
-                bf16 matmul at M = 1, 16, 256 for 4096x4096 and 4096x11008 weights
+  kernel_bench  benchmarks/kernel_speed.py: fused quantize vs the PyTorch quantizer; W2A16 and
+                W4A16 vs bf16 matmul at M = 1, 16, 256 for 4096x4096 and 4096x11008 weights
   llama_1b      a randomly initialised LLaMA of 1.1B parameters
                 (tsld_ds/assets/model_configs/llama-1b) QAT-KD for 20 steps at block 2048 in bf16:
                 tokens/s and MFU = (6 N_student + 2 N_teacher) tokens/s / the GPU's dense bf16 peak;

@@ -267,12 +267,14 @@ def long_table(results: Sequence[RunResults], stage: TeacherStage,
                          f"{r.mean_sd('ppl_before')[0]:.2f} | | | | | |")
         rise = [s.ppl_after - s.best_ppl for s in r.seeds]
         train = [s.train_ppl_after for s in r.seeds if s.train_ppl_after is not None]
+        train_sd = statistics.stdev(train) if len(train) > 1 else None
+        train_ppl = _ppl(statistics.mean(train), train_sd) if train else ""
         lines.append(
             f"| {r.spec.name} | {r.spec.label} | {_ppl(*r.mean_sd('ppl_after'))} "
             f"| {_ppl(*r.mean_sd('best_ppl'))} "
             f"| {r.mean_sd('best_step')[0] / steps_per_epoch:.1f} "
             f"| {statistics.mean(rise):+.2f} "
-            f"| {_ppl(statistics.mean(train), statistics.stdev(train) if len(train) > 1 else None) if train else ''} "
+            f"| {train_ppl} "
             f"| {len(r.seeds)} |")
     return lines
 

@@ -1,7 +1,8 @@
-"""What tsld-ds's machinery costs: launch/train.py against a plain PyTorch loop doing the same math.
+"""What tsld-ds's machinery costs: launch/train.py against a plain PyTorch loop doing the same
+math.
 
-    python benchmarks/step_overhead.py                    # tokens/s: plain, tsld-ds at 1 and 2 ranks
-    python benchmarks/step_overhead.py --memory           # peak memory per rank, 7B-width slice
+    python benchmarks/step_overhead.py           # tokens/s: plain, tsld-ds at 1 and 2 ranks
+    python benchmarks/step_overhead.py --memory  # peak memory per rank, 7B-width slice
 
 The plain loop (written here, one process) loads the teacher and the student with transformers,
 applies the same `quantize_model` surgery, reads the same blocks in the same order
@@ -12,15 +13,15 @@ the given --ds_config, its steps timed by a `TrainHooks` object.
 
 Both time each optimizer step and its phases (teacher forward; student forward + loss; backward;
 optimizer step; the rest of the loop is "other"), the accelerator synchronized at each phase end.
-The first --warmup steps are left out. With more than one rank, "plain xN" runs N plain loops
-side by side, each with its share of the cores: what the machine gives N ranks with no
-communication at all, the ceiling of tsld-ds's scaling. The variants run in interleaved rounds, each round one
-fresh process per variant; the table gives the median over rounds of each variant's tokens/s and
-the ratios, and the mean per-phase milliseconds.
+The first --warmup steps are left out. With more than one rank, "plain xN" runs N plain loops side
+by side, each with its share of the cores: what the machine gives N ranks with no communication at
+all, the ceiling of tsld-ds's scaling. The variants run in interleaved rounds, each round one fresh
+process per variant; the table gives the median over rounds of each variant's tokens/s and the
+ratios, and the mean per-phase milliseconds.
 
---memory trains LLaMA-2-7B's width (--layers blocks, the built-in tokenizer's vocabulary) at
-block 512, micro-batch 1, with tsld-ds at 1 and 2 ranks (benchmarks/scale.py's slice and sampler: each rank's
-resident memory every 0.1 s, peak over the training steps and memory held between steps).
+--memory trains LLaMA-2-7B's width (--layers blocks, the built-in tokenizer's vocabulary) at block
+512, micro-batch 1, with tsld-ds at 1 and 2 ranks (benchmarks/scale.py's slice and sampler: each
+rank's resident memory every 0.1 s, peak over the training steps and memory held between steps).
 """
 import argparse
 import contextlib
@@ -330,8 +331,8 @@ def format_throughput(figures: dict) -> str:
     width = max(map(len, summary))
     lines = [f"{len(figures['rounds'])} rounds, {figures['steps']} steps each (first "
              f"{figures['warmup']} left out), block {figures['block_size']}; median tokens/s over "
-             f"rounds, mean ms per step; 'x 1 rank' against {figures['one_rank']} (plain xN: N plain "
-             "loops side by side, each with its share of the cores, against one)",
+             f"rounds, mean ms per step; 'x 1 rank' against {figures['one_rank']} (plain xN: N "
+             "plain loops side by side, each with its share of the cores, against one)",
              f"{'variant':<{width}} {'tokens/s':>9} {'x plain':>8} {'x 1 rank':>9} " +
              " ".join(f"{p:>{max(len(p), 7)}}" for p in (*PHASES, "other"))]
     for name, s in summary.items():

@@ -1,6 +1,6 @@
 """The teacher cache against the teacher's engine on the built-in model and corpus.
 
-    python benchmarks/teacher_cache.py                     # every part, into runs/bench-teacher-cache
+    python benchmarks/teacher_cache.py  # every part, into runs/bench-teacher-cache
     python benchmarks/teacher_cache.py --parts speed size  # some of them
 
 Parts (each prints its table; `--json` writes all figures):

@@ -46,7 +46,8 @@ REBUILD_COMMAND = "apt-get install bible-kjv && pip install -e . && python launc
 def read_chapters() -> list[list[str]]:
     """Every chapter of the KJV, in canonical order, as its list of verse texts."""
     if shutil.which("bible") is None:
-        raise SystemExit("the `bible` program is missing: install it with `apt-get install bible-kjv`")
+        raise SystemExit("the `bible` program is missing: install it with "
+                         "`apt-get install bible-kjv`")
     # -f prints one `Ge1:1 text` line per verse; a huge line width keeps verses unwrapped.
     output = subprocess.run(["bible", "-f", "-l", "100000", "Gen1:1-Rev22:21"],
                             check=True, capture_output=True, text=True).stdout
@@ -150,6 +151,7 @@ def write_source(corpus_dir: Path, documents: dict[str, list[str]], stats: dict)
         verses = sum(doc.count("\n") + 1 for doc in docs)
         rows.append(f"| {split} | {path.stat().st_size:,} | {len(docs):,} | {verses:,} "
                     f"| {stats['tokens'][split]:,} |")
+    # A backslash at a line's end joins it to the next: SOURCE.md keeps its lines as they are.
     (corpus_dir / "SOURCE.md").write_text(f"""# Built-in corpus: the King James Bible
 
 Source: Debian package `bible-kjv-text` version {package_version()}, read with its `bible`
@@ -171,14 +173,18 @@ Rebuild (writes this directory and ../tokenizer, byte-identical):
 | --- | ---: | ---: | ---: | ---: |
 {chr(10).join(rows)}
 
-Tokens: the built-in tokenizer (../tokenizer: SentencePiece BPE, {VOCAB_SIZE} tokens, byte fallback,
-trained on train.txt) with one EOS after each document, as `tsld_ds.data.tokenize_and_pack` packs them.
-Validation perplexity of a unigram model of the train tokens (add-one smoothing): {stats['unigram_ppl']:.1f}.
+Tokens: the built-in tokenizer (../tokenizer: SentencePiece BPE, \
+{VOCAB_SIZE} tokens, byte fallback,
+trained on train.txt) with one EOS after each document, as \
+`tsld_ds.data.tokenize_and_pack` packs them.
+Validation perplexity of a unigram model of the train tokens (add-one smoothing): \
+{stats['unigram_ppl']:.1f}.
 """)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets_dir", type=Path, default=builtin_corpus_dir().parent,
                         help="where kjv/ and tokenizer/ go (default: the package's assets)")
     args = parser.parse_args()

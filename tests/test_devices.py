@@ -11,8 +11,8 @@ with support for cuda devices"). So each rule is checked by a mechanism that nee
   tensor made without one is on the CPU whatever the engine's device is);
 - placement: a real 1-rank QAT run plus a stand-alone evaluation, in which every batch tensor
   that reaches a decoder body or a loss must have come out of `to_device`
-  (tests/drivers/placement_probe.py records it); taking the placement call out of the training step or
-  the evaluation loop fails this test.
+  (tests/drivers/placement_probe.py records it); taking the placement call out of the training
+  step or the evaluation loop fails this test.
 """
 import ast
 import json

@@ -11,7 +11,8 @@ def load_packed(path, device=None, dtype=None):
 
 
 def kernels_info() -> dict:
-    """Which implementation the custom ops run here (Triton kernels or PyTorch references), and why."""
+    """Which implementation the custom ops run here (Triton kernels or PyTorch references), and
+    why."""
     from tsld_ds.ops import kernels_info as info
 
     return info()

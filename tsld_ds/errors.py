@@ -8,7 +8,8 @@ class UsageError(Exception):
 
 
 class RunFailed(Exception):
-    """The run cannot go on (a checkpoint that cannot be written); its message says what was kept."""
+    """The run cannot go on (a checkpoint that cannot be written); its message says what was
+    kept."""
 
 
 EXIT_COMPLETED = 0

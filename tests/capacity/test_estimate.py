@@ -13,9 +13,9 @@ from tsld_ds.capacity.estimate import Setup, estimate, model_shape
 from tsld_ds.run.ds_config import resolve_zero_sizes, teacher_ds_config
 
 # Parameter counts of the published checkpoints these configs come from.
-PUBLISHED_PARAMS = {"llama-1b": 1_100_048_384, "llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248,
-                    "opt-6.7b": 6_658_473_984, "llama-2-70b": 68_976_648_192,
-                    "llama-3-70b": 70_553_706_496}
+PUBLISHED_PARAMS = {"llama-1b": 1_100_048_384, "llama-2-7b": 6_738_415_616,
+                    "llama-3-8b": 8_030_261_248, "opt-6.7b": 6_658_473_984,
+                    "llama-2-70b": 68_976_648_192, "llama-3-70b": 70_553_706_496}
 
 
 def saved_bytes_of_real_forward(model, micro_batch, block_size):

@@ -70,8 +70,8 @@ def test_builtin_corpus_is_the_king_james_bible():
 def test_builtin_tokenizer_loads_as_llama_and_round_trips(tokenizer):
     assert type(tokenizer).__name__ == "LlamaTokenizer"
     assert len(tokenizer) == 4096
-    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
-        0, 1, 2, 3)
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tokenizer.pad_token_id) == (0, 1, 2, 3)
     ids = tokenizer(GENESIS_1_1)["input_ids"]  # by default: no BOS, as training reads text
     assert tokenizer.bos_token_id not in ids and len(ids) < 15
     assert tokenizer.decode(ids) == GENESIS_1_1
@@ -148,7 +148,8 @@ def test_jsonl_file_uses_its_only_string_column(tmp_path):
 
 
 def test_text_column_errors_list_the_columns(tmp_path):
-    path = write_jsonl(tmp_path / "data.jsonl", [{"title": f"t{i}", "body": f"b{i}"} for i in range(5)])
+    path = write_jsonl(tmp_path / "data.jsonl",
+                       [{"title": f"t{i}", "body": f"b{i}"} for i in range(5)])
     with pytest.raises(ValueError, match=r"(?s)cannot tell.*title.*body.*text_column"):
         load_text_splits(str(path))
     with pytest.raises(ValueError, match=r"no column 'content'.*title.*body"):
@@ -169,7 +170,8 @@ def test_directory_with_train_and_validation_files(tmp_path):
 
 def test_directory_without_split_names_is_all_training_data(tmp_path):
     for shard in range(2):
-        write_jsonl(tmp_path / f"shard{shard}.jsonl", [{"text": f"doc {shard}-{i}"} for i in range(10)])
+        write_jsonl(tmp_path / f"shard{shard}.jsonl",
+                    [{"text": f"doc {shard}-{i}"} for i in range(10)])
     train, validation = load_text_splits(str(tmp_path))
     assert (len(train), len(validation)) == (19, 1)
 
@@ -290,7 +292,8 @@ def no_loading(*args, **kwargs):
 
 def test_packing_cuts_the_eos_separated_stream_into_full_blocks(tokenizer):
     documents = [f"And the {i} sons of Noah went forth" + " amen" * (i % 7) for i in range(30)]
-    stream = [t for doc in documents for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [2]]
+    stream = [t for doc in documents
+              for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [2]]
 
     packed = tokenize_and_pack(Dataset.from_dict({"text": documents}), tokenizer, block_size=16)
     assert packed.column_names == ["input_ids"]
@@ -358,7 +361,8 @@ def test_a_saved_tokenizer_says_what_it_adds_to_every_reader(style, tmp_path, to
 
 def test_packing_a_corpus_shorter_than_one_block_is_an_error(tokenizer):
     short = Dataset.from_dict({"text": ["a few words"]})
-    with pytest.raises(ValueError, match=r"tiny corpus has \d+ tokens, fewer than one block of 1024"):
+    with pytest.raises(ValueError,
+                       match=r"tiny corpus has \d+ tokens, fewer than one block of 1024"):
         tokenize_and_pack(short, tokenizer, block_size=1024, desc="tiny corpus")
 
 
@@ -431,7 +435,8 @@ def test_dataloader_batches_and_resume(tokenizer):
     resumed = make()
     resumed.load_state_dict(sampler.state_dict())
     rest = list(make_dataloader(packed, 4, resumed))
-    assert [b["input_ids"].tolist() for b in first_two + rest] == [b["input_ids"].tolist() for b in batches]
+    assert ([b["input_ids"].tolist() for b in first_two + rest]
+            == [b["input_ids"].tolist() for b in batches])
 
 
 @pytest.mark.parametrize("stop_after", [3, 5, 6, 12])

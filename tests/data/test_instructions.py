@@ -53,9 +53,9 @@ def test_prompt_response_row_trains_on_the_response_and_its_eos_only(tokenizer):
 def test_truncation_is_counted_and_examples_without_a_response_token_dropped(tokenizer):
     long_prompt = "And God said, " * 20
     examples = Dataset.from_list([
-        {"prompt": "Short:", "response": " and there was light."},               # fits
-        {"prompt": "Short:", "response": " and there was light." * 10},          # cut in the response
-        {"prompt": long_prompt, "response": " and there was light."},            # prompt fills it
+        {"prompt": "Short:", "response": " and there was light."},             # fits
+        {"prompt": "Short:", "response": " and there was light." * 10},        # cut in the response
+        {"prompt": long_prompt, "response": " and there was light."},          # prompt fills it
     ])
     rows, counts = instruction_rows(examples, tokenizer, 16)
     assert counts == {"examples": 3, "truncated": 2, "dropped": 1}
@@ -186,7 +186,8 @@ def test_shipped_examples_are_what_their_generator_writes(tmp_path, tokenizer):
     shipped = REPO / "tsld_ds" / "assets" / "kjv-instructions"
     task = REPO / "tests" / "evaluation" / "lm_eval_task" / "kjv_continuation.jsonl"
     subprocess.run([sys.executable, str(REPO / "launch" / "build_instructions.py"),
-                    "--instructions_dir", str(tmp_path), "--task_file", str(tmp_path / "task.jsonl")],
+                    "--instructions_dir", str(tmp_path),
+                    "--task_file", str(tmp_path / "task.jsonl")],
                    check=True, capture_output=True)
     for name in ("train.jsonl", "validation.jsonl"):
         assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes()

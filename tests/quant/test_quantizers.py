@@ -377,7 +377,8 @@ def test_straight_through_quantizers_need_one_weight_sized_buffer(cfg):
 def test_quant_linear_backward_holds_one_weight_sized_buffer_at_a_time(cfg, kind):
     """Q(W) for the input's gradient, then W's gradient (in W's own layout, so that autograd takes
     it without a copy); never both, and no copy of either."""
-    layer = QuantLinear(nn.Linear(256, 64, bias=False) if kind == "linear" else Conv1D(64, 256), cfg)
+    layer = QuantLinear(nn.Linear(256, 64, bias=False) if kind == "linear" else Conv1D(64, 256),
+                        cfg)
     x = torch.randn(5, 256, requires_grad=True)
     loss = layer(x).square().sum()
     with PeakAllocated() as allocated:
@@ -392,7 +393,8 @@ def test_quant_linear_keeps_parameters_and_reads_no_weight_data():
     linear = nn.Linear(IN, OUT)
     # As under deepspeed.zero.Init: the local weight is an empty shard.
     linear.weight.data = torch.empty(0)
-    layer = QuantLinear(linear, QuantConfig(bits=2, method="pact", granularity="group", group_size=8))
+    layer = QuantLinear(linear,
+                        QuantConfig(bits=2, method="pact", granularity="group", group_size=8))
     assert layer.weight is linear.weight and layer.bias is linear.bias
     assert (layer.in_features, layer.out_features) == (IN, OUT)
     assert layer.scale.shape == (OUT, 2)

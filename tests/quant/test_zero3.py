@@ -95,7 +95,8 @@ def _worker():
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=ds_config
     )
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))  # same on all ranks
+    # the same on all ranks
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     loss = engine(input_ids=ids, labels=ids).loss
     engine.backward(loss)
     plain_loss = plain(input_ids=ids, labels=ids).loss

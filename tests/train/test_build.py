@@ -56,7 +56,8 @@ def test_given_sizes_stay_and_deepspeed_reads_the_result(tiny_llama_dir):
     assert not any(v == "auto" for v in resolved["zero_optimization"].values())
     for name in ("zero3.json", "zero3_bf16.json", "zero3_offload.json", "zero3_pretrain.json",
                  "zero2.json", "teacher_zero3.json"):
-        zero = DeepSpeedConfig(resolve_zero_sizes(shipped(name), str(tiny_llama_dir), 1)).zero_config
+        zero = DeepSpeedConfig(
+            resolve_zero_sizes(shipped(name), str(tiny_llama_dir), 1)).zero_config
         assert zero.reduce_bucket_size > 0
     for name in ("zero3.json", "zero3_bf16.json", "zero3_offload.json", "zero3_pretrain.json"):
         assert set(AUTO_SIZES) <= set(shipped(name)["zero_optimization"])

@@ -286,8 +286,8 @@ def test_init_scale_with_pact_is_taken(tmp_path):
 @pytest.mark.parametrize("config,message", [
     ({"scheduler": {"type": "WarmupLR", "params": {}}},
      "a \"scheduler\" block is not used; tsld-ds runs its own schedule"),
-    ({"gradient_clipping": float("nan")}, "gradient_clipping must be a finite number >= 0 (0: off), "
-                                          "got nan"),
+    ({"gradient_clipping": float("nan")},
+     "gradient_clipping must be a finite number >= 0 (0: off), got nan"),
     ({"gradient_clipping": -1.0}, "gradient_clipping must be a finite number >= 0"),
     ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 5"),
     ({"zero_optimization": {"stage": "three"}},

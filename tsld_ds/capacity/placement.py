@@ -17,7 +17,8 @@ def choose_teacher_config(student: ModelShape, teacher: ModelShape, ds_config: d
         return None, "ZeRO-3, offloaded like the student's parameters (offload_param)"
     planned = estimate(student, teacher, ds_config, teacher_ds_config(ds_config, REPLICATED),
                        setup, loss_chunk_size=loss_chunk_size)
-    figures = f"{planned.total_bytes / GiB:.1f} GiB per rank replicated, of {memory_bytes / GiB:.1f}"
+    figures = (f"{planned.total_bytes / GiB:.1f} GiB per rank replicated, "
+               f"of {memory_bytes / GiB:.1f}")
     if planned.total_bytes <= memory_bytes:
         return REPLICATED, f"replicated, ZeRO stage 0 (tsld-estimate: {figures})"
     return None, f"ZeRO-3 (tsld-estimate: {figures}: too much to replicate)"

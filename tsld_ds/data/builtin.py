@@ -1,4 +1,5 @@
-"""Where the built-in corpus and tokenizer live inside the package (built by launch/build_corpus.py)."""
+"""Where the built-in corpus and tokenizer live inside the package (built by
+launch/build_corpus.py)."""
 
 from pathlib import Path
 
@@ -13,5 +14,6 @@ def builtin_corpus_dir() -> Path:
 
 
 def builtin_tokenizer_path() -> Path:
-    """Hugging Face tokenizer directory (LLaMA-style SentencePiece BPE, 4096 tokens) for the corpus."""
+    """Hugging Face tokenizer directory (LLaMA-style SentencePiece BPE, 4096 tokens) for the
+    corpus."""
     return _ASSETS / "tokenizer"

@@ -20,13 +20,15 @@ class ResumableDistributedSampler(Sampler[int]):
     left. Later iterations, and any after `set_epoch` moves to another epoch, start from the top.
     """
 
-    def __init__(self, num_samples: int, *, num_replicas: int, rank: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = True):
+    def __init__(self, num_samples: int, *, num_replicas: int, rank: int, seed: int,
+                 shuffle: bool = True, drop_last: bool = True):
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, "
+                             f"num_replicas={num_replicas}")
         per_rank = num_samples // num_replicas if drop_last else -(-num_samples // num_replicas)
         if per_rank < 1:
-            raise ValueError(f"{num_samples} samples cannot give each of {num_replicas} ranks one sample")
+            raise ValueError(f"{num_samples} samples cannot give each of {num_replicas} ranks "
+                             "one sample")
         self.num_samples = num_samples
         self.num_replicas = num_replicas
         self.rank = rank
@@ -51,7 +53,8 @@ class ResumableDistributedSampler(Sampler[int]):
     def load_state_dict(self, state: dict[str, int]) -> None:
         if not 0 <= state["consumed"] <= self.per_rank:
             raise ValueError(
-                f"consumed={state['consumed']} is outside this rank's epoch of {self.per_rank} samples"
+                f"consumed={state['consumed']} is outside this rank's epoch of {self.per_rank} "
+                "samples"
             )
         self.epoch = state["epoch"]
         self.consumed = self._resume_at = state["consumed"]

@@ -254,7 +254,8 @@ def _json_rows(file: Path):
 
 def _text_column(split: Dataset, text_column: str | None, name: str) -> str:
     columns = split.features
-    described = ", ".join(f"{c} ({getattr(f, 'dtype', type(f).__name__)})" for c, f in columns.items())
+    described = ", ".join(f"{c} ({getattr(f, 'dtype', type(f).__name__)})"
+                          for c, f in columns.items())
     if text_column is None:
         strings = [c for c, f in columns.items() if _is_string(f)]
         if "text" in columns:
@@ -263,13 +264,15 @@ def _text_column(split: Dataset, text_column: str | None, name: str) -> str:
             text_column = strings[0]
         else:
             raise ValueError(
-                f"cannot tell which column of dataset {name!r} holds the text; its columns are {described}: "
-                "pass text_column"
+                f"cannot tell which column of dataset {name!r} holds the text; its columns are "
+                f"{described}: pass text_column"
             )
     if text_column not in columns:
-        raise ValueError(f"dataset {name!r} has no column {text_column!r}; its columns are {described}")
+        raise ValueError(f"dataset {name!r} has no column {text_column!r}; its columns are "
+                         f"{described}")
     if not _is_string(columns[text_column]):
-        raise ValueError(f"column {text_column!r} of dataset {name!r} is not text; its columns are {described}")
+        raise ValueError(f"column {text_column!r} of dataset {name!r} is not text; its columns "
+                         f"are {described}")
     return text_column
 
 
@@ -281,7 +284,8 @@ def _documents(split: Dataset, column: str, name: str) -> Dataset:
     split = split.select_columns([column])
     if column != "text":
         split = split.rename_column(column, "text")
-    split = split.filter(lambda batch: [bool(t and not t.isspace()) for t in batch["text"]], batched=True)
+    split = split.filter(lambda batch: [bool(t and not t.isspace()) for t in batch["text"]],
+                         batched=True)
     if len(split) == 0:
         raise ValueError(f"dataset {name!r} has no text")
     return split
@@ -353,13 +357,14 @@ def _lacking(example: dict, kind: str) -> str | None:
     return None
 
 
-def _carve_validation(train: Dataset, fraction: float, seed: int, name: str) -> tuple[Dataset, Dataset]:
+def _carve_validation(train: Dataset, fraction: float, seed: int,
+                      name: str) -> tuple[Dataset, Dataset]:
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation_split must be in (0, 1), got {fraction}")
     if len(train) < 2:
         raise ValueError(
-            f"dataset {name!r} has no validation split and only {len(train)} row, too few to carve one "
-            "from: separate documents with blank lines or provide a validation file"
+            f"dataset {name!r} has no validation split and only {len(train)} row, too few to "
+            "carve one from: separate documents with blank lines or provide a validation file"
         )
     parts = train.train_test_split(test_size=fraction, seed=seed)
     return parts["train"], parts["test"]

@@ -69,10 +69,13 @@ def check_tokenizers_match(student_tokenizer, teacher_tokenizer) -> None:
                        if student_vocab.get(t) != teacher_vocab.get(t))
     if differing:
         examples = ", ".join(
-            f"{t!r}: student {student_vocab.get(t)}, teacher {teacher_vocab.get(t)}" for t in differing[:5]
+            f"{t!r}: student {student_vocab.get(t)}, teacher {teacher_vocab.get(t)}"
+            for t in differing[:5]
         )
-        raise ValueError(f"tokenizers map {len(differing)} tokens to different ids, e.g. {examples}")
+        raise ValueError(f"tokenizers map {len(differing)} tokens to different ids, "
+                         f"e.g. {examples}")
     for name in _SPECIAL_TOKEN_IDS:
         student_id, teacher_id = getattr(student_tokenizer, name), getattr(teacher_tokenizer, name)
         if student_id != teacher_id:
-            raise ValueError(f"tokenizers differ in {name}: student {student_id}, teacher {teacher_id}")
+            raise ValueError(f"tokenizers differ in {name}: student {student_id}, "
+                             f"teacher {teacher_id}")

@@ -2,7 +2,7 @@
 of the frozen teacher as its engine or its cache gives it, and `TopKTeacher`, the rows of a top-k
 cache. The reference losses and the fused loss both read these; no gradient flows into them."""
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ class TopKTeacher(NamedTuple):
 
 
 # The teacher of a soft term: full logits [B, L, V], or its top-k cache.
-TeacherTarget = Union[Tensor, TopKTeacher]
+TeacherTarget = Tensor | TopKTeacher
 
 
 @dataclass(frozen=True, eq=False)

@@ -47,7 +47,8 @@ class QuantConfig:
             raise ValueError(f"method must be one of {sorted(METHOD_BITS)}, got {self.method!r}")
         if self.bits not in METHOD_BITS[self.method]:
             raise ValueError(
-                f"method {self.method!r} supports bits {METHOD_BITS[self.method]}, got bits={self.bits}"
+                f"method {self.method!r} supports bits {METHOD_BITS[self.method]}, "
+                f"got bits={self.bits}"
                 + ("; for 2 bits use 'twn', 'absmean' or 'pact'" if self.method == "minmax" else "")
             )
         if self.granularity not in GRANULARITIES:

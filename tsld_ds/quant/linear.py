@@ -41,7 +41,7 @@ class _QuantLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,), (weight, bias, scale) = ctx.saved_tensors, ctx.params
+        (x,), (weight, _, scale) = ctx.saved_tensors, ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])
@@ -87,14 +87,16 @@ class QuantLinear(nn.Module):
             self.in_features, self.out_features = module.in_features, module.out_features
             self.transposed = False
         else:
-            raise TypeError(f"QuantLinear replaces nn.Linear or Conv1D, got {type(module).__name__}")
+            raise TypeError("QuantLinear replaces nn.Linear or Conv1D, got "
+                            f"{type(module).__name__}")
         self.cfg = cfg
         self.weight = module.weight
         self.bias = module.bias
         if cfg.method == "pact":
             shape = cfg.scale_shape(self.out_features, self.in_features)
             self.scale = nn.Parameter(
-                torch.full(shape, cfg.init_scale, dtype=self.weight.dtype, device=self.weight.device)
+                torch.full(shape, cfg.init_scale, dtype=self.weight.dtype,
+                           device=self.weight.device)
             )
         else:
             self.register_parameter("scale", None)

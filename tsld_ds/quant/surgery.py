@@ -22,7 +22,8 @@ def _skipped(name: str, skip: Sequence[str]) -> bool:
     return any(f".{entry}." in f".{name}." for entry in skip)
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+def quantize_model(model: nn.Module, cfg: QuantConfig,
+                   skip: Sequence[str] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear / Conv1D inside the transformer blocks with a QuantLinear holding
     the same Parameter objects; modules whose name matches an entry of `skip` stay as they are.
 

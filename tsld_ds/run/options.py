@@ -277,7 +277,8 @@ def parse_args(argv=None) -> RunConfig:
         parser.error("--resume continues a run and --overwrite_output_dir starts a new one; "
                      "pass one of them")
     if args.bits == 16 and args.quant_method is not None:
-        parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full precision")
+        parser.error("--quant_method applies to 2, 4 and 8 bits; --bits 16 trains in full "
+                     "precision")
     if args.init_scale is not None and args.quant_method != "pact":
         method = f"--quant_method {args.quant_method}" if args.quant_method else "the default " \
             "quantizer"

@@ -1,9 +1,10 @@
 """The frozen teacher in its own DeepSpeed inference engine (no optimizer, no gradients).
 
 Its parameters are replicated on every rank (ZeRO stage 0) when they fit beside the student
-(`tsld_ds.capacity.placement` decides), else partitioned across ranks by ZeRO-3 like the
-student's (`tsld_ds.run.ds_config.teacher_ds_config` derives that config); it produces its outputs on the fly for each micro-batch. For the fused loss it returns final
-hidden states and lends its lm_head (gathered) instead of [tokens, vocab] logits.
+(`tsld_ds.capacity.placement` decides), else partitioned across ranks by ZeRO-3 like the student's
+(`tsld_ds.run.ds_config.teacher_ds_config` derives that config); it produces its outputs on the fly
+for each micro-batch. For the fused loss it returns final hidden states and lends its lm_head
+(gathered) instead of [tokens, vocab] logits.
 """
 import contextlib
 

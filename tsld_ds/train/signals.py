@@ -3,9 +3,10 @@
 (Ctrl-C) ask a run to stop cleanly.
 
 The handler only records the signal. Every rank hands `received` to the loop's one collective per
-micro-batch, so all ranks stop after the same step even when the signal reached only some of them; the loop then saves a
-checkpoint and the process exits with EXIT_STOPPED (tsld_ds.errors). Repeats are ignored: a second signal while the
-checkpoint is being written must not cut it short. Only a second Ctrl-C aborts at once.
+micro-batch, so all ranks stop after the same step even when the signal reached only some of them;
+the loop then saves a checkpoint and the process exits with EXIT_STOPPED (tsld_ds.errors). Repeats
+are ignored: a second signal while the checkpoint is being written must not cut it short. Only a
+second Ctrl-C aborts at once.
 """
 import os
 import signal

@@ -21,9 +21,9 @@ EXIT_ABORTED = 130   # the shell's code for a death by SIGINT
 EXIT_CODES = {
     EXIT_COMPLETED: "the run completed (OUTPUT_DIR/summary.json written)",
     EXIT_FAILED: "it failed: a rank was lost, too many NaN/inf losses in a row, weights that are "
-                 "not finite at its end, a checkpoint that could not be written, or a student no "
-                 "better than a uniform guess over its vocabulary; the message names the last "
-                 "good checkpoint",
+                 "not finite at its end, a checkpoint that could not be written, or a student that "
+                 "diverged (no better than a uniform guess, and worse than before); the message "
+                 "names the last good checkpoint",
     EXIT_USAGE: "bad options or input, found before training started",
     EXIT_STOPPED: "stopped by SIGUSR1, SIGTERM or Ctrl-C after saving a checkpoint: continue "
                   "with --resume latest (during set-up: stopped before training, nothing saved; "

@@ -423,17 +423,27 @@ def test_a_second_run_in_a_locked_directory_is_refused(tiny_llama_dir, small_cor
         holder.wait()
 
 
-def test_a_run_no_better_than_uniform_fails():
+def test_a_run_no_better_than_uniform_and_worse_than_before_fails(in_process, capsys):
     import re
 
+    import torch.distributed as dist
+
     from tsld_ds.errors import RunFailed
+    from tsld_ds.run.distributed import init_distributed
     from tsld_ds.train.loop import _check_learned
 
-    _check_learned(4095.9, 4096, "ckpt")
+    _check_learned(4095.9, 30.0, 4096, "ckpt")
     for ppl in (4096.0, 1e9, float("nan"), float("inf")):
-        with pytest.raises(RunFailed, match=re.escape(f"is {ppl:.4g}, no better than a uniform "
-                                                      "guess over its 4096 tokens")):
-            _check_learned(ppl, 4096, "ckpt")
+        with pytest.raises(RunFailed, match=re.escape(
+                f"is {ppl:.4g}, no better than a uniform guess over its 4096 tokens, and worse "
+                "than before training (30): it diverged")):
+            _check_learned(ppl, 30.0, 4096, "ckpt")
+    init_distributed(60)  # a random initialisation that improved: only warned of
+    _check_learned(4124.0, 4300.0, 4096, "ckpt")
+    assert "warning: the student's validation perplexity after training is 4124, no better " \
+        "than a uniform guess over its 4096 tokens (it started at 4300: train longer)" in \
+        capsys.readouterr().err
+    assert dist.is_initialized()
 
 
 def test_resume_from_a_dangling_latest_offers_the_newest_checkpoint(tiny_llama_dir, tmp_path,

@@ -12,6 +12,7 @@ NaN/inf guard (a batch whose loss is not finite on any rank is skipped on all; t
 stop the run, with a checkpoint).
 """
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,8 +260,8 @@ def _finish(session: _Session, config: RunConfig, stopping: str | None,
     summary.student_ppl_after = ppls["eval_ppl"]
     session.log.log(step, **ppls)
     summary.checkpoint = str(session.saver.save(step, client_state))
-    _check_learned(summary.student_ppl_after, vocab_size_of(run.student_model),
-                   summary.checkpoint)
+    _check_learned(summary.student_ppl_after, summary.student_ppl_before,
+                   vocab_size_of(run.student_model), summary.checkpoint)
     if not config.no_export:
         summary.hf_model = str(export_hf(run.student_model, run.tokenizer,
                                          session.output_dir / "hf", dtype=config.export_dtype))
@@ -274,14 +275,21 @@ def _finish(session: _Session, config: RunConfig, stopping: str | None,
     return summary
 
 
-def _check_learned(ppl: float, vocab_size: int, checkpoint: str) -> None:
-    """A student no better than a uniform guess over its vocabulary (perplexity = its size) has
-    learned nothing: not a result to export (a diverged run, e.g. too high an --lr)."""
-    if not ppl < vocab_size:
-        raise RunFailed(f"the student's validation perplexity after training is {ppl:.4g}, no "
-                        f"better than a uniform guess over its {vocab_size} tokens: it learned "
-                        f"nothing (too high --lr?); no export written, checkpoint {checkpoint} "
-                        "kept for inspection")
+def _check_learned(ppl: float, ppl_before: float, vocab_size: int, checkpoint: str) -> None:
+    """A student that ends no better than a uniform guess over its vocabulary (perplexity = its
+    size) and worse than it started has diverged (too high an --lr): a failure, not a result to
+    export. One that started there (a random initialisation) and improved is only warned of."""
+    if ppl < vocab_size:
+        return
+    said = (f"the student's validation perplexity after training is {ppl:.4g}, no better than "
+            f"a uniform guess over its {vocab_size} tokens")
+    if not ppl < ppl_before:
+        raise RunFailed(f"{said}, and worse than before training ({ppl_before:.4g}): it "
+                        "diverged (too high --lr?); no export written, checkpoint "
+                        f"{checkpoint} kept for inspection")
+    if dist.get_rank() == 0:
+        print(f"warning: {said} (it started at {ppl_before:.4g}: train longer)", file=sys.stderr,
+              flush=True)
 
 
 def _follow_schedule(run: Run, peak_lr: float) -> None:

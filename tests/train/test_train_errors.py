@@ -484,3 +484,24 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path, small_corpus_dir, 
                      "--output_dir", tmp_path / "out"])
     assert_one_line_refusal(proc, "BertForMaskedLM, not a causal LM")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_cache_of_another_vocabulary_is_refused_before_any_model_loads(
+        tiny_llama_dir, small_corpus_dir, tmp_path, run_main):
+    import json
+
+    from tsld_ds.teacher.cache import MANIFEST
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    identity = dict(teacher="t", teacher_sha256="a", tokenizer_sha256="k", dataset="d",
+                    rows_sha256="r", rows=1, block_size=32)
+    (cache / MANIFEST).write_text(json.dumps(dict(
+        identity=identity, topk=0, tail_samples=0, vocab_size=99, dtype="float32",
+        teacher_numel=1, rows_per_shard=1, shards=[], complete=True)))
+    before = tree_digest(tmp_path)
+    proc = run_main(["--model", tiny_llama_dir, "--teacher_cache", cache, "--dataset",
+                     small_corpus_dir, "--output_dir", tmp_path / "out"])
+    assert_one_line_refusal(proc, f"--teacher_cache {cache} holds a teacher of 99 tokens but "
+                                  f"student '{tiny_llama_dir}' predicts")
+    assert tree_digest(tmp_path) == before

@@ -1,5 +1,6 @@
 """Files that a crash never leaves half-written, checked when read back: the one place tsld-ds
-writes a file atomically, hashes one, or finds where a path that does not exist yet would go."""
+writes a file atomically, hashes one, finds where a path that does not exist yet would go, or
+asks whether the process that left a file behind still runs."""
 import hashlib
 import os
 import tempfile
@@ -62,3 +63,15 @@ def check_writable(path, what: str) -> None:
     except OSError as e:
         raise UsageError(f"{what} {path} cannot be written: {e.strerror or e} "
                          f"({existing})") from None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs (the owner of a lock or of a temporary file
+    it left)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

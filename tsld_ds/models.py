@@ -140,9 +140,11 @@ def check_same_vocabulary(student: str, teacher: str) -> None:
                          f"'{student}' {sizes[0]}: their vocabularies differ")
 
 
+@functools.lru_cache(maxsize=4)
 def meta_model(name_or_path: str, what: str) -> torch.nn.Module:
     """The model `name_or_path`'s config describes, on the meta device: its modules and shapes
-    without memory or weights, in about a second at 7B."""
+    without memory or weights, in about a second at 7B; built once per process for the checks
+    that read it (not to be modified)."""
     config = read_config(name_or_path, what)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)

@@ -11,10 +11,10 @@ from tsld_ds.run.distributed import init_distributed
 def test_nonfinite_parameters_names_each_bad_weight(bad, in_process):
     init_distributed(60)
     model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 7))
-    assert nonfinite_parameters(model) == []
+    assert nonfinite_parameters(model, "cpu") == []
     with torch.no_grad():
         model[1].weight[2, 1] = bad
-    assert nonfinite_parameters(model) == ["1.weight"]
+    assert nonfinite_parameters(model, "cpu") == ["1.weight"]
 
 
 def test_a_zero3_shard_is_checked_not_the_empty_placeholder(in_process):
@@ -25,4 +25,4 @@ def test_a_zero3_shard_is_checked_not_the_empty_placeholder(in_process):
     weight.ds_tensor = torch.tensor([1.0, float("nan")])
     module = torch.nn.Module()
     module.weight = weight
-    assert nonfinite_parameters(module) == ["weight"]
+    assert nonfinite_parameters(module, "cpu") == ["weight"]

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from tsld_ds.errors import UsageError
-from tsld_ds.files import nearest_existing_parent, write_atomically
+from tsld_ds.files import nearest_existing_parent, process_alive, write_atomically
 
 # In an output directory: the files the conversion wrote there. Written last, so a directory
 # without it holds no complete conversion.
@@ -130,7 +130,7 @@ def written_beside(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*-*"):  # left by a conversion killed midway
         pid = stale.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             if ".old-" not in stale.name:
                 _remove(stale)
             elif not path.exists():  # killed between the two renames
@@ -156,16 +156,6 @@ def written_beside(path: Path):
             os.replace(old, path)
         raise
     _remove_output(old)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:

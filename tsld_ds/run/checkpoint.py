@@ -289,12 +289,14 @@ class NonFiniteWeights(RunFailed):
     """The weights to be saved hold NaN/inf: no checkpoint to go on from; none was written."""
 
 
-def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+def nonfinite_parameters(module: torch.nn.Module, device) -> list[str]:
     """The names of `module`'s parameters that hold NaN/inf on any rank; under ZeRO-3 each rank
-    checks its own shard (`ds_tensor`). Collective."""
+    checks its own shard (`ds_tensor`, which may be in host memory when parameters are
+    offloaded). Collective, on `device` (the engine's)."""
     named = list(module.named_parameters())
-    local = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all().logical_not()
-                         for _, p in named]).to(torch.int32)  # one device sync, not one a tensor
+    # One flag per tensor, gathered where the collective runs: one device sync, not one a tensor.
+    local = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all().logical_not().to(device)
+                         for _, p in named]).to(torch.int32)
     dist.all_reduce(local)
     return [name for (name, _), bad in zip(named, local.tolist()) if bad]
 
@@ -321,7 +323,7 @@ class CheckpointSaver:
     def save(self, step: int, client_state: dict) -> Path:
         """Checkpoint `step`'s path; NonFiniteWeights (nothing written) for NaN/inf weights."""
         if step != self.saved_step:
-            bad = nonfinite_parameters(self.engine.module)
+            bad = nonfinite_parameters(self.engine.module, self.engine.device)
             if bad:
                 raise NonFiniteWeights(
                     f"the weights after step {step} are not finite ({len(bad)} tensors, e.g. "

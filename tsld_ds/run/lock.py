@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tsld_ds.errors import UsageError
-from tsld_ds.files import write_atomically
+from tsld_ds.files import process_alive, write_atomically
 from tsld_ds.run.distributed import on_rank_zero
 
 LOCK_FILE = "run.lock"
@@ -123,7 +123,7 @@ class RunLock:
     def _stale(self, holder: Owner | None) -> bool:
         if holder is None:  # unreadable: only its age tells
             return self._untouched()
-        if holder.host == self.owner.host and not _alive(holder.pid):
+        if holder.host == self.owner.host and not process_alive(holder.pid):
             return True
         if holder.slurm_job is not None and holder.slurm_job == self.owner.slurm_job:
             return True  # this job's earlier start, before SLURM requeued it
@@ -134,16 +134,6 @@ class RunLock:
             return time.time() - self.path.stat().st_mtime > STALE_AFTER_S
         except FileNotFoundError:
             return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @contextmanager
